@@ -1,0 +1,34 @@
+# make run: set up .venv and serve the built-in demo models on :50051
+# make test: set up .venv and run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint proto proto-check check
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/torchwire serve
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+proto: install
+	PYTHON=$(BIN)/python scripts/proto.sh
+
+proto-check: install
+	PYTHON=$(BIN)/python scripts/proto.sh --check
+
+check: proto-check lint test

@@ -1,0 +1,211 @@
+"""Typed configuration: the server's settings and each model's ``config.toml``.
+
+Server settings come, highest priority first, from command-line flags, ``TORCHWIRE_<FIELD>``
+environment variables, the TOML file named by ``--config`` (top-level keys are field names), and the
+defaults below. Every option is defined once, here; the CLI builds its flags from these fields.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from torchwire.errors import ConfigError
+
+DType = Literal["FP32", "FP64", "FP16", "BF16", "INT8", "INT16", "INT32", "INT64", "UINT8", "BOOL"]
+ENV_PREFIX = "TORCHWIRE_"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "torchwire"
+
+
+def _parse_shape(value: Any) -> Any:
+    """Accept ``"3,224,224"`` (flag or env var) as well as a list."""
+    if isinstance(value, str):
+        try:
+            return tuple(int(part) for part in value.replace("x", ",").split(",") if part.strip())
+        except ValueError:
+            raise ValueError(
+                f"expected comma-separated integers like 3,224,224, got {value!r}"
+            ) from None
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    """How ``torchwire serve`` runs. Each field is a flag ``--field-name`` and an env var."""
+
+    repository: Path | None = None
+    """Model repository directory (``<model>/config.toml``, ``<model>/<version>/model.pt``)."""
+    model: Path | None = None
+    """One TorchScript file to serve; its shape comes from a config.toml beside it or
+    --input-shape."""
+    input_shape: tuple[int, ...] | None = None
+    """Per-item input shape for --model without a config.toml, e.g. 3,224,224."""
+    host: str = "0.0.0.0"
+    """Address to listen on."""
+    port: int = Field(50051, ge=0, le=65535)
+    """gRPC port (0 picks a free one)."""
+    metrics_port: int = Field(8002, ge=0, le=65535)
+    """Prometheus /metrics port."""
+    workers: int = Field(1, ge=1)
+    """Server processes sharing the port."""
+    default_model: str | None = None
+    """Model answering seed requests without metadata["model"]; default: the first by name."""
+    grace_period_s: float = Field(10.0, ge=0)
+    """On SIGTERM/SIGINT, how long in-flight requests may take to finish."""
+    torch_threads: int = Field(0, ge=0)
+    """Intra-op threads shared by a model's inference threads; 0 means the number of cores."""
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    """Where the built-in demo repository is built, once."""
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=4096)
+    """Largest request or response message accepted or sent."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Logging level."""
+
+    _parse_input_shape = field_validator("input_shape", mode="before")(_parse_shape)
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Each field's docstring, for the CLI's help text."""
+        return _field_docs(cls)
+
+
+class TensorSpec(_Strict):
+    """One named input or output, per item: the batch dimension is not part of ``shape``."""
+
+    name: str = Field(min_length=1)
+    dtype: DType = "FP32"
+    shape: tuple[int, ...]
+
+    @field_validator("shape")
+    @classmethod
+    def _check_dims(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if any(dim == 0 or dim < -1 for dim in shape):
+            raise ValueError(f"dimensions must be positive or -1 (variable), got {list(shape)}")
+        return shape
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: int = Field(64, ge=1)
+    """Most items in one model call; 1 turns batching off."""
+    max_delay_ms: float = Field(2.0, ge=0)
+    """Longest a queued request waits for batchmates while the model is busy."""
+    max_queue: int = Field(1024, ge=1)
+    """Most items waiting; beyond it requests get RESOURCE_EXHAUSTED."""
+
+
+class InstancesConfig(_Strict):
+    count: int = Field(1, ge=1)
+    """Inference threads for this model, each running whole batches."""
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    """``cpu``, ``cuda`` or ``cuda:N``."""
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """fp16/bf16 run under ``torch.autocast``."""
+
+
+class VersionsConfig(_Strict):
+    policy: Literal["latest", "all", "specific"] = "latest"
+    specific: list[int] = Field(default_factory=list)
+
+
+class ModelConfig(_Strict):
+    """A model's ``config.toml``."""
+
+    format: Literal["torchscript", "exported"] = "torchscript"
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(default_factory=list)
+    """Checked against the warm-up run; when empty, taken from it."""
+    batching: BatchingConfig = BatchingConfig()
+    instances: InstancesConfig = InstancesConfig()
+    versions: VersionsConfig = VersionsConfig()
+
+
+def _field_docs(cls: type[BaseModel]) -> dict[str, str]:
+    """Read the docstrings written under each field (the source is the single definition)."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    body = ast.parse(inspect.getsource(cls)).body[0]
+    assert isinstance(body, ast.ClassDef)
+    previous: str | None = None
+    for node in body.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            previous = node.target.id
+        elif (
+            previous
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[previous] = " ".join(node.value.value.split())
+            previous = None
+        else:
+            previous = None
+    return docs
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_settings(
+    flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> ServerSettings:
+    """Merge defaults < TOML file < ``TORCHWIRE_*`` env vars < flags into one ``ServerSettings``.
+
+    Args:
+        flags: values given on the command line (only those given), keyed by field name; the
+            key ``config`` names the TOML file.
+        environ: the environment to read (default: ``os.environ``).
+    """
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    config_file = flags.get("config") or environ.get(f"{ENV_PREFIX}CONFIG")
+    sources = []
+    if config_file:
+        merged.update(_read_toml(Path(config_file)))
+        sources.append(str(config_file))
+    for field in ServerSettings.model_fields:
+        value = environ.get(f"{ENV_PREFIX}{field.upper()}")
+        if value is not None and value != "":
+            merged[field] = value
+            sources.append(f"{ENV_PREFIX}{field.upper()}")
+    merged.update({key: value for key, value in flags.items() if key != "config"})
+    try:
+        return ServerSettings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, ", ".join(["flags", *sources]))) from None
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """Parse a model's ``config.toml``; errors name the file, the key and what was expected."""
+    try:
+        return ModelConfig.model_validate(_read_toml(path))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, str(path))) from None

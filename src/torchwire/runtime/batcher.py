@@ -1,0 +1,225 @@
+"""The dynamic batcher of one loaded model version: a queue and the inference threads behind it.
+
+Requests are queued by the event loop; each inference thread takes, as soon as it is free, every
+queued request that fits in ``max_batch_size`` items (a request is never split; one larger than
+``max_batch_size`` runs alone), concatenates them with numpy, runs the model once, and hands every
+caller a view of its own rows. A lone request is taken at once: nobody waits for company that is
+not coming, while requests that arrive during a model call fill the next batch.
+
+Only the queue hand-off and one ``call_soon_threadsafe`` per batch touch the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchwire.errors import (
+    DeadlineExceededError,
+    ModelExecutionError,
+    QueueFullError,
+    TorchwireError,
+    UnavailableError,
+)
+from torchwire.runtime.model import Arrays, LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    arrays: Sequence[np.ndarray[Any, Any]]
+    items: int
+    future: asyncio.Future[Arrays]
+    deadline: float | None  # time.monotonic(); None: no deadline
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+_Outcome = tuple[_Request, Arrays | TorchwireError]
+
+
+def _stack(arrays: list[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
+    if len(arrays) == 1:
+        # torch.from_numpy needs a writable buffer; frombuffer() views of a message are not.
+        return arrays[0] if arrays[0].flags.writeable else arrays[0].copy()
+    return np.concatenate(arrays)
+
+
+class Batcher:
+    """Queue and inference threads of one model version.
+
+    Args:
+        model: the loaded model; called only from this batcher's threads.
+        label: how logs and errors name the model, e.g. ``recsys:1``.
+        torch_threads: intra-op threads shared by the inference threads (0: all cores).
+    """
+
+    def __init__(self, model: LoadedModel, label: str, torch_threads: int = 0) -> None:
+        self.model = model
+        self.label = label
+        batching = model.config.batching
+        self.max_batch_size = batching.max_batch_size
+        self.max_queue = batching.max_queue
+        self.instances = model.config.instances.count
+        total = torch_threads or torch.get_num_threads()
+        self._threads_each = max(1, total // self.instances)
+        self._queue: deque[_Request] = deque()
+        self._queued_items = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_batch: Callable[[int], None] | None = None
+        """Called from an inference thread with each batch's item count (for stats and tests)."""
+
+    @property
+    def queued_items(self) -> int:
+        return self._queued_items
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the inference threads; answers are delivered on ``loop``."""
+        self._loop = loop
+        for index in range(self.instances):
+            thread = threading.Thread(
+                target=self._run, name=f"torchwire-{self.label}-{index}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    async def infer(
+        self, arrays: Sequence[np.ndarray[Any, Any]], items: int, deadline: float | None = None
+    ) -> Arrays:
+        """Queue one validated request of ``items`` items and await its own output rows.
+
+        Raises:
+            QueueFullError: the queue holds ``max_queue`` items already.
+            UnavailableError: the batcher is closing.
+            DeadlineExceededError: ``deadline`` (``time.monotonic()``) passed while queued.
+            ModelExecutionError: the model raised on this request.
+        """
+        if self._closing or self._loop is None:
+            raise UnavailableError(f"model {self.label} is shutting down")
+        future: asyncio.Future[Arrays] = self._loop.create_future()
+        with self._cond:
+            if self._queued_items + items > self.max_queue:
+                raise QueueFullError(
+                    f"model {self.label}: queue full ({self._queued_items} of {self.max_queue}"
+                    f" items waiting, this request adds {items}); retry later"
+                )
+            self._queue.append(_Request(arrays, items, future, deadline))
+            self._queued_items += items
+            self._cond.notify()
+        # Cancelling this await cancels the future: the inference thread then skips the request.
+        return await future
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Refuse new requests, finish the queued ones, and stop the threads."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        threads, self._threads = self._threads, []
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("inference thread %s still busy after %.0f s", thread.name, timeout_s)
+
+    # -- inference threads -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads_each)
+        while (batch := self._take()) is not None:
+            try:
+                outcomes = self._compute(batch)
+            except Exception as exc:  # a bug here must not kill the thread or strand callers
+                log.exception("inference thread of %s failed on a batch", self.label)
+                outcomes = [(r, ModelExecutionError(f"internal error: {exc}")) for r in batch]
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(_deliver, outcomes)
+            except RuntimeError:  # the loop is closed: nobody is left to answer
+                return
+
+    def _take(self) -> list[_Request] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            first = self._queue.popleft()
+            batch, items = [first], first.items
+            while self._queue and items + self._queue[0].items <= self.max_batch_size:
+                request = self._queue.popleft()
+                batch.append(request)
+                items += request.items
+            self._queued_items -= items
+            return batch
+
+    def _compute(self, batch: list[_Request]) -> list[_Outcome]:
+        now = time.monotonic()
+        outcomes: list[_Outcome] = []
+        live: list[_Request] = []
+        for request in batch:
+            if request.future.cancelled():  # the caller went away: compute nothing for nobody
+                continue
+            if request.deadline is not None and now >= request.deadline:
+                waited_ms = (now - request.enqueued_at) * 1000
+                outcomes.append(
+                    (
+                        request,
+                        DeadlineExceededError(f"deadline passed after {waited_ms:.1f} ms queued"),
+                    )
+                )
+                continue
+            live.append(request)
+        if not live:
+            return outcomes
+        try:
+            outcomes.extend(self._run_batch(live))
+        except ModelExecutionError as exc:
+            if len(live) == 1:
+                outcomes.append((live[0], exc))
+            else:
+                # Retry one by one so that only the request that makes the model fail gets it.
+                for request in live:
+                    try:
+                        outcomes.extend(self._run_batch([request]))
+                    except ModelExecutionError as single:
+                        outcomes.append((request, single))
+        return outcomes
+
+    def _run_batch(self, batch: list[_Request]) -> list[_Outcome]:
+        count = len(batch[0].arrays)
+        inputs = [_stack([r.arrays[i] for r in batch]) for i in range(count)]
+        if self.on_batch is not None:
+            self.on_batch(inputs[0].shape[0])
+        outputs = self.model(inputs)
+        if len(batch) == 1:
+            return [(batch[0], outputs)]
+        outcomes: list[_Outcome] = []
+        start = 0
+        for request in batch:
+            stop = start + request.items
+            outcomes.append((request, [out[start:stop] for out in outputs]))
+            start = stop
+        return outcomes
+
+
+def _deliver(outcomes: list[_Outcome]) -> None:
+    """On the event loop: resolve each caller's future, unless it was cancelled meanwhile."""
+    for request, outcome in outcomes:
+        if request.future.done():
+            continue
+        if isinstance(outcome, TorchwireError):
+            request.future.set_exception(outcome)
+        else:
+            request.future.set_result(outcome)

@@ -1,0 +1,78 @@
+"""The seed API's messages to arrays and back (``PredictRequest`` / ``PredictResponse``).
+
+Floats become arrays with numpy, never a Python loop per float: ``raw_inputs`` is viewed in place
+with ``np.frombuffer``; ``inputs`` is copied once by numpy. A model with several outputs answers
+each item's outputs one after the other, in the config's order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from torchwire._proto.modelservice_messages_pb2 import PredictRequest, PredictResponse
+from torchwire.errors import InvalidInputError
+from torchwire.runtime import LoadedModel
+from torchwire.runtime.dtypes import numpy_dtype
+from torchwire.runtime.model import Arrays
+
+FLOAT32_LE = np.dtype("<f4")
+
+
+def decode_request(request: PredictRequest, model: LoadedModel) -> tuple[Arrays, int]:
+    """The request's floats as the model's input arrays, and its item count.
+
+    Raises:
+        InvalidInputError: both or neither of ``inputs``/``raw_inputs``, a raw length that is not
+            a multiple of 4, or a float count that is not a multiple of one item.
+    """
+    if len(model.inputs) != 1:
+        names = [spec.name for spec in model.inputs]
+        raise InvalidInputError(
+            f"the seed API serves single-input models; this one takes {names}: use the V2 API"
+        )
+    raw = request.raw_inputs
+    if raw:
+        if len(request.inputs):
+            raise InvalidInputError("set either inputs or raw_inputs, not both")
+        if len(raw) % 4:
+            raise InvalidInputError(
+                f"raw_inputs holds {len(raw)} bytes, not a multiple of 4 (little-endian float32)"
+            )
+        flat = np.frombuffer(raw, dtype=FLOAT32_LE)
+    else:
+        flat = np.array(request.inputs, dtype=np.float32)
+    spec = model.inputs[0]
+    per_item = model.item_size(0)
+    if flat.size == 0 or flat.size % per_item:
+        raise InvalidInputError(
+            f"expected a multiple of {per_item} floats (input '{spec.name}' has shape "
+            f"{list(spec.shape)} per item), got {flat.size}"
+        )
+    items = flat.size // per_item
+    array = flat.reshape(items, *spec.shape)
+    wanted = numpy_dtype(spec.dtype)
+    if array.dtype != wanted:
+        array = array.astype(wanted)
+    return [array], items
+
+
+def _flatten(outputs: Arrays) -> np.ndarray[Any, Any]:
+    if len(outputs) == 1:
+        return outputs[0].reshape(-1)
+    items = outputs[0].shape[0]
+    return np.concatenate([out.reshape(items, -1).astype(np.float32) for out in outputs], axis=1)
+
+
+def encode_response(outputs: Arrays, raw: bool, elapsed_s: float) -> PredictResponse:
+    """Flattened outputs (``raw_outputs`` bytes when the request was raw) and the server time."""
+    flat = _flatten(outputs)
+    micros = round(elapsed_s * 1e6)
+    timing: dict[str, Any] = {
+        "processing_time_ms": round(elapsed_s * 1e3),
+        "processing_time_us": micros,
+    }
+    if raw:
+        return PredictResponse(raw_outputs=flat.astype(FLOAT32_LE, copy=False).tobytes(), **timing)
+    return PredictResponse(outputs=flat.astype(np.float32, copy=False).tolist(), **timing)

@@ -1,0 +1,88 @@
+"""The one place where torchwire's exceptions become gRPC status codes.
+
+Handlers raise ``torchwire.errors`` exceptions; ``unary_errors`` and ``stream_errors`` turn them
+into ``context.abort(code, message)``. Anything else is a bug: it is logged with its traceback and
+sent as INTERNAL with a generic message, never ``str(exc)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from torchwire import errors
+
+log = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[errors.TorchwireError], grpc.StatusCode] = {
+    errors.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.ModelExecutionError: grpc.StatusCode.INTERNAL,
+    errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+UnaryHandler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+StreamHandler = Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Response]]
+
+
+def status_code(exc: errors.TorchwireError) -> grpc.StatusCode:
+    """The status code of a torchwire exception (its nearest mapped base class)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+async def abort_with(
+    context: grpc.aio.ServicerContext, exc: BaseException, prefix: str = ""
+) -> NoReturn:
+    """End the call with the status that ``exc`` maps to."""
+    if isinstance(exc, errors.TorchwireError):
+        await context.abort(status_code(exc), prefix + str(exc))
+    log.error("unexpected error in a handler", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, prefix + "internal server error (see server log)")
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def unary_errors(
+    handler: UnaryHandler[Request, Response],
+) -> UnaryHandler[Request, Response]:
+    """Map exceptions of a unary handler to gRPC statuses."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    return wrapper
+
+
+def stream_errors(handler: StreamHandler[Response]) -> StreamHandler[Response]:
+    """Map exceptions of a streaming handler to gRPC statuses."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Any, requests: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Response]:
+        try:
+            async for response in handler(self, requests, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    return wrapper
