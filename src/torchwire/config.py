@@ -64,6 +64,9 @@ class ServerSettings(_Strict):
     """Model answering seed requests without metadata["model"]; default: the first by name."""
     grace_period_s: float = Field(10.0, ge=0)
     """On SIGTERM/SIGINT, how long in-flight requests may take to finish."""
+    shutdown_delay_s: float = Field(0.0, ge=0)
+    """On SIGTERM/SIGINT, keep serving this long with health NOT_SERVING before refusing new
+    calls, so that load balancers stop routing here first."""
     torch_threads: int = Field(0, ge=0)
     """Intra-op threads shared by a model's inference threads; 0 means the number of cores."""
     cache_dir: Path = Field(default_factory=_default_cache_dir)

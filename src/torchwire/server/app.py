@@ -108,6 +108,11 @@ class Server:
         """Shut down in order; in-flight calls get ``grace_s`` (default: the settings') to end."""
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
+        if self._grpc is not None and grace_s is None and self.settings.shutdown_delay_s:
+            log.info(
+                "health NOT_SERVING; refusing new calls in %.1f s", self.settings.shutdown_delay_s
+            )
+            await asyncio.sleep(self.settings.shutdown_delay_s)
         if self._grpc is not None:
             log.info("shutting down: finishing in-flight requests (grace period %.1f s)", grace)
             await self._grpc.stop(grace)

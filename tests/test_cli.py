@@ -1,0 +1,223 @@
+"""`torchwire serve` as a user types it: real processes, real signals, real clients."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from support import Scale, health_status, in_process
+
+TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
+BANNER = re.compile(r"torchwire serving on [^ ]+:(\d+) \(gRPC\)")
+
+
+class CliServer:
+    """`torchwire serve ...` in a child process; the port is read from its start-up banner."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [TORCHWIRE, "serve", "--host", "127.0.0.1", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._port: int | None = None
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if match := BANNER.search(line):
+                self._port = int(match.group(1))
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 120) -> str:
+        assert self._ready.wait(timeout), f"no start-up banner:\n{self.output}"
+        assert self._port is not None, f"server exited before serving:\n{self.output}"
+        return f"127.0.0.1:{self._port}"
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._reader.join(10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def cli_servers() -> Iterator[list[CliServer]]:
+    servers: list[CliServer] = []
+    yield servers
+    for server in servers:
+        server.close()
+
+
+def _predict(target: str, seed: SimpleNamespace, inputs: Any, **metadata: str) -> Any:
+    with grpc.insecure_channel(target) as channel:
+        stub = seed.grpc.ModelServiceStub(channel)
+        request = seed.pb2.PredictRequest(inputs=list(inputs), metadata=metadata)
+        return stub.Predict(request, timeout=30)
+
+
+def test_serve_with_no_arguments_serves_the_demo_repository(
+    cli_servers: list[CliServer], seed: SimpleNamespace, cache_dir: Path, demo_repo: Path
+) -> None:
+    # Only the environment points at the test's cache and a free port: the command has no flags.
+    env = {"TORCHWIRE_CACHE_DIR": str(cache_dir), "TORCHWIRE_PORT": "0"}
+    server = CliServer(env=env)
+    cli_servers.append(server)
+    server.process.args = [TORCHWIRE, "serve"]
+    target = server.wait_ready()
+    assert health_status(target) == "SERVING"
+    assert health_status(target, "ModelService") == "SERVING"
+    x = np.random.default_rng(5).standard_normal((1, 256), dtype=np.float32)
+    answer = _predict(target, seed, x.ravel())
+    expected = in_process(demo_repo / "recsys" / "1" / "model.pt")(x).ravel()
+    np.testing.assert_allclose(answer.outputs, expected, rtol=1e-5, atol=1e-6)
+    assert "recsys" in server.output and "resnet18" in server.output
+    assert server.stop() == 0
+
+
+def test_serve_one_model_file_with_input_shape_flag(
+    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+) -> None:
+    path = tmp_path / "double.pt"
+    torch.jit.script(Scale(2.0)).save(str(path))
+    server = CliServer("--model", str(path), "--input-shape", "2,3", "--port", "0")
+    cli_servers.append(server)
+    target = server.wait_ready()
+    answer = _predict(target, seed, range(12), model="double")  # two items of 2x3
+    assert list(answer.outputs) == [2.0 * i for i in range(12)]
+    assert server.stop(signal.SIGINT) == 0
+
+
+def test_serve_one_model_file_with_config_beside_it(
+    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+) -> None:
+    path = tmp_path / "triple.pt"
+    torch.jit.script(Scale(3.0)).save(str(path))
+    (tmp_path / "config.toml").write_text('[[inputs]]\nname = "x"\nshape = [2]\n')
+    server = CliServer("--model", str(path), env={"TORCHWIRE_PORT": "0"})
+    cli_servers.append(server)
+    target = server.wait_ready()
+    assert list(_predict(target, seed, [1, 2]).outputs) == [3.0, 6.0]
+    assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "eighty"], "port: Input should be a valid integer"),
+        (["--model", "/nonexistent/model.pt"], "/nonexistent/model.pt: no such model file"),
+        (
+            ["--log-level", "loud"],
+            "log_level: Input should be 'debug', 'info', 'warning' or 'error'",
+        ),
+    ],
+)
+def test_bad_flags_exit_with_a_message_saying_what_is_wrong(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [TORCHWIRE, "serve", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TORCHWIRE_CACHE_DIR": str(tmp_path)},
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_a_bad_model_config_names_the_file_and_key(tmp_path: Path) -> None:
+    model_dir = tmp_path / "repo" / "broken"
+    (model_dir / "1").mkdir(parents=True)
+    torch.jit.script(Scale(1.0)).save(str(model_dir / "1" / "model.pt"))
+    (model_dir / "config.toml").write_text(
+        '[[inputs]]\nname = "x"\nshape = [2]\n[batching]\nmax_batch_size = "lots"\n'
+    )
+    result = subprocess.run(
+        [TORCHWIRE, "serve", "--repository", str(tmp_path / "repo"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"{model_dir / 'config.toml'}: invalid configuration" in result.stderr
+    assert "batching.max_batch_size: Input should be a valid integer" in result.stderr
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits_0(
+    cli_servers: list[CliServer], seed: SimpleNamespace, test_repo: Path
+) -> None:
+    server = CliServer(
+        "--repository",
+        str(test_repo),
+        "--port",
+        "0",
+        "--grace-period-s",
+        "30",
+        "--shutdown-delay-s",
+        "1",
+    )
+    cli_servers.append(server)
+    target = server.wait_ready()
+    with grpc.insecure_channel(target) as channel:
+        stub = seed.grpc.ModelServiceStub(channel)
+        slow = [
+            stub.Predict.future(
+                seed.pb2.PredictRequest(inputs=[4000, i, 0, 0], metadata={"model": "busy"}),
+                timeout=60,
+            )
+            for i in range(3)
+        ]
+        time.sleep(0.5)  # let the three calls reach the server: each computes for about a second
+        server.process.send_signal(signal.SIGTERM)
+        # Shutting down: health says so during the shutdown delay, then new calls are refused ...
+        deadline = time.monotonic() + 10
+        while health_status(target) != "NOT_SERVING":
+            assert time.monotonic() < deadline, "health never went NOT_SERVING"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                stub.Predict(seed.pb2.PredictRequest(inputs=[1, 1, 1, 1]), timeout=10)
+            except grpc.RpcError as refused:
+                assert refused.code() == grpc.StatusCode.UNAVAILABLE
+                break
+            assert time.monotonic() < deadline, "new calls still accepted after the delay"
+            time.sleep(0.05)
+        # ... while the calls in flight complete with their answers.
+        answers = [list(call.result(timeout=60).outputs) for call in slow]
+    assert answers == [[4000.0 + i] for i in range(3)]
+    assert server.process.wait(60) == 0
+    assert "SIGTERM received: shutting down" in server.output
