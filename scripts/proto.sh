@@ -13,8 +13,11 @@ fi
 mkdir -p "$out/torchwire/_proto"
 protos=()
 for file in proto/*.proto; do protos+=("torchwire/_proto/$(basename "$file")"); done
+# descriptors.binpb feeds server reflection from a private descriptor pool (see
+# torchwire/server/reflection.py): the service file is never loaded into protobuf's default pool.
 "$python" -m grpc_tools.protoc -Itorchwire/_proto=proto \
-  --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" "${protos[@]}"
+  --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
+  --descriptor_set_out="$out/torchwire/_proto/descriptors.binpb" --include_imports "${protos[@]}"
 if [[ "${1:-}" == "--check" ]]; then
   for file in "$out"/torchwire/_proto/*; do
     if ! cmp -s "$file" "src/torchwire/_proto/$(basename "$file")"; then

@@ -51,6 +51,8 @@ class ServerThread:
     def __init__(self, **settings: Any) -> None:
         settings.setdefault("host", "127.0.0.1")
         settings.setdefault("port", 0)
+        settings.setdefault("metrics_host", "127.0.0.1")
+        settings.setdefault("metrics_port", 0)
         self.settings = ServerSettings(**settings)
         self.server = Server(self.settings)
         self.loop = asyncio.new_event_loop()

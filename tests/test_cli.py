@@ -34,7 +34,7 @@ class CliServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "TORCHWIRE_METRICS_PORT": "0", **(env or {})},
         )
         self.lines: list[str] = []
         self._port: int | None = None
@@ -153,7 +153,7 @@ def test_bad_flags_exit_with_a_message_saying_what_is_wrong(
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "TORCHWIRE_CACHE_DIR": str(tmp_path)},
+        env={**os.environ, "TORCHWIRE_CACHE_DIR": str(tmp_path), "TORCHWIRE_METRICS_PORT": "0"},
     )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr

@@ -62,9 +62,6 @@ def test_three_requests_get_three_answers_without_sending_more(
 
 def test_a_stream_is_pipelined_into_shared_batches(test_repo: Path, seed: SimpleNamespace) -> None:
     with ServerThread(repository=test_repo) as server:
-        batcher = server.server.repository.get("busy")  # type: ignore[union-attr]
-        sizes: list[int] = []
-        batcher.on_batch = sizes.append
         with grpc.insecure_channel(server.target) as channel:
             stub = seed.grpc.ModelServiceStub(channel)
             # The first request keeps the model busy for a while; the 20 after it are read and
@@ -75,9 +72,12 @@ def test_a_stream_is_pipelined_into_shared_batches(test_repo: Path, seed: Simple
                 for i in range(20)
             ]
             answers = [list(r.outputs) for r in stub.PredictStream(iter(requests), timeout=60)]
+        registry = server.server.metrics.registry
+        items = registry.get_sample_value("torchwire_batch_size_sum", {"model": "busy"})
+        calls = registry.get_sample_value("torchwire_batch_size_count", {"model": "busy"})
     assert answers == [[300.0]] + [[float(i)] for i in range(20)]
-    # One request per model call would give 21 batches of 1.
-    assert sum(sizes) == 21 and max(sizes) > 1
+    # One request per model call would give 21 calls of 1 item (plus none for the warm-up).
+    assert items == 21 and calls is not None and calls < 21
 
 
 def test_a_bad_request_ends_the_stream_after_the_answers_before_it(

@@ -13,6 +13,7 @@ from typing import Any
 
 from torchwire.config import ENV_PREFIX, ServerSettings, load_settings
 from torchwire.errors import ConfigError
+from torchwire.logs import configure_logging
 
 log = logging.getLogger("torchwire")
 
@@ -52,14 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def _serve_command(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     try:
@@ -67,7 +60,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"torchwire: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return asyncio.run(serve(settings))
 
 

@@ -57,7 +57,11 @@ class ServerSettings(_Strict):
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port (0 picks a free one)."""
     metrics_port: int = Field(8002, ge=0, le=65535)
-    """Prometheus /metrics port."""
+    """Prometheus /metrics port (0 picks a free one)."""
+    metrics_host: str = "0.0.0.0"
+    """Address of the /metrics endpoint."""
+    metrics_enabled: bool = True
+    """Serve Prometheus metrics at all."""
     workers: int = Field(1, ge=1)
     """Server processes sharing the port."""
     default_model: str | None = None
@@ -75,6 +79,18 @@ class ServerSettings(_Strict):
     """Largest request or response message accepted or sent."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Logging level."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text or as one JSON object each."""
+    access_log: bool = False
+    """Log one line per request: peer, API, model, version, items, code, duration, request id."""
+    watchdog_interval_s: float = Field(5.0, ge=0)
+    """How often the memory watchdog reads memory; 0 turns it off."""
+    watchdog_min_available_mb: int = Field(1024, ge=0)
+    """Health goes NOT_SERVING while the host has less memory available than this."""
+    watchdog_recover_margin_mb: int = Field(256, ge=0)
+    """Hysteresis: back to SERVING only above the threshold plus this margin."""
+    watchdog_max_rss_mb: int = Field(0, ge=0)
+    """Also NOT_SERVING while this process's resident memory exceeds this; 0: no limit."""
 
     _parse_input_shape = field_validator("input_shape", mode="before")(_parse_shape)
 
@@ -177,6 +193,17 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def _flatten_sections(table: dict[str, Any]) -> dict[str, Any]:
+    """``[metrics] port = 9100`` in the TOML file is the field ``metrics_port``."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}_{inner}": v for inner, v in _flatten_sections(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def load_settings(
     flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
 ) -> ServerSettings:
@@ -192,7 +219,7 @@ def load_settings(
     config_file = flags.get("config") or environ.get(f"{ENV_PREFIX}CONFIG")
     sources = []
     if config_file:
-        merged.update(_read_toml(Path(config_file)))
+        merged.update(_flatten_sections(_read_toml(Path(config_file))))
         sources.append(str(config_file))
     for field in ServerSettings.model_fields:
         value = environ.get(f"{ENV_PREFIX}{field.upper()}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torchwire.config import ModelConfig, TensorSpec, load_model_config
 from torchwire.errors import ConfigError, ModelNotFoundError, UnavailableError
+from torchwire.metrics import Metrics
 from torchwire.runtime import Batcher, LoadedModel
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,18 @@ def model_file_source(path: Path, input_shape: tuple[int, ...] | None) -> ModelS
     return ModelSource(path.stem, config, {1: path})
 
 
-def load_version(source: ModelSource, version: int, torch_threads: int) -> Batcher:
+def load_version(
+    source: ModelSource, version: int, torch_threads: int, metrics: Metrics
+) -> Batcher:
     """Load, warm up and wrap one version (blocking: call it from a thread)."""
     started = time.monotonic()
-    model = LoadedModel.load(source.files[version], source.config)
-    model.warm_up()
+    try:
+        model = LoadedModel.load(source.files[version], source.config)
+        model.warm_up()
+    except Exception:
+        metrics.model_loads.labels(source.name, "failed").inc()
+        raise
+    metrics.model_loads.labels(source.name, "ok").inc()
     log.info(
         "loaded %s version %d from %s in %.2f s",
         source.name,
@@ -113,7 +121,7 @@ def load_version(source: ModelSource, version: int, torch_threads: int) -> Batch
         source.files[version],
         time.monotonic() - started,
     )
-    return Batcher(model, f"{source.name}:{version}", torch_threads)
+    return Batcher(model, source.name, version, torch_threads, metrics.for_model(source.name))
 
 
 class ModelRepository:
@@ -123,10 +131,15 @@ class ModelRepository:
         sources: what to load.
         default_model: the model answering requests that name none (default: first by name).
         torch_threads: intra-op threads per model (0: all cores).
+        metrics: where loads, versions and batches are counted.
     """
 
     def __init__(
-        self, sources: list[ModelSource], default_model: str | None = None, torch_threads: int = 0
+        self,
+        sources: list[ModelSource],
+        default_model: str | None = None,
+        torch_threads: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         names = sorted(source.name for source in sources)
         if default_model is not None and default_model not in names:
@@ -134,6 +147,7 @@ class ModelRepository:
         self.default_model = default_model or names[0]
         self._sources = sources
         self._torch_threads = torch_threads
+        self.metrics = metrics or Metrics(process_metrics=False)
         self.models: dict[str, ServedModel] = {}
         self._loaded = False
 
@@ -144,11 +158,21 @@ class ModelRepository:
             served = self.models.setdefault(source.name, ServedModel(source.name))
             for version in sorted(source.files):
                 batcher = await asyncio.to_thread(
-                    load_version, source, version, self._torch_threads
+                    load_version, source, version, self._torch_threads, self.metrics
                 )
                 batcher.start(loop)
                 served.versions[version] = batcher
+            self.metrics.model_version.labels(source.name).set(served.default_version)
         self._loaded = True
+
+    async def unload(self, name: str, timeout_s: float = 30.0) -> None:
+        """Stop serving ``name``: new requests get NOT_FOUND, queued ones finish first."""
+        served = self.models.pop(name, None)
+        if served is None:
+            raise ModelNotFoundError(f"model {name!r} not found; served: {sorted(self.models)}")
+        self.metrics.model_version.remove(name)
+        await asyncio.gather(*(b.close(timeout_s) for b in served.versions.values()))
+        log.info("unloaded %s", name)
 
     def get(self, model: str | None = None, version: str | None = None) -> Batcher:
         """The batcher answering for ``model`` (default model if empty) at ``version``.

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from torchwire.errors import (
     TorchwireError,
     UnavailableError,
 )
+from torchwire.metrics import ModelMetrics
 from torchwire.runtime.model import Arrays, LoadedModel
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,22 @@ class Batcher:
         model: the loaded model; called only from this batcher's threads.
         label: how logs and errors name the model, e.g. ``recsys:1``.
         torch_threads: intra-op threads shared by the inference threads (0: all cores).
+        metrics: where to observe queue time, compute time and batch sizes.
     """
 
-    def __init__(self, model: LoadedModel, label: str, torch_threads: int = 0) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        name: str,
+        version: int,
+        torch_threads: int = 0,
+        metrics: ModelMetrics | None = None,
+    ) -> None:
         self.model = model
-        self.label = label
+        self.name = name
+        self.version = version
+        self.label = f"{name}:{version}"
+        self._metrics = metrics
         batching = model.config.batching
         self.max_batch_size = batching.max_batch_size
         self.max_queue = batching.max_queue
@@ -78,8 +90,6 @@ class Batcher:
         self._closing = False
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.on_batch: Callable[[int], None] | None = None
-        """Called from an inference thread with each batch's item count (for stats and tests)."""
 
     @property
     def queued_items(self) -> int:
@@ -200,9 +210,13 @@ class Batcher:
     def _run_batch(self, batch: list[_Request]) -> list[_Outcome]:
         count = len(batch[0].arrays)
         inputs = [_stack([r.arrays[i] for r in batch]) for i in range(count)]
-        if self.on_batch is not None:
-            self.on_batch(inputs[0].shape[0])
+        started = time.monotonic()
         outputs = self.model(inputs)
+        if self._metrics is not None:
+            self._metrics.compute_duration.observe(time.monotonic() - started)
+            self._metrics.batch_size.observe(inputs[0].shape[0])
+            for request in batch:
+                self._metrics.queue_duration.observe(started - request.enqueued_at)
         if len(batch) == 1:
             return [(batch[0], outputs)]
         outcomes: list[_Outcome] = []

@@ -1,9 +1,9 @@
 """One torchwire server process: start-up, serving and shutdown, each its own method.
 
 Start-up binds the port first with health NOT_SERVING (so probes get an answer while models load),
-loads every model, then turns health SERVING. Shutdown runs in order: health NOT_SERVING, stop
-accepting calls, let in-flight calls finish within the grace period, cancel the rest, then stop the
-batchers and their inference threads.
+starts /metrics and the memory watchdog, loads every model, then turns health SERVING. Shutdown runs
+in order: health NOT_SERVING, (after the shutdown delay) stop accepting calls, let in-flight calls
+finish within the grace period, cancel the rest, then stop the batchers and their threads.
 """
 
 from __future__ import annotations
@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import start_http_server
 
 from torchwire._proto import modelservice_pb2_grpc
 from torchwire.config import ServerSettings
 from torchwire.errors import ConfigError
+from torchwire.metrics import Metrics
 from torchwire.repository import (
     ModelRepository,
     ModelSource,
@@ -25,13 +29,16 @@ from torchwire.repository import (
     model_file_source,
     scan_repository,
 )
+from torchwire.server.health import Health
+from torchwire.server.observe import Observer
+from torchwire.server.reflection import reflection_pool
 from torchwire.server.seed import SeedServicer
+from torchwire.server.watchdog import MIB, MemoryWatchdog
 
 log = logging.getLogger(__name__)
 
 SEED_SERVICE = "ModelService"
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
 def model_sources(settings: ServerSettings) -> list[ModelSource]:
@@ -56,9 +63,21 @@ class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self.repository: ModelRepository | None = None
-        self.health = health.aio.HealthServicer()
+        self.metrics = Metrics()
+        self.health = Health([SEED_SERVICE])
+        self.watchdog = MemoryWatchdog(
+            self.health.memory,
+            self.metrics,
+            interval_s=settings.watchdog_interval_s,
+            min_available_bytes=settings.watchdog_min_available_mb * MIB,
+            recover_margin_bytes=settings.watchdog_recover_margin_mb * MIB,
+            max_rss_bytes=settings.watchdog_max_rss_mb * MIB,
+        )
         self._grpc: grpc.aio.Server | None = None
+        self._metrics_http: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -67,13 +86,30 @@ class Server:
         Raises:
             ConfigError: a bad repository, model file or flag, or a port that cannot be bound.
         """
-        await self.health.set("", NOT_SERVING)
-        await self.health.set(SEED_SERVICE, NOT_SERVING)
+        await self.health.starting()
         sources = await asyncio.to_thread(model_sources, self.settings)
         repository = ModelRepository(
-            sources, self.settings.default_model, self.settings.torch_threads
+            sources, self.settings.default_model, self.settings.torch_threads, self.metrics
         )
         self.repository = repository
+        self._start_metrics()
+        if self.settings.watchdog_interval_s > 0:
+            await self.watchdog.check()  # the first reading decides before SERVING is reported
+            self._spawn(self.watchdog.run())
+        self._grpc = self._build_grpc(repository)
+        await self._grpc.start()
+        try:
+            await repository.load()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+        for name in repository.models:
+            await self.health.model(name, loaded=True)
+        await self.health.ready()
+        self._log_banner()
+        return self.port or 0
+
+    def _build_grpc(self, repository: ModelRepository) -> grpc.aio.Server:
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self.settings.max_message_bytes),
@@ -83,48 +119,67 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
+        observer = Observer(self.metrics, access_log=self.settings.access_log)
         modelservice_pb2_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            SeedServicer(repository), server
+            SeedServicer(repository, observer), server
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        services = [SEED_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
+        pool = reflection_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+        reflection.enable_server_reflection(services, server, pool=pool)
         address = f"{self.settings.host}:{self.settings.port}"
         try:
             self.port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address}: {exc}") from None
-        self._grpc = server
-        await server.start()
+        return server
+
+    def _start_metrics(self) -> None:
+        if not self.settings.metrics_enabled:
+            return
+        host, port = self.settings.metrics_host, self.settings.metrics_port
         try:
-            await repository.load()
-        except BaseException:
-            await self.stop(grace_s=0)
-            raise
-        await self.health.set(SEED_SERVICE, SERVING)
-        await self.health.set("", SERVING)
-        self._log_banner(address)
-        return self.port
+            self._metrics_http, _ = start_http_server(port, host, registry=self.metrics.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}") from None
+        self.metrics_port = self._metrics_http.server_port
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving ``name`` after its queued requests finish; its health goes NOT_SERVING."""
+        assert self.repository is not None
+        await self.health.model(name, loaded=False)
+        await self.repository.unload(name)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Shut down in order; in-flight calls get ``grace_s`` (default: the settings') to end."""
         grace = self.settings.grace_period_s if grace_s is None else grace_s
-        await self.health.enter_graceful_shutdown()
-        if self._grpc is not None and grace_s is None and self.settings.shutdown_delay_s:
-            log.info(
-                "health NOT_SERVING; refusing new calls in %.1f s", self.settings.shutdown_delay_s
-            )
-            await asyncio.sleep(self.settings.shutdown_delay_s)
+        await self.health.shutting_down()
+        delay = self.settings.shutdown_delay_s if grace_s is None else 0.0
+        if self._grpc is not None and delay:
+            log.info("health NOT_SERVING; refusing new calls in %.1f s", delay)
+            await asyncio.sleep(delay)
         if self._grpc is not None:
             log.info("shutting down: finishing in-flight requests (grace period %.1f s)", grace)
             await self._grpc.stop(grace)
+        self.watchdog.stop()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.repository is not None:
             await self.repository.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
         """Wait until ``stop`` has finished."""
         await self._stopped.wait()
 
-    def _log_banner(self, address: str) -> None:
+    def _log_banner(self) -> None:
         assert self.repository is not None
         lines = [f"torchwire serving on {self.settings.host}:{self.port} (gRPC)"]
         for name, served in sorted(self.repository.models.items()):
@@ -138,6 +193,10 @@ class Server:
                 f"  batch<={batcher.max_batch_size}{default}"
             )
         lines.append(
-            f"  seed API /ModelService/Predict, /ModelService/PredictStream; address {address}"
+            "  APIs: /ModelService/Predict, /ModelService/PredictStream, health, reflection"
         )
+        if self.metrics_port is not None:
+            lines.append(
+                f"  metrics: http://{self.settings.metrics_host}:{self.metrics_port}/metrics"
+            )
         log.info("\n".join(lines))

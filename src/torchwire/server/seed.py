@@ -21,6 +21,7 @@ from torchwire.errors import TorchwireError
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher
 from torchwire.runtime.model import Arrays
+from torchwire.server.observe import Call, Observer
 from torchwire.server.seed_codec import decode_request, encode_response
 from torchwire.server.status import abort_with, stream_errors, unary_errors
 
@@ -38,7 +39,7 @@ def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
 @dataclass(slots=True)
 class _Queued:
     index: int
-    started: float
+    call: Call
     answer: asyncio.Future[Arrays]
     raw: bool
 
@@ -46,69 +47,86 @@ class _Queued:
 @dataclass(slots=True)
 class _Failed:
     index: int
+    call: Call
     error: Exception
 
 
 class SeedServicer(modelservice_pb2_grpc.ModelServiceServicer):
     """``/ModelService/Predict`` and ``/ModelService/PredictStream`` over a repository."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, observer: Observer) -> None:
         self._repository = repository
+        self._observer = observer
 
-    def _prepare(self, request: PredictRequest) -> tuple[Batcher, Arrays, int]:
+    def _prepare(self, request: PredictRequest, call: Call) -> tuple[Batcher, Arrays, int]:
         """Pick the model version and decode the request for it (raises on bad input)."""
         metadata = request.metadata
         batcher = self._repository.get(metadata.get("model"), metadata.get("version"))
-        arrays, items = decode_request(request, batcher.model)
-        return batcher, arrays, items
+        call.target(batcher)
+        arrays, call.items = decode_request(request, batcher.model)
+        return batcher, arrays, call.items
 
     @unary_errors
     async def Predict(
         self, request: PredictRequest, context: grpc.aio.ServicerContext
     ) -> PredictResponse:
-        started = time.perf_counter()
-        batcher, arrays, items = self._prepare(request)
-        outputs = await batcher.infer(arrays, items, call_deadline(context))
-        return encode_response(outputs, bool(request.raw_inputs), time.perf_counter() - started)
+        with self._observer.call("seed", context) as call:
+            batcher, arrays, items = self._prepare(request, call)
+            outputs = await batcher.infer(arrays, items, call_deadline(context))
+            elapsed = time.perf_counter() - call.started
+            return encode_response(outputs, bool(request.raw_inputs), elapsed)
 
     @stream_errors
     async def PredictStream(
         self, requests: AsyncIterable[PredictRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[PredictResponse]:
         pending: asyncio.Queue[_Queued | _Failed | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
-        reader = asyncio.create_task(self._read_stream(requests, call_deadline(context), pending))
+        reader = asyncio.create_task(self._read_stream(requests, context, pending))
         try:
             while (entry := await pending.get()) is not None:
+                prefix = f"request {entry.index} of the stream: "
                 if isinstance(entry, _Failed):
-                    await abort_with(context, entry.error, f"request {entry.index} of the stream: ")
+                    entry.call.finish(entry.error)
+                    await abort_with(context, entry.error, prefix)
                 try:
                     outputs = await entry.answer
+                    elapsed = time.perf_counter() - entry.call.started
+                    response = encode_response(outputs, entry.raw, elapsed)
                 except TorchwireError as exc:
-                    await abort_with(context, exc, f"request {entry.index} of the stream: ")
-                yield encode_response(outputs, entry.raw, time.perf_counter() - entry.started)
+                    entry.call.finish(exc)
+                    await abort_with(context, exc, prefix)
+                entry.call.finish()
+                yield response
         finally:
             reader.cancel()
             while not pending.empty():  # abandon what nobody will read: the batcher skips it
                 entry = pending.get_nowait()
+                if entry is not None:
+                    entry.call.finish(asyncio.CancelledError())
                 if isinstance(entry, _Queued):
                     entry.answer.cancel()
 
     async def _read_stream(
         self,
         requests: AsyncIterable[PredictRequest],
-        deadline: float | None,
+        context: grpc.aio.ServicerContext,
         pending: asyncio.Queue[_Queued | _Failed | None],
     ) -> None:
         """Queue each request as it arrives; end with None, or with the first failure."""
+        deadline = call_deadline(context)
         index = 0
         try:
             async for request in requests:
-                started = time.perf_counter()
-                batcher, arrays, items = self._prepare(request)
+                call = self._observer.call("seed_stream", context)
+                try:
+                    batcher, arrays, items = self._prepare(request, call)
+                except TorchwireError as exc:
+                    await pending.put(_Failed(index, call, exc))
+                    return
                 answer = asyncio.ensure_future(batcher.infer(arrays, items, deadline))
-                await pending.put(_Queued(index, started, answer, bool(request.raw_inputs)))
+                await pending.put(_Queued(index, call, answer, bool(request.raw_inputs)))
                 index += 1
-        except Exception as exc:  # bad input, or the request stream broke
-            await pending.put(_Failed(index, exc))
+        except Exception as exc:  # the request stream itself broke
+            await pending.put(_Failed(index, self._observer.call("seed_stream", context), exc))
             return
         await pending.put(None)

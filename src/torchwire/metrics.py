@@ -1,0 +1,117 @@
+"""Prometheus metrics, named as in design.md §3, each server with its own registry.
+
+Durations are observed around the awaited work itself (never a decorator on an ``async def``,
+which would time the creation of a coroutine): request time from the moment a call starts to the
+moment its answer is ready, queue time from enqueue to the start of its batch, compute time of the
+model call. Buckets run from 100 µs to 10 s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """The per-model children a batcher observes from its inference threads."""
+
+    queue_duration: Histogram
+    compute_duration: Histogram
+    batch_size: Histogram
+
+
+class Metrics:
+    """Every metric torchwire exports, registered in one registry."""
+
+    def __init__(self, process_metrics: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        if process_metrics:
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                self.registry.register(collector)
+        registry = self.registry
+        self.requests = Counter(
+            "torchwire_requests",
+            "Requests answered, by model, version, API and gRPC status code.",
+            ["model", "version", "api", "code"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "torchwire_request_duration_seconds",
+            "Server time of a request, from its arrival to its answer being ready.",
+            ["model", "api"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_duration = Histogram(
+            "torchwire_queue_duration_seconds",
+            "Time a request waited in its model's queue before its batch started.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.compute_duration = Histogram(
+            "torchwire_compute_duration_seconds",
+            "Time of one model call on a batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "torchwire_batch_size",
+            "Items per model call.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "torchwire_inflight_requests",
+            "Requests being served (queued, computing or being answered).",
+            ["model"],
+            registry=registry,
+        )
+        self.model_loads = Counter(
+            "torchwire_model_loads",
+            "Model version loads, by outcome (ok or failed).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.model_version = Gauge(
+            "torchwire_model_version",
+            "The version that answers requests naming no version.",
+            ["model"],
+            registry=registry,
+        )
+        self.watchdog_transitions = Counter(
+            "torchwire_watchdog_transitions",
+            "Memory watchdog changes of state (to serving or not_serving).",
+            ["state"],
+            registry=registry,
+        )
+        self.memory_available = Gauge(
+            "torchwire_memory_available_bytes",
+            "Host memory available, as the watchdog last read it.",
+            registry=registry,
+        )
+
+    def for_model(self, model: str) -> ModelMetrics:
+        return ModelMetrics(
+            self.queue_duration.labels(model),
+            self.compute_duration.labels(model),
+            self.batch_size.labels(model),
+        )

@@ -1,0 +1,109 @@
+"""``grpc.health.v1.Health`` (Check and Watch) and the rule that sets the overall status.
+
+grpc's own asyncio servicer forgets a service's watchers when any one of them leaves, so a
+second watcher (two load balancers, a probe and a dashboard) stops getting updates; this one keeps
+a change counter per service that every watcher waits on.
+
+Statuses: ``""`` is SERVING only after start-up, before shutdown and while the memory watchdog is
+content; the API services (``ModelService``, ...) are SERVING once the models are loaded; each
+model name is SERVING while a version of it is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVING: int = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING: int = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN: int = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """Serves the statuses; ``Health`` below decides them."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {}
+        self._changed: defaultdict[str, asyncio.Condition] = defaultdict(asyncio.Condition)
+
+    def status(self, service: str) -> int | None:
+        return self._status.get(service)
+
+    def services(self) -> list[str]:
+        return list(self._status)
+
+    async def set(self, service: str, status: int) -> None:
+        condition = self._changed[service]
+        async with condition:
+            if self._status.get(service) != status:
+                self._status[service] = status
+                condition.notify_all()
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        condition = self._changed[request.service]
+        last: int | None = None
+        while True:
+            status = self._status.get(request.service, SERVICE_UNKNOWN)
+            if status != last:
+                last = status
+                yield health_pb2.HealthCheckResponse(status=status)
+            async with condition:
+                if self._status.get(request.service, SERVICE_UNKNOWN) == last:
+                    await condition.wait()
+
+
+class Health:
+    """Decides every status from the server's state: starting, ready, memory, shutting down."""
+
+    def __init__(self, services: list[str]) -> None:
+        self.servicer = HealthServicer()
+        self._services = services
+        self._ready = False
+        self._memory_ok = True
+        self._shutting_down = False
+
+    @property
+    def overall(self) -> int:
+        ok = self._ready and self._memory_ok and not self._shutting_down
+        return SERVING if ok else NOT_SERVING
+
+    async def _update(self) -> None:
+        await self.servicer.set("", self.overall)
+        api = SERVING if self._ready and not self._shutting_down else NOT_SERVING
+        for service in self._services:
+            await self.servicer.set(service, api)
+
+    async def starting(self) -> None:
+        await self._update()
+
+    async def ready(self) -> None:
+        self._ready = True
+        await self._update()
+
+    async def memory(self, ok: bool) -> None:
+        self._memory_ok = ok
+        await self._update()
+
+    async def model(self, name: str, loaded: bool) -> None:
+        serving = loaded and not self._shutting_down
+        await self.servicer.set(name, SERVING if serving else NOT_SERVING)
+
+    async def shutting_down(self) -> None:
+        self._shutting_down = True
+        await self._update()
+        for service in self.servicer.services():
+            await self.servicer.set(service, NOT_SERVING)

@@ -1,0 +1,103 @@
+"""Per-request accounting: metrics and the access log, in one place for every API.
+
+A ``Call`` starts when a request arrives, learns its model once the repository resolved it, and
+finishes when its answer is ready (or it failed), with the status code its outcome maps to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import grpc
+
+from torchwire.errors import TorchwireError
+from torchwire.metrics import Metrics
+from torchwire.runtime import Batcher
+from torchwire.server.status import status_code
+
+access_log = logging.getLogger("torchwire.access")
+
+
+def outcome_code(exc: BaseException | None) -> grpc.StatusCode:
+    """The status code a request ends with, given what (if anything) it raised."""
+    if exc is None:
+        return grpc.StatusCode.OK
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    if isinstance(exc, TorchwireError):
+        return status_code(exc)
+    if isinstance(exc, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.INTERNAL
+
+
+class Call:
+    """One request being served; use as a context manager or call ``finish`` yourself."""
+
+    __slots__ = ("_observer", "_peer", "_request_id", "api", "items", "model", "started", "version")
+
+    def __init__(self, observer: Observer, api: str, context: grpc.aio.ServicerContext) -> None:
+        self._observer = observer
+        self.api = api
+        self.started = time.perf_counter()
+        self.model = ""
+        self.version = ""
+        self.items = 0
+        self._peer: str | None = None
+        self._request_id: str | None = None
+        if observer.access_log:
+            self._peer = context.peer()
+            metadata = dict(context.invocation_metadata() or ())
+            self._request_id = metadata.get("x-request-id") or uuid.uuid4().hex[:16]
+
+    def target(self, batcher: Batcher) -> None:
+        """The request was resolved to this model version."""
+        self.model, self.version = batcher.name, str(batcher.version)
+        self._observer.metrics.inflight.labels(self.model).inc()
+
+    def finish(self, exc: BaseException | None = None) -> float:
+        """Count the request with the code its outcome maps to; return its duration (s)."""
+        elapsed = time.perf_counter() - self.started
+        code = outcome_code(exc)
+        metrics = self._observer.metrics
+        metrics.requests.labels(self.model, self.version, self.api, code.name).inc()
+        if self.model:
+            metrics.inflight.labels(self.model).dec()
+            metrics.request_duration.labels(self.model, self.api).observe(elapsed)
+        if self._observer.access_log:
+            self._log(code, elapsed)
+        return elapsed
+
+    def _log(self, code: grpc.StatusCode, elapsed: float) -> None:
+        fields: dict[str, Any] = {
+            "peer": self._peer,
+            "api": self.api,
+            "model": self.model,
+            "version": self.version,
+            "items": self.items,
+            "code": code.name,
+            "duration_ms": round(elapsed * 1e3, 3),
+            "request_id": self._request_id,
+        }
+        access_log.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+
+    def __enter__(self) -> Call:
+        return self
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        self.finish(exc)
+
+
+class Observer:
+    """Starts a ``Call`` per request; owns the metrics and the access-log switch."""
+
+    def __init__(self, metrics: Metrics, access_log: bool = False) -> None:
+        self.metrics = metrics
+        self.access_log = access_log
+
+    def call(self, api: str, context: grpc.aio.ServicerContext) -> Call:
+        return Call(self, api, context)
