@@ -4,6 +4,7 @@ generated from the founding document's proto, and small TorchScript models writt
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import sys
 import threading
@@ -58,9 +59,13 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
-    def start(self) -> ServerThread:
+    def begin(self) -> concurrent.futures.Future[int]:
+        """Start without waiting: the future resolves once the models are loaded."""
         self._thread.start()
-        self.run(self.server.start(), timeout=120)
+        return asyncio.run_coroutine_threadsafe(self.server.start(), self.loop)
+
+    def start(self) -> ServerThread:
+        self.begin().result(timeout=120)
         return self
 
     def run(self, coroutine: Any, timeout: float = 60) -> Any:
@@ -156,3 +161,26 @@ def in_process(path: Path) -> Callable[[Any], Any]:
             return model(torch.from_numpy(array)).numpy()
 
     return call
+
+
+class SlowStart(nn.Module):
+    """Sums each item after a fixed 3000 rounds of matrix products (about a second here), so
+    that loading it (whose warm-up runs it) is slow enough to watch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(256) * 0.5, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ones(256, 256)
+        for _ in range(3000):
+            y = torch.tanh(y @ self.weight) + 1.0
+        return x.sum(dim=1, keepdim=True) + y[0, 0] * 0.0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -28,6 +28,16 @@ def test_the_config_file_may_come_from_the_environment(tmp_path: Path) -> None:
     assert load_settings({}, {"TORCHWIRE_CONFIG": str(config)}).metrics_port == 9100
 
 
+def test_a_toml_section_sets_the_prefixed_settings(tmp_path: Path) -> None:
+    config = tmp_path / "t.toml"
+    config.write_text(
+        '[metrics]\nenabled = false\nhost = "127.0.0.1"\n[watchdog]\ninterval_s = 1\n'
+    )
+    settings = load_settings({"config": str(config)}, {})
+    assert settings.metrics_enabled is False and settings.metrics_host == "127.0.0.1"
+    assert settings.watchdog_interval_s == 1.0
+
+
 def test_unknown_keys_and_bad_values_are_named(tmp_path: Path) -> None:
     config = tmp_path / "t.toml"
     config.write_text("prot = 1\n")

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli import CliServer
 
-from support import ServerThread, health_status
+from support import ServerThread, SlowStart, free_port, health_status, write_model
 
 GIB = 1024**3
 
@@ -81,6 +81,33 @@ def test_health_follows_models_and_shutdown(test_repo: Path, watchers: list[Watc
     finally:
         server.stop()
     assert overall.next_status() == "NOT_SERVING"  # shutdown is announced before the port closes
+
+
+def test_health_is_not_serving_while_models_load(
+    tmp_path: Path, seed: SimpleNamespace, watchers: list[Watcher]
+) -> None:
+    write_model(tmp_path / "slow", SlowStart(), [2])
+    port = free_port()
+    server = ServerThread(repository=tmp_path, port=port)
+    starting = server.begin()
+    try:
+        target = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            watcher = Watcher(target)
+            watchers.append(watcher)
+            assert watcher.next_status() == "NOT_SERVING"  # bound, still loading
+            if not starting.done():
+                with pytest.raises(grpc.RpcError) as early:
+                    seed.grpc.ModelServiceStub(channel).Predict(
+                        seed.pb2.PredictRequest(inputs=[1, 2]), timeout=10
+                    )
+                assert early.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "still loading" in early.value.details()
+            assert watcher.next_status(timeout=60) == "SERVING"
+        starting.result(timeout=60)
+    finally:
+        server.stop()
 
 
 def test_memory_watchdog_trips_and_recovers_with_hysteresis(

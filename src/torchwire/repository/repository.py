@@ -155,13 +155,14 @@ class ModelRepository:
         """Load every version, one after the other, off the event loop."""
         loop = asyncio.get_running_loop()
         for source in self._sources:
-            served = self.models.setdefault(source.name, ServedModel(source.name))
+            served = ServedModel(source.name)
             for version in sorted(source.files):
                 batcher = await asyncio.to_thread(
                     load_version, source, version, self._torch_threads, self.metrics
                 )
                 batcher.start(loop)
                 served.versions[version] = batcher
+            self.models[source.name] = served  # served only once every version is ready
             self.metrics.model_version.labels(source.name).set(served.default_version)
         self._loaded = True
 
