@@ -22,7 +22,7 @@ import torch
 from support import Scale, health_status, in_process
 
 TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
-BANNER = re.compile(r"torchwire serving on [^ ]+:(\d+) \(gRPC\)")
+BANNER = re.compile(r"torchwire serving on [^ ]+:(\d+) \(gRPC")
 
 
 class CliServer:

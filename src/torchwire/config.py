@@ -75,6 +75,12 @@ class ServerSettings(_Strict):
     """Intra-op threads shared by a model's inference threads; 0 means the number of cores."""
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     """Where the built-in demo repository is built, once."""
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server; with --tls-key, serve TLS instead of plaintext."""
+    tls_key: Path | None = None
+    """PEM private key of the server certificate."""
+    tls_client_ca: Path | None = None
+    """PEM of the CAs that sign client certificates; when set, clients must present one (mTLS)."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=4096)
     """Largest request or response message accepted or sent."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

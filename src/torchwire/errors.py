@@ -1,6 +1,7 @@
-"""torchwire's exceptions: one tree, mapped to gRPC status codes in one place.
+"""torchwire's exceptions: one tree, mapped to gRPC status codes in one place (``STATUS_NAMES``).
 
-The mapping lives in ``torchwire.server.status`` (this module imports no gRPC)::
+The server raises them and sends their status; the client raises the same classes for the status
+it receives, with ``code`` set to the status's name. This module imports no gRPC::
 
     TorchwireError
     ├── InvalidInputError       INVALID_ARGUMENT   the request does not fit the model
@@ -11,39 +12,95 @@ The mapping lives in ``torchwire.server.status`` (this module imports no gRPC)::
     ├── ModelExecutionError     INTERNAL           the model raised; its message is passed on
     └── ConfigError             (start-up)         a config file, flag or model file is wrong
 
-Unexpected exceptions (bugs) are sent as INTERNAL with a generic message and logged in full.
+Unexpected exceptions (bugs) are sent as INTERNAL with a generic message and logged in full. A
+status with no class of its own (CANCELLED, UNKNOWN, ...) reaches a client as ``TorchwireError``.
 """
 
 from __future__ import annotations
 
 
 class TorchwireError(Exception):
-    """Base class of every error torchwire raises on purpose."""
+    """Base class of every error torchwire raises on purpose.
+
+    Attributes:
+        code: the gRPC status name (e.g. ``"NOT_FOUND"``) this error travels as.
+        metadata: machine-readable facts sent along as trailing metadata (e.g. the item shape a
+            model expects, under ``torchwire-item-shape``).
+    """
+
+    code: str = "INTERNAL"
+
+    def __init__(
+        self, message: str, code: str | None = None, metadata: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.metadata = metadata or {}
 
 
 class InvalidInputError(TorchwireError):
     """The request's inputs do not match what the model expects."""
 
+    code = "INVALID_ARGUMENT"
+
 
 class ModelNotFoundError(TorchwireError):
     """The requested model or version is not served."""
+
+    code = "NOT_FOUND"
 
 
 class QueueFullError(TorchwireError):
     """The model's request queue is full."""
 
+    code = "RESOURCE_EXHAUSTED"
+
 
 class DeadlineExceededError(TorchwireError):
     """The caller's deadline passed before the request was computed."""
+
+    code = "DEADLINE_EXCEEDED"
 
 
 class UnavailableError(TorchwireError):
     """The server or the model version is shutting down."""
 
+    code = "UNAVAILABLE"
+
 
 class ModelExecutionError(TorchwireError):
     """The model raised while computing; the message is the model's own."""
 
+    code = "INTERNAL"
+
 
 class ConfigError(TorchwireError):
     """A configuration file, a flag or a model file is invalid."""
+
+    code = "FAILED_PRECONDITION"
+
+
+ITEM_SHAPE_METADATA = "torchwire-item-shape"
+"""Trailing metadata of a wrong-length seed request: the model's per-item input shape, so that a
+client can discover it with an empty request (the seed API has no metadata RPC)."""
+
+_CLASSES: tuple[type[TorchwireError], ...] = (
+    InvalidInputError,
+    ModelNotFoundError,
+    QueueFullError,
+    DeadlineExceededError,
+    UnavailableError,
+    ModelExecutionError,
+)
+STATUS_NAMES: dict[type[TorchwireError], str] = {cls: cls.code for cls in _CLASSES}
+"""Each error class and the gRPC status it travels as."""
+ERRORS_BY_STATUS: dict[str, type[TorchwireError]] = {
+    code: cls for cls, code in STATUS_NAMES.items()
+}
+"""The class a client raises for a status name (others: ``TorchwireError``)."""
+
+
+def error_for_status(code: str, message: str) -> TorchwireError:
+    """The exception a client raises for a failed call with status ``code``."""
+    return ERRORS_BY_STATUS.get(code, TorchwireError)(message, code)

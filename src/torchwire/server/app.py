@@ -53,6 +53,25 @@ def model_sources(settings: ServerSettings) -> list[ModelSource]:
     return scan_repository(Path(root))
 
 
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS (or mutual TLS) credentials from the settings' PEM files, or None for plaintext."""
+    if not settings.tls_cert and not settings.tls_key:
+        if settings.tls_client_ca:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    try:
+        pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS files: {exc}") from None
+    credentials: grpc.ServerCredentials = grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+    return credentials
+
+
 class Server:
     """A gRPC server over a model repository.
 
@@ -117,6 +136,10 @@ class Server:
                 # One process per port unless --workers asks for sharing: a second server on a
                 # busy port must fail, not silently split the traffic.
                 ("grpc.so_reuseport", 0),
+                # Let clients keep connections alive with pings (every 10 s at most).
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_ping_strikes", 0),
             ]
         )
         observer = Observer(self.metrics, access_log=self.settings.access_log)
@@ -129,7 +152,11 @@ class Server:
         reflection.enable_server_reflection(services, server, pool=pool)
         address = f"{self.settings.host}:{self.settings.port}"
         try:
-            self.port = server.add_insecure_port(address)
+            credentials = server_credentials(self.settings)
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address}: {exc}") from None
         return server
@@ -181,7 +208,8 @@ class Server:
 
     def _log_banner(self) -> None:
         assert self.repository is not None
-        lines = [f"torchwire serving on {self.settings.host}:{self.port} (gRPC)"]
+        tls = " over TLS" if self.settings.tls_cert else ""
+        lines = [f"torchwire serving on {self.settings.host}:{self.port} (gRPC{tls})"]
         for name, served in sorted(self.repository.models.items()):
             batcher = served.versions[served.default_version]
             model = batcher.model

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from torchwire._proto.modelservice_messages_pb2 import PredictRequest, PredictResponse
-from torchwire.errors import InvalidInputError
+from torchwire.errors import ITEM_SHAPE_METADATA, InvalidInputError
 from torchwire.runtime import LoadedModel
 from torchwire.runtime.dtypes import numpy_dtype
 from torchwire.runtime.model import Arrays
@@ -48,7 +48,8 @@ def decode_request(request: PredictRequest, model: LoadedModel) -> tuple[Arrays,
     if flat.size == 0 or flat.size % per_item:
         raise InvalidInputError(
             f"expected a multiple of {per_item} floats (input '{spec.name}' has shape "
-            f"{list(spec.shape)} per item), got {flat.size}"
+            f"{list(spec.shape)} per item), got {flat.size}",
+            metadata={ITEM_SHAPE_METADATA: ",".join(map(str, spec.shape))},
         )
     items = flat.size // per_item
     array = flat.reshape(items, *spec.shape)

@@ -1,4 +1,4 @@
-"""The one place where torchwire's exceptions become gRPC status codes.
+"""Where torchwire's exceptions become gRPC statuses (the table is ``errors.STATUS_NAMES``).
 
 Handlers raise ``torchwire.errors`` exceptions; ``unary_errors`` and ``stream_errors`` turn them
 into ``context.abort(code, message)``. Anything else is a bug: it is logged with its traceback and
@@ -18,15 +18,6 @@ from torchwire import errors
 
 log = logging.getLogger(__name__)
 
-STATUS_CODES: dict[type[errors.TorchwireError], grpc.StatusCode] = {
-    errors.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
-    errors.QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
-    errors.ModelExecutionError: grpc.StatusCode.INTERNAL,
-    errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
-}
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -35,11 +26,9 @@ StreamHandler = Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Res
 
 
 def status_code(exc: errors.TorchwireError) -> grpc.StatusCode:
-    """The status code of a torchwire exception (its nearest mapped base class)."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls]
-    return grpc.StatusCode.INTERNAL
+    """The status code a torchwire exception travels as (``errors.STATUS_NAMES``)."""
+    code: grpc.StatusCode = grpc.StatusCode[exc.code]
+    return code
 
 
 async def abort_with(
@@ -47,6 +36,8 @@ async def abort_with(
 ) -> NoReturn:
     """End the call with the status that ``exc`` maps to."""
     if isinstance(exc, errors.TorchwireError):
+        if exc.metadata:
+            context.set_trailing_metadata(tuple(exc.metadata.items()))
         await context.abort(status_code(exc), prefix + str(exc))
     log.error("unexpected error in a handler", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, prefix + "internal server error (see server log)")

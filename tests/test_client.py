@@ -1,0 +1,141 @@
+"""torchwire.Client and AsyncClient against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import torchwire
+from support import ServerThread, free_port, in_process
+from torchwire import TLS, AsyncClient, Client
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_sync_round_trips_on_both_demo_models(
+    demo_server: ServerThread, demo_repo: Path, raw: bool
+) -> None:
+    rng = np.random.default_rng(20)
+    features = rng.standard_normal((3, 256), dtype=np.float32)
+    images = rng.standard_normal((2, 3, 224, 224), dtype=np.float32)
+    with Client(demo_server.target, timeout=30, raw=raw) as client:
+        scores = client.predict("recsys", features)
+        logits = client.predict("resnet18", images)
+        single = client.predict("recsys", features[0])
+    np.testing.assert_allclose(
+        scores, in_process(demo_repo / "recsys/1/model.pt")(features), 1e-5, 1e-6
+    )
+    np.testing.assert_allclose(
+        logits, in_process(demo_repo / "resnet18/1/model.pt")(images), 1e-4, 1e-5
+    )
+    assert scores.shape == (3, 1) and logits.shape == (2, 1000) and single.shape == (1,)
+
+
+def test_async_round_trips_and_streams(demo_server: ServerThread, demo_repo: Path) -> None:
+    reference = in_process(demo_repo / "recsys/1/model.pt")
+    batches = [
+        np.random.default_rng(i).standard_normal((i + 1, 256), dtype=np.float32) for i in range(6)
+    ]
+
+    async def main() -> tuple[list[np.ndarray], list[np.ndarray], tuple[int, ...]]:
+        async with AsyncClient(demo_server.target, timeout=30) as client:
+            answers = await asyncio.gather(*(client.predict("recsys", b) for b in batches))
+            streamed = [a async for a in client.stream("recsys", batches)]
+            shape = await client.item_shape("resnet18")
+        return list(answers), streamed, shape
+
+    answers, streamed, shape = asyncio.run(main())
+    for batch, answer, via_stream in zip(batches, answers, streamed, strict=True):
+        np.testing.assert_allclose(answer, reference(batch), 1e-5, 1e-6)
+        np.testing.assert_allclose(answer, via_stream, 1e-5, 1e-6)  # batchmates differ
+    assert shape == (3, 224, 224)
+
+
+def test_sync_stream_and_item_shape(repo_server: ServerThread) -> None:
+    with Client(repo_server.target) as client:
+        answers = list(client.stream("scale", [np.full((2, 4), i, np.float32) for i in range(5)]))
+        assert client.item_shape("scale") == (4,)
+    assert [a.tolist() for a in answers] == [[[3.0 * i] * 4] * 2 for i in range(5)]
+
+
+def test_errors_are_typed_and_carry_the_status(repo_server: ServerThread) -> None:
+    with Client(repo_server.target, timeout=10) as client:
+        with pytest.raises(torchwire.ModelNotFoundError) as missing:
+            client.predict("nope", np.zeros((1, 4)))
+        assert missing.value.code == "NOT_FOUND" and "'nope' not found" in str(missing.value)
+        with pytest.raises(torchwire.InvalidInputError) as bad:
+            client.predict("scale", np.zeros((1, 3)))
+        assert bad.value.code == "INVALID_ARGUMENT"
+        with pytest.raises(torchwire.ModelExecutionError) as failed:
+            client.predict("poisoned", np.full((1, 4), 666.0))
+        assert failed.value.code == "INTERNAL"
+
+
+def test_a_deadline_surfaces_as_deadline_exceeded(repo_server: ServerThread) -> None:
+    slow = np.array([[3000, 0, 0, 0]], np.float32)  # about a second of compute
+    with Client(repo_server.target) as client:
+        with pytest.raises(torchwire.DeadlineExceededError) as caught:
+            client.predict("busy", slow, timeout=0.2)
+    assert caught.value.code == "DEADLINE_EXCEEDED"
+
+
+def test_the_pool_spreads_requests_over_its_connections(
+    test_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with ServerThread(repository=test_repo, access_log=True) as server:
+        with (
+            caplog.at_level(logging.INFO, logger="torchwire.access"),
+            Client(server.target, pool_size=4) as client,
+        ):
+            for _ in range(8):
+                client.predict("scale", np.ones((1, 4)))
+    peers = [r.peer for r in caplog.records if r.name == "torchwire.access"]
+    assert len(peers) == 8
+    assert len(set(peers)) == 4  # four connections, each used twice, in turn
+    assert peers[:4] == peers[4:]
+
+
+def test_a_call_retries_until_a_restarted_server_answers(test_repo: Path) -> None:
+    port = free_port()
+    first = ServerThread(repository=test_repo, port=port).start()
+    with Client(f"127.0.0.1:{port}", timeout=20, retries=4) as client:
+        assert client.predict("scale", np.ones((1, 4))).tolist() == [[3.0] * 4]
+        first.stop()
+        second = ServerThread(repository=test_repo, port=port)
+        restart = threading.Timer(0.3, second.start)
+        restart.start()  # the call below starts while nothing listens on the port
+        try:
+            started = time.monotonic()
+            answer = client.predict("scale", np.ones((1, 4)))
+            assert time.monotonic() - started > 0.2  # it really waited for the restart
+        finally:
+            restart.join()
+            second.stop()
+    assert answer.tolist() == [[3.0] * 4]
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return key, cert
+
+
+def test_tls_server_and_client(test_repo: Path, tmp_path: Path) -> None:
+    key, cert = _self_signed(tmp_path)
+    with ServerThread(repository=test_repo, tls_cert=cert, tls_key=key) as server:
+        with Client(server.target, tls=TLS.from_files(ca=cert), timeout=10) as client:
+            assert client.predict("scale", np.ones((1, 4))).tolist() == [[3.0] * 4]
+        with Client(server.target, timeout=2, retries=0) as plaintext:
+            with pytest.raises(torchwire.UnavailableError):
+                plaintext.predict("scale", np.ones((1, 4)))
