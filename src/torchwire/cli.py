@@ -1,4 +1,4 @@
-"""The ``torchwire`` command: ``torchwire serve`` (more subcommands come with their features)."""
+"""The ``torchwire`` command: ``serve``, ``bench`` and ``predict``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torchwire.config import ENV_PREFIX, ServerSettings, load_settings
-from torchwire.errors import ConfigError
+from torchwire.errors import ConfigError, TorchwireError
 from torchwire.logs import configure_logging
 
 log = logging.getLogger("torchwire")
@@ -50,7 +51,154 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_settings_flags(serve)
     serve.set_defaults(func=_serve_command)
+    _add_bench(commands)
+    _add_predict(commands)
     return parser
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _add_bench(commands: Any) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="load-test a server: closed or open loop, HDR percentiles, sweep to a P99 target",
+        description="Closed loop with --concurrency, open loop with --rate (latency counted from "
+        "each request's scheduled send time). Exit code 1 when any request failed.",
+    )
+    bench.add_argument("--target", required=True, help="HOST:PORT of the server")
+    bench.add_argument("--model", required=True, help="model name")
+    bench.add_argument("--version", help="model version (default: the server's)")
+    bench.add_argument("--protocol", choices=["seed", "v2"], default="seed")
+    mode = bench.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", type=int, help="closed loop: callers (default 8)")
+    mode.add_argument("--rate", type=float, help="open loop: requests per second")
+    bench.add_argument("--poisson", action="store_true", help="open loop: Poisson arrivals")
+    bench.add_argument("--stream", action="store_true", help="use PredictStream")
+    bench.add_argument("--duration", type=float, default=10.0, help="measured seconds (10)")
+    bench.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (1)")
+    bench.add_argument("--batch", type=int, default=1, help="items per request (1)")
+    bench.add_argument("--shape", type=_shape, help="per-item shape, e.g. 256 (default: ask)")
+    bench.add_argument("--procs", type=int, default=1, help="load processes (1)")
+    bench.add_argument("--channels", type=int, default=2, help="connections per process (2)")
+    bench.add_argument("--timeout", type=float, default=5.0, help="deadline per request, s (5)")
+    bench.add_argument(
+        "--encoding", choices=["raw", "floats"], default="raw", help="raw_inputs or inputs"
+    )
+    bench.add_argument("--json", type=Path, help="write config, summary, series, errors")
+    bench.add_argument("--plot", type=Path, help="write latency plots (PNG)")
+    bench.add_argument("--sweep", action="store_true", help="find the highest QPS under --slo-ms")
+    bench.add_argument("--slo-ms", type=float, default=50.0, help="P99 target of --sweep (50)")
+    bench.add_argument(
+        "--sweep-growth", type=float, default=1.5, help="rate factor between steps (1.5)"
+    )
+    bench.add_argument("--sweep-max-rate", type=float, default=float("inf"), help="stop here")
+    bench.add_argument("--quiet", action="store_true", help="no live progress")
+    bench.set_defaults(func=_bench_command)
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from torchwire.bench import LoadConfig, run_load, sweep
+    from torchwire.bench.report import (
+        plot,
+        print_result,
+        print_sweep,
+        sweep_dict,
+        write_json,
+    )
+    from torchwire.client import Client
+
+    console = Console(stderr=True)
+    out = Console() if sys.stdout.isatty() else Console(width=120)
+    if args.protocol != "seed":
+        console.print("torchwire bench: the V2 protocol is not served by this version yet")
+        return 2
+    shape = args.shape
+    if shape is None:
+        try:
+            with Client(args.target, timeout=10) as client:
+                shape = client.item_shape(args.model)
+        except TorchwireError as exc:
+            console.print(f"torchwire bench: cannot ask {args.target} for the shape: {exc}")
+            return 2
+    config = LoadConfig(
+        target=args.target,
+        model=args.model,
+        shape=shape,
+        batch=args.batch,
+        version=args.version,
+        concurrency=args.concurrency or (0 if args.rate else 8),
+        rate=args.rate or 0.0,
+        poisson=args.poisson,
+        stream=args.stream,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        timeout_s=args.timeout,
+        channels=args.channels,
+        raw=args.encoding == "raw",
+    )
+    console.print(f"{args.model} at {args.target}: item shape {list(shape)}", highlight=False)
+    if args.sweep:
+        steps = sweep(
+            config, args.slo_ms, args.procs, start_rate=args.rate or 200.0,
+            growth=args.sweep_growth, max_rate=args.sweep_max_rate, console=console,
+            progress=not args.quiet,
+        )  # fmt: skip
+        print_sweep(out, steps, args.slo_ms)
+        if args.json:
+            write_json(args.json, sweep_dict(steps, args.slo_ms))
+        return 0 if any(step.passed for step in steps) else 1
+    result = run_load(config, args.procs, console, progress=not args.quiet)
+    print_result(out, result)
+    if args.json:
+        write_json(args.json, result.as_dict())
+    if args.plot:
+        plot(args.plot, result)
+    return 1 if result.error_count or not result.ok else 0
+
+
+def _add_predict(commands: Any) -> None:
+    predict = commands.add_parser("predict", help="send one .npy array, print or save the answer")
+    predict.add_argument("--target", required=True, help="HOST:PORT of the server")
+    predict.add_argument("--model", required=True, help="model name")
+    predict.add_argument("--version", help="model version (default: the server's)")
+    predict.add_argument("--input", required=True, type=Path, help="FILE.npy, items first")
+    predict.add_argument("--output", type=Path, help="FILE.npy for the answer")
+    predict.add_argument("--timeout", type=float, default=30.0, help="deadline, s (30)")
+    predict.set_defaults(func=_predict_command)
+
+
+def _predict_command(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from torchwire.client import Client
+
+    try:
+        array = np.load(args.input)
+    except (OSError, ValueError) as exc:
+        print(f"torchwire predict: cannot read {args.input}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            answer = client.predict(args.model, array, args.version)
+    except TorchwireError as exc:
+        print(f"torchwire predict: {exc.code}: {exc}", file=sys.stderr)
+        return 1
+    if args.output:
+        np.save(args.output, answer)
+        print(f"wrote {args.output}: shape {list(answer.shape)}")
+    else:
+        with np.printoptions(threshold=50, precision=6):
+            print(answer)
+    return 0
 
 
 def _serve_command(args: argparse.Namespace) -> int:
