@@ -50,6 +50,11 @@ class LoadedModel:
         self.device = device
         self.inputs: list[TensorSpec] = list(config.inputs)
         self.outputs: list[TensorSpec] = list(config.outputs)
+        # Elements per item of each input (-1: variable), read on every request's path.
+        self._item_sizes = [
+            -1 if -1 in spec.shape else int(np.prod(spec.shape, dtype=np.int64))
+            for spec in self.inputs
+        ]
         self._module = module
         self._pin = device.type == "cuda"
         self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -74,13 +79,14 @@ class LoadedModel:
 
     def item_size(self, index: int = 0) -> int:
         """Elements per item of input ``index`` (its shape must be fixed)."""
-        spec = self.inputs[index]
-        if -1 in spec.shape:
+        size = self._item_sizes[index]
+        if size < 0:
+            spec = self.inputs[index]
             raise InvalidInputError(
                 f"input '{spec.name}' has a variable shape {list(spec.shape)}; "
                 "send it through the V2 API with an explicit shape"
             )
-        return int(np.prod(spec.shape, dtype=np.int64))
+        return size
 
     def check_inputs(self, arrays: Sequence[np.ndarray[Any, Any]]) -> int:
         """Validate one request's arrays (batch dimension first); return its item count."""

@@ -18,7 +18,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
-from torchwire._proto import modelservice_pb2_grpc
 from torchwire.config import ServerSettings
 from torchwire.errors import ConfigError
 from torchwire.metrics import Metrics
@@ -32,12 +31,11 @@ from torchwire.repository import (
 from torchwire.server.health import Health
 from torchwire.server.observe import Observer
 from torchwire.server.reflection import reflection_pool
-from torchwire.server.seed import SeedServicer
+from torchwire.server.seed import SEED_SERVICE, SeedServicer
 from torchwire.server.watchdog import MIB, MemoryWatchdog
 
 log = logging.getLogger(__name__)
 
-SEED_SERVICE = "ModelService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
@@ -143,9 +141,7 @@ class Server:
             ]
         )
         observer = Observer(self.metrics, access_log=self.settings.access_log)
-        modelservice_pb2_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            SeedServicer(repository, observer), server
-        )
+        server.add_generic_rpc_handlers((SeedServicer(repository, observer).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         services = [SEED_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
         pool = reflection_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)

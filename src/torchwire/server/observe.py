@@ -57,17 +57,18 @@ class Call:
     def target(self, batcher: Batcher) -> None:
         """The request was resolved to this model version."""
         self.model, self.version = batcher.name, str(batcher.version)
-        self._observer.metrics.inflight.labels(self.model).inc()
+        self._observer.child(self._observer.metrics.inflight, self.model).inc()
 
     def finish(self, exc: BaseException | None = None) -> float:
         """Count the request with the code its outcome maps to; return its duration (s)."""
         elapsed = time.perf_counter() - self.started
         code = outcome_code(exc)
-        metrics = self._observer.metrics
-        metrics.requests.labels(self.model, self.version, self.api, code.name).inc()
+        observer = self._observer
+        metrics = observer.metrics
+        observer.child(metrics.requests, self.model, self.version, self.api, code.name).inc()
         if self.model:
-            metrics.inflight.labels(self.model).dec()
-            metrics.request_duration.labels(self.model, self.api).observe(elapsed)
+            observer.child(metrics.inflight, self.model).dec()
+            observer.child(metrics.request_duration, self.model, self.api).observe(elapsed)
         if self._observer.access_log:
             self._log(code, elapsed)
         return elapsed
@@ -98,6 +99,15 @@ class Observer:
     def __init__(self, metrics: Metrics, access_log: bool = False) -> None:
         self.metrics = metrics
         self.access_log = access_log
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: it is on every request's path."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def call(self, api: str, context: grpc.aio.ServicerContext) -> Call:
         return Call(self, api, context)

@@ -15,19 +15,19 @@ from dataclasses import dataclass
 
 import grpc
 
-from torchwire._proto import modelservice_pb2_grpc
-from torchwire._proto.modelservice_messages_pb2 import PredictRequest, PredictResponse
 from torchwire.errors import TorchwireError
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher
 from torchwire.runtime.model import Arrays
 from torchwire.server.observe import Call, Observer
 from torchwire.server.seed_codec import decode_request, encode_response
+from torchwire.server.seed_wire import SeedRequest, parse_request
 from torchwire.server.status import abort_with, stream_errors, unary_errors
 
 # How many requests of one stream may be queued or computing before the stream stops reading:
 # flow control, so one fast writer cannot fill the model's queue alone.
 STREAM_WINDOW = 128
+SEED_SERVICE = "ModelService"
 
 
 def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -51,14 +51,28 @@ class _Failed:
     error: Exception
 
 
-class SeedServicer(modelservice_pb2_grpc.ModelServiceServicer):
-    """``/ModelService/Predict`` and ``/ModelService/PredictStream`` over a repository."""
+class SeedServicer:
+    """``/ModelService/Predict`` and ``/ModelService/PredictStream`` over a repository.
+
+    Its handlers take and return serialized bytes (``seed_wire`` reads and writes them): see
+    ``handler`` for how they are registered.
+    """
 
     def __init__(self, repository: ModelRepository, observer: Observer) -> None:
         self._repository = repository
         self._observer = observer
 
-    def _prepare(self, request: PredictRequest, call: Call) -> tuple[Batcher, Arrays, int]:
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler serving both methods at ``/ModelService/...`` with raw bytes."""
+        return grpc.method_handlers_generic_handler(
+            SEED_SERVICE,
+            {
+                "Predict": grpc.unary_unary_rpc_method_handler(self.Predict),
+                "PredictStream": grpc.stream_stream_rpc_method_handler(self.PredictStream),
+            },
+        )
+
+    def _prepare(self, request: SeedRequest, call: Call) -> tuple[Batcher, Arrays, int]:
         """Pick the model version and decode the request for it (raises on bad input)."""
         metadata = request.metadata
         batcher = self._repository.get(metadata.get("model"), metadata.get("version"))
@@ -67,19 +81,18 @@ class SeedServicer(modelservice_pb2_grpc.ModelServiceServicer):
         return batcher, arrays, call.items
 
     @unary_errors
-    async def Predict(
-        self, request: PredictRequest, context: grpc.aio.ServicerContext
-    ) -> PredictResponse:
+    async def Predict(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         with self._observer.call("seed", context) as call:
+            request = parse_request(data)
             batcher, arrays, items = self._prepare(request, call)
             outputs = await batcher.infer(arrays, items, call_deadline(context))
             elapsed = time.perf_counter() - call.started
-            return encode_response(outputs, bool(request.raw_inputs), elapsed)
+            return encode_response(outputs, bool(request.raw), elapsed)
 
     @stream_errors
     async def PredictStream(
-        self, requests: AsyncIterable[PredictRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[PredictResponse]:
+        self, requests: AsyncIterable[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         pending: asyncio.Queue[_Queued | _Failed | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
         reader = asyncio.create_task(self._read_stream(requests, context, pending))
         try:
@@ -108,7 +121,7 @@ class SeedServicer(modelservice_pb2_grpc.ModelServiceServicer):
 
     async def _read_stream(
         self,
-        requests: AsyncIterable[PredictRequest],
+        requests: AsyncIterable[bytes],
         context: grpc.aio.ServicerContext,
         pending: asyncio.Queue[_Queued | _Failed | None],
     ) -> None:
@@ -116,15 +129,16 @@ class SeedServicer(modelservice_pb2_grpc.ModelServiceServicer):
         deadline = call_deadline(context)
         index = 0
         try:
-            async for request in requests:
+            async for data in requests:
                 call = self._observer.call("seed_stream", context)
                 try:
+                    request = parse_request(data)
                     batcher, arrays, items = self._prepare(request, call)
                 except TorchwireError as exc:
                     await pending.put(_Failed(index, call, exc))
                     return
                 answer = asyncio.ensure_future(batcher.infer(arrays, items, deadline))
-                await pending.put(_Queued(index, call, answer, bool(request.raw_inputs)))
+                await pending.put(_Queued(index, call, answer, bool(request.raw)))
                 index += 1
         except Exception as exc:  # the request stream itself broke
             await pending.put(_Failed(index, self._observer.call("seed_stream", context), exc))

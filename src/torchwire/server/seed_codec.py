@@ -1,8 +1,9 @@
-"""The seed API's messages to arrays and back (``PredictRequest`` / ``PredictResponse``).
+"""The seed API's requests as the model's arrays, and its outputs as a response.
 
-Floats become arrays with numpy, never a Python loop per float: ``raw_inputs`` is viewed in place
-with ``np.frombuffer``; ``inputs`` is copied once by numpy. A model with several outputs answers
-each item's outputs one after the other, in the config's order.
+Decoding is zero-copy: the request's floats (``inputs`` or ``raw_inputs``, read by
+``seed_wire``) become the model's input array with ``np.frombuffer`` and a reshape, never a Python
+loop per float. A model with several outputs answers each item's outputs one after the other, in
+the config's order.
 """
 
 from __future__ import annotations
@@ -11,30 +12,30 @@ from typing import Any
 
 import numpy as np
 
-from torchwire._proto.modelservice_messages_pb2 import PredictRequest, PredictResponse
 from torchwire.errors import ITEM_SHAPE_METADATA, InvalidInputError
 from torchwire.runtime import LoadedModel
 from torchwire.runtime.dtypes import numpy_dtype
 from torchwire.runtime.model import Arrays
+from torchwire.server import seed_wire
+from torchwire.server.seed_wire import FLOAT32_LE, SeedRequest
 
-FLOAT32_LE = np.dtype("<f4")
 
-
-def decode_request(request: PredictRequest, model: LoadedModel) -> tuple[Arrays, int]:
+def decode_request(request: SeedRequest, model: LoadedModel) -> tuple[Arrays, int]:
     """The request's floats as the model's input arrays, and its item count.
 
     Raises:
-        InvalidInputError: both or neither of ``inputs``/``raw_inputs``, a raw length that is not
-            a multiple of 4, or a float count that is not a multiple of one item.
+        InvalidInputError: both ``inputs`` and ``raw_inputs``, a raw length that is not a
+            multiple of 4, or a float count that is not a multiple of one item (the error then
+            carries the item shape as trailing metadata).
     """
     if len(model.inputs) != 1:
         names = [spec.name for spec in model.inputs]
         raise InvalidInputError(
             f"the seed API serves single-input models; this one takes {names}: use the V2 API"
         )
-    raw = request.raw_inputs
+    raw = request.raw
     if raw:
-        if len(request.inputs):
+        if request.floats.size:
             raise InvalidInputError("set either inputs or raw_inputs, not both")
         if len(raw) % 4:
             raise InvalidInputError(
@@ -42,7 +43,7 @@ def decode_request(request: PredictRequest, model: LoadedModel) -> tuple[Arrays,
             )
         flat = np.frombuffer(raw, dtype=FLOAT32_LE)
     else:
-        flat = np.array(request.inputs, dtype=np.float32)
+        flat = request.floats
     spec = model.inputs[0]
     per_item = model.item_size(0)
     if flat.size == 0 or flat.size % per_item:
@@ -66,14 +67,7 @@ def _flatten(outputs: Arrays) -> np.ndarray[Any, Any]:
     return np.concatenate([out.reshape(items, -1).astype(np.float32) for out in outputs], axis=1)
 
 
-def encode_response(outputs: Arrays, raw: bool, elapsed_s: float) -> PredictResponse:
-    """Flattened outputs (``raw_outputs`` bytes when the request was raw) and the server time."""
-    flat = _flatten(outputs)
-    micros = round(elapsed_s * 1e6)
-    timing: dict[str, Any] = {
-        "processing_time_ms": round(elapsed_s * 1e3),
-        "processing_time_us": micros,
-    }
-    if raw:
-        return PredictResponse(raw_outputs=flat.astype(FLOAT32_LE, copy=False).tobytes(), **timing)
-    return PredictResponse(outputs=flat.astype(np.float32, copy=False).tolist(), **timing)
+def encode_response(outputs: Arrays, raw: bool, elapsed_s: float) -> bytes:
+    """Serialized ``PredictResponse``: flattened outputs (``raw_outputs`` bytes when the request
+    was raw) and the server time."""
+    return seed_wire.encode_response(_flatten(outputs), raw, elapsed_s)

@@ -1,0 +1,86 @@
+"""torchwire reads and writes the seed messages at the wire level: it must agree with protobuf."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from support import ServerThread
+from torchwire._proto.modelservice_messages_pb2 import PredictRequest, PredictResponse
+from torchwire.errors import InvalidInputError
+from torchwire.server.seed_wire import encode_response, parse_request
+
+floats32 = st.floats(width=32, allow_nan=False)
+text = st.text(max_size=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    inputs=st.lists(floats32, max_size=300),
+    metadata=st.dictionaries(text, text, max_size=4),
+    raw=st.binary(max_size=64),
+)
+def test_parse_agrees_with_protobuf(
+    inputs: list[float], metadata: dict[str, str], raw: bytes
+) -> None:
+    data = PredictRequest(inputs=inputs, metadata=metadata, raw_inputs=raw).SerializeToString()
+    parsed = parse_request(data)
+    np.testing.assert_array_equal(parsed.floats, np.array(inputs, dtype=np.float32))
+    assert parsed.metadata == metadata
+    assert bytes(parsed.raw) == raw
+
+
+def test_unpacked_and_split_floats_and_unknown_fields_are_read_as_protobuf_does() -> None:
+    # inputs written unpacked (fixed32 each), then a packed chunk, then an unknown varint field 9
+    unpacked = b"".join(b"\x0d" + np.float32(v).tobytes() for v in (1.0, 2.0))
+    packed = b"\x0a\x08" + np.array([3.0, 4.0], "<f4").tobytes()
+    data = unpacked + packed + b"\x48\x96\x01"
+    assert list(PredictRequest.FromString(data).inputs) == [1.0, 2.0, 3.0, 4.0]
+    assert parse_request(data).floats.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(outputs=st.lists(floats32, max_size=100), raw=st.booleans(), elapsed=st.floats(0, 100))
+def test_encoded_responses_parse_with_protobuf(
+    outputs: list[float], raw: bool, elapsed: float
+) -> None:
+    flat = np.array(outputs, dtype=np.float32)
+    response = PredictResponse.FromString(encode_response(flat, raw, elapsed))
+    got = (
+        np.frombuffer(response.raw_outputs, "<f4")
+        if raw
+        else np.array(response.outputs, np.float32)
+    )
+    np.testing.assert_array_equal(got, flat)
+    assert response.processing_time_ms == round(elapsed * 1e3)
+    assert response.processing_time_us == round(elapsed * 1e6)
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"\x0a\x05\x00\x00\x00\x00\x00", "not a whole number of floats"),
+        (b"\x0a\x10\x00", "runs past the end"),
+        (b"\x1a\xff", "truncated varint"),
+        (b"\x12\x04\x0a\x02\xff\xfe", "not valid UTF-8"),
+        (b"\x0b", "unsupported wire type 3"),
+    ],
+)
+def test_malformed_bytes_are_invalid_input(data: bytes, why: str) -> None:
+    with pytest.raises(InvalidInputError, match=why):
+        parse_request(data)
+
+
+def test_malformed_bytes_over_the_wire_get_invalid_argument(repo_server: ServerThread) -> None:
+    with grpc.insecure_channel(repo_server.target) as channel:
+        predict = channel.unary_unary("/ModelService/Predict")
+        with pytest.raises(grpc.RpcError) as caught:
+            predict(b"\x0a\x10\x00", timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed PredictRequest" in caught.value.details()
+        # and the server goes on serving
+        ok = predict(PredictRequest(inputs=[1, 2, 3, 4]).SerializeToString(), timeout=10)
+        assert list(PredictResponse.FromString(ok).outputs) == [3, 6, 9, 12]
