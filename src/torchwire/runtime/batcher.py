@@ -6,6 +6,11 @@ queued request that fits in ``max_batch_size`` items (a request is never split; 
 caller a view of its own rows. A lone request is taken at once: nobody waits for company that is
 not coming, while requests that arrive during a model call fill the next batch.
 
+With several instances, a thread that finds a partial batch while another instance is computing
+waits for more requests until the batch is full or its oldest request has waited
+``max_delay_ms``: otherwise the instances would split the queue into small batches. With nothing
+else in flight there is nothing to wait for, and the batch leaves at once.
+
 Only the queue hand-off and one ``call_soon_threadsafe`` per batch touch the event loop.
 """
 
@@ -81,11 +86,13 @@ class Batcher:
         batching = model.config.batching
         self.max_batch_size = batching.max_batch_size
         self.max_queue = batching.max_queue
+        self.max_delay_s = batching.max_delay_ms / 1000
         self.instances = model.config.instances.count
         total = torch_threads or torch.get_num_threads()
         self._threads_each = max(1, total // self.instances)
         self._queue: deque[_Request] = deque()
         self._queued_items = 0
+        self._computing = 0  # instance threads inside a model call
         self._cond = threading.Condition()
         self._closing = False
         self._threads: list[threading.Thread] = []
@@ -153,6 +160,9 @@ class Batcher:
             except Exception as exc:  # a bug here must not kill the thread or strand callers
                 log.exception("inference thread of %s failed on a batch", self.label)
                 outcomes = [(r, ModelExecutionError(f"internal error: {exc}")) for r in batch]
+            finally:
+                with self._cond:
+                    self._computing -= 1
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(_deliver, outcomes)
@@ -167,12 +177,27 @@ class Batcher:
                 self._cond.wait()
             first = self._queue.popleft()
             batch, items = [first], first.items
-            while self._queue and items + self._queue[0].items <= self.max_batch_size:
-                request = self._queue.popleft()
-                batch.append(request)
-                items += request.items
             self._queued_items -= items
+            items = self._fill(batch, items)
+            if items < self.max_batch_size and self._computing and self.max_delay_s:
+                # Another instance is busy: wait a little for batchmates rather than run small.
+                deadline = first.enqueued_at + self.max_delay_s
+                while items < self.max_batch_size and not self._closing:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._cond.wait(remaining):
+                        break
+                    items = self._fill(batch, items)
+            self._computing += 1
             return batch
+
+    def _fill(self, batch: list[_Request], items: int) -> int:
+        """Move queued requests that fit into ``batch`` (under the lock); return its items."""
+        while self._queue and items + self._queue[0].items <= self.max_batch_size:
+            request = self._queue.popleft()
+            batch.append(request)
+            items += request.items
+            self._queued_items -= request.items
+        return items
 
     def _compute(self, batch: list[_Request]) -> list[_Outcome]:
         now = time.monotonic()

@@ -1,0 +1,129 @@
+"""Dynamic batching: batches form under load, never for a lone caller, and never mix answers up."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from support import Busy, ServerThread, in_process, write_model
+
+
+def _batch_stats(server: ServerThread, model: str) -> tuple[float, float]:
+    """(items computed, model calls) so far, from the torchwire_batch_size histogram."""
+    registry = server.server.metrics.registry
+    items = registry.get_sample_value("torchwire_batch_size_sum", {"model": model}) or 0.0
+    calls = registry.get_sample_value("torchwire_batch_size_count", {"model": model}) or 0.0
+    return items, calls
+
+
+def test_64_callers_with_mixed_sizes_each_get_their_own_rows(
+    demo_server: ServerThread, seed: SimpleNamespace, demo_repo: Path
+) -> None:
+    rng = np.random.default_rng(30)
+    inputs = [rng.standard_normal((int(n), 256), dtype=np.float32) for n in rng.integers(1, 8, 64)]
+    items_before, calls_before = _batch_stats(demo_server, "recsys")
+    with grpc.insecure_channel(demo_server.target) as channel:
+        stub = seed.grpc.ModelServiceStub(channel)
+        calls = [stub.Predict.future(seed.pb2.PredictRequest(inputs=x.ravel())) for x in inputs]
+        answers = [np.array(call.result(timeout=30).outputs) for call in calls]
+    reference = in_process(demo_repo / "recsys" / "1" / "model.pt")
+    for x, answer in zip(inputs, answers, strict=True):
+        np.testing.assert_allclose(answer, reference(x).ravel(), rtol=1e-5, atol=1e-6)
+    items, model_calls = _batch_stats(demo_server, "recsys")
+    assert items - items_before == sum(len(x) for x in inputs)
+    assert model_calls - calls_before < 64  # some requests shared a model call
+
+
+def test_a_lone_caller_runs_alone_and_at_once(test_repo: Path, seed: SimpleNamespace) -> None:
+    with (
+        ServerThread(repository=test_repo, default_model="scale") as server,
+        grpc.insecure_channel(server.target) as ch,
+    ):
+        stub = seed.grpc.ModelServiceStub(ch)
+        for i in range(20):
+            started = time.monotonic()
+            answer = stub.Predict(seed.pb2.PredictRequest(inputs=[i, 0, 0, 1]), timeout=10)
+            assert time.monotonic() - started < 1.0  # liveness: nobody waited for a count to fill
+            assert list(answer.outputs) == [3 * i, 0, 0, 3]
+        assert _batch_stats(server, "scale") == (20, 20)  # every batch held exactly one request
+
+
+@pytest.fixture
+def slow_server(tmp_path: Path) -> Iterator[ServerThread]:
+    """A busy model with a queue of at most 3 items."""
+    write_model(
+        tmp_path / "busy", Busy(), [4], extra="[batching]\nmax_batch_size = 8\nmax_queue = 3\n"
+    )
+    with ServerThread(repository=tmp_path) as server:
+        yield server
+
+
+def _occupy(stub: Any, seed: SimpleNamespace, rounds: int = 3000) -> Any:
+    """Start a call that keeps the model busy for about a second; return its future."""
+    future = stub.Predict.future(seed.pb2.PredictRequest(inputs=[rounds, 0, 0, 0]), timeout=30)
+    time.sleep(0.2)  # it is computing now: the next requests queue behind it
+    return future
+
+
+def test_expired_and_cancelled_requests_are_never_computed(
+    slow_server: ServerThread, seed: SimpleNamespace
+) -> None:
+    with grpc.insecure_channel(slow_server.target) as channel:
+        stub = seed.grpc.ModelServiceStub(channel)
+        busy = _occupy(stub, seed)
+        expiring = stub.Predict.future(seed.pb2.PredictRequest(inputs=[0, 1, 0, 0]), timeout=0.2)
+        cancelled = stub.Predict.future(seed.pb2.PredictRequest(inputs=[0, 2, 0, 0]), timeout=30)
+        kept = stub.Predict.future(seed.pb2.PredictRequest(inputs=[0, 3, 0, 0]), timeout=30)
+        time.sleep(0.1)
+        cancelled.cancel()
+        with pytest.raises(grpc.RpcError) as expired:
+            expiring.result()
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert list(kept.result().outputs) == [3.0]
+        assert list(busy.result().outputs) == [3000.0]
+    # The model saw the busy request and the kept one: 2 items, neither of the other two.
+    assert _batch_stats(slow_server, "busy")[0] == 2
+
+
+def test_a_full_queue_answers_resource_exhausted_then_recovers(
+    slow_server: ServerThread, seed: SimpleNamespace
+) -> None:
+    with grpc.insecure_channel(slow_server.target) as channel:
+        stub = seed.grpc.ModelServiceStub(channel)
+        busy = _occupy(stub, seed)
+        queued = stub.Predict.future(seed.pb2.PredictRequest(inputs=[0] * 12), timeout=30)
+        time.sleep(0.1)  # three items wait now: the queue is full
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(seed.pb2.PredictRequest(inputs=[0, 1, 0, 0]), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue full (3 of 3 items waiting, this request adds 1)" in refused.value.details()
+        assert busy.result().outputs and queued.result().outputs
+        answer = stub.Predict(seed.pb2.PredictRequest(inputs=[0, 5, 0, 0]), timeout=30)
+        assert list(answer.outputs) == [5.0]
+
+
+def test_instances_share_the_load_and_batches_still_form(
+    tmp_path: Path, seed: SimpleNamespace
+) -> None:
+    write_model(
+        tmp_path / "busy",
+        Busy(),
+        [4],
+        extra="[batching]\nmax_batch_size = 16\nmax_delay_ms = 50\n[instances]\ncount = 2\n",
+    )
+    with ServerThread(repository=tmp_path) as server, grpc.insecure_channel(server.target) as ch:
+        stub = seed.grpc.ModelServiceStub(ch)
+        requests = [seed.pb2.PredictRequest(inputs=[100, i, 0, 0]) for i in range(40)]
+        futures = [stub.Predict.future(r, timeout=60) for r in requests]
+        assert [list(f.result().outputs) for f in futures] == [[100.0 + i] for i in range(40)]
+        items, calls = _batch_stats(server, "busy")
+    assert items == 40 and calls < 40
+    threads = [t.name for t in __import__("threading").enumerate() if "busy:1" in t.name]
+    assert threads == []  # the server stopped its inference threads
