@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,12 +119,14 @@ def test_instances_share_the_load_and_batches_still_form(
         [4],
         extra="[batching]\nmax_batch_size = 16\nmax_delay_ms = 50\n[instances]\ncount = 2\n",
     )
+    before = set(threading.enumerate())
     with ServerThread(repository=tmp_path) as server, grpc.insecure_channel(server.target) as ch:
+        inference_threads = [t for t in set(threading.enumerate()) - before if "busy:1" in t.name]
+        assert len(inference_threads) == 2  # one per instance
         stub = seed.grpc.ModelServiceStub(ch)
         requests = [seed.pb2.PredictRequest(inputs=[100, i, 0, 0]) for i in range(40)]
         futures = [stub.Predict.future(r, timeout=60) for r in requests]
         assert [list(f.result().outputs) for f in futures] == [[100.0 + i] for i in range(40)]
         items, calls = _batch_stats(server, "busy")
     assert items == 40 and calls < 40
-    threads = [t.name for t in __import__("threading").enumerate() if "busy:1" in t.name]
-    assert threads == []  # the server stopped its inference threads
+    assert not any(t.is_alive() for t in inference_threads)  # stopping the server ended them

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from support import compile_seed_client  # noqa: E402
+from support import compile_seed_client
 
 
 async def serve(port: int, item_size: int) -> None:
@@ -29,10 +29,10 @@ async def serve(port: int, item_size: int) -> None:
         return pb2.PredictResponse(outputs=[0.5] * count, processing_time_ms=0)
 
     class Echo(pb2_grpc.ModelServiceServicer):
-        async def Predict(self, request, context):  # noqa: N802
+        async def Predict(self, request, context):
             return answer(request)
 
-        async def PredictStream(self, requests, context):  # noqa: N802
+        async def PredictStream(self, requests, context):
             async for request in requests:
                 yield answer(request)
 

@@ -89,7 +89,7 @@ class Batcher:
         self.max_delay_s = batching.max_delay_ms / 1000
         self.instances = model.config.instances.count
         total = torch_threads or torch.get_num_threads()
-        self._threads_each = max(1, total // self.instances)
+        self._threads_each = model.config.instances.threads or max(1, total // self.instances)
         self._queue: deque[_Request] = deque()
         self._queued_items = 0
         self._computing = 0  # instance threads inside a model call
@@ -112,16 +112,20 @@ class Batcher:
             thread.start()
             self._threads.append(thread)
 
-    async def infer(
+    def submit(
         self, arrays: Sequence[np.ndarray[Any, Any]], items: int, deadline: float | None = None
-    ) -> Arrays:
-        """Queue one validated request of ``items`` items and await its own output rows.
+    ) -> asyncio.Future[Arrays]:
+        """Queue one validated request of ``items`` items; the future resolves to its own rows.
+
+        Cancelling the future (as cancelling a task that awaits it does) drops the request: the
+        inference thread skips it. No task is created per request.
 
         Raises:
-            QueueFullError: the queue holds ``max_queue`` items already.
-            UnavailableError: the batcher is closing.
-            DeadlineExceededError: ``deadline`` (``time.monotonic()``) passed while queued.
-            ModelExecutionError: the model raised on this request.
+            QueueFullError: the queue holds ``max_queue`` items already (raised at once).
+            UnavailableError: the batcher is closing (raised at once).
+
+        The future fails with ``DeadlineExceededError`` when ``deadline`` (``time.monotonic()``)
+        passes while queued, or ``ModelExecutionError`` when the model raises on this request.
         """
         if self._closing or self._loop is None:
             raise UnavailableError(f"model {self.label} is shutting down")
@@ -135,8 +139,7 @@ class Batcher:
             self._queue.append(_Request(arrays, items, future, deadline))
             self._queued_items += items
             self._cond.notify()
-        # Cancelling this await cancels the future: the inference thread then skips the request.
-        return await future
+        return future
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, finish the queued ones, and stop the threads."""

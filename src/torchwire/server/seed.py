@@ -85,7 +85,7 @@ class SeedServicer:
         with self._observer.call("seed", context) as call:
             request = parse_request(data)
             batcher, arrays, items = self._prepare(request, call)
-            outputs = await batcher.infer(arrays, items, call_deadline(context))
+            outputs = await batcher.submit(arrays, items, call_deadline(context))
             elapsed = time.perf_counter() - call.started
             return encode_response(outputs, bool(request.raw), elapsed)
 
@@ -134,10 +134,10 @@ class SeedServicer:
                 try:
                     request = parse_request(data)
                     batcher, arrays, items = self._prepare(request, call)
+                    answer = batcher.submit(arrays, items, deadline)
                 except TorchwireError as exc:
                     await pending.put(_Failed(index, call, exc))
                     return
-                answer = asyncio.ensure_future(batcher.infer(arrays, items, deadline))
                 await pending.put(_Queued(index, call, answer, bool(request.raw)))
                 index += 1
         except Exception as exc:  # the request stream itself broke
