@@ -246,6 +246,7 @@ async def serve(settings: ServerSettings) -> int:
         loop.add_signal_handler(signum, request_stop, signum)
 
     server = Server(settings)
+    loop.add_signal_handler(signal.SIGHUP, server.rescan)
     starting = asyncio.create_task(server.start())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

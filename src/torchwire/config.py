@@ -81,6 +81,12 @@ class ServerSettings(_Strict):
     """PEM private key of the server certificate."""
     tls_client_ca: Path | None = None
     """PEM of the CAs that sign client certificates; when set, clients must present one (mTLS)."""
+    watch: Literal["auto", "poll", "off"] = "auto"
+    """Reload changed models: file events with polling behind them (auto), polling only, or off."""
+    watch_interval_s: float = Field(1.0, gt=0)
+    """How often the model files' stamps are polled."""
+    watch_settle_s: float = Field(0.5, ge=0)
+    """A changed file is loaded once its size and mtime have not moved for this long."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=4096)
     """Largest request or response message accepted or sent."""
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"

@@ -1,19 +1,16 @@
-"""Which model versions are served: scanning, loading, selecting; the built-in demo models."""
+"""Which model versions are served: reading the disk, loading, swapping, watching; the demo."""
 
 from torchwire.repository.demo import ensure_demo_repository
-from torchwire.repository.repository import (
-    ModelRepository,
-    ModelSource,
-    ServedModel,
-    model_file_source,
-    scan_repository,
-)
+from torchwire.repository.repository import ModelRepository, ServedModel
+from torchwire.repository.sources import ModelSource, Scanner, model_file_source
+from torchwire.repository.watcher import RepositoryWatcher
 
 __all__ = [
     "ModelRepository",
     "ModelSource",
+    "RepositoryWatcher",
+    "Scanner",
     "ServedModel",
     "ensure_demo_repository",
     "model_file_source",
-    "scan_repository",
 ]

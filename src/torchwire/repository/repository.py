@@ -1,8 +1,12 @@
-"""Which model versions are served, and which one answers a request.
+"""Which model versions are served, which one answers a request, and how that changes.
 
-A repository directory holds ``<model>/config.toml`` and ``<model>/<version>/model.pt``
-(``model.pt2`` for ``format = "exported"``); the version policy picks the versions loaded. A single
-file (``--model FILE``) is served as version 1 of a model named after the file.
+``load`` reads the disk at start-up and fails on anything wrong. ``reconcile`` (run by the
+watcher, or on SIGHUP) brings the served versions in line with the disk while serving: a new or
+changed version file is loaded and validated off the event loop, then swapped in with one dict
+assignment (the next request goes to it; requests queued on the old version finish there, and
+the old version is released once drained); a file that fails leaves the serving version untouched
+and is not retried until it changes again; a removed version or model is unloaded after draining,
+but never the last version standing of a model whose replacement failed.
 """
 
 from __future__ import annotations
@@ -10,26 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from torchwire.config import ModelConfig, TensorSpec, load_model_config
 from torchwire.errors import ConfigError, ModelNotFoundError, UnavailableError
 from torchwire.metrics import Metrics
+from torchwire.repository.sources import ModelSource, Scanner, Stamp
 from torchwire.runtime import Batcher, LoadedModel
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = {"torchscript": "model.pt", "exported": "model.pt2"}
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A model found on disk: its config and the files of the versions to load."""
-
-    name: str
-    config: ModelConfig
-    files: dict[int, Path]
+LoadKey = tuple[Stamp | None, Stamp | None]
+ModelListener = Callable[[str, bool], Awaitable[None]]
 
 
 @dataclass
@@ -38,68 +34,11 @@ class ServedModel:
 
     name: str
     versions: dict[int, Batcher] = field(default_factory=dict)
+    keys: dict[int, LoadKey] = field(default_factory=dict)
 
     @property
     def default_version(self) -> int:
         return max(self.versions)
-
-
-def _select_versions(config: ModelConfig, found: dict[int, Path], where: Path) -> dict[int, Path]:
-    policy = config.versions
-    if policy.policy == "latest":
-        return {max(found): found[max(found)]} if found else {}
-    if policy.policy == "all":
-        return found
-    missing = [v for v in policy.specific if v not in found]
-    if missing:
-        raise ConfigError(f"{where}: versions {missing} are listed in [versions] but have no file")
-    return {v: found[v] for v in policy.specific}
-
-
-def scan_model_dir(directory: Path) -> ModelSource:
-    """Read one model directory of a repository."""
-    config = load_model_config(directory / "config.toml")
-    filename = MODEL_FILES[config.format]
-    found = {
-        int(child.name): child / filename
-        for child in directory.iterdir()
-        if child.is_dir() and child.name.isdigit() and (child / filename).is_file()
-    }
-    selected = _select_versions(config, found, directory)
-    if not selected:
-        raise ConfigError(f"{directory}: no version directory holds a {filename}")
-    return ModelSource(directory.name, config, selected)
-
-
-def scan_repository(root: Path) -> list[ModelSource]:
-    """Read every model directory under ``root`` (hidden entries are skipped)."""
-    if not root.is_dir():
-        raise ConfigError(f"{root}: model repository is not a directory")
-    sources = [
-        scan_model_dir(child)
-        for child in sorted(root.iterdir())
-        if child.is_dir() and not child.name.startswith(".")
-    ]
-    if not sources:
-        raise ConfigError(f"{root}: no model directories (expected <model>/config.toml)")
-    return sources
-
-
-def model_file_source(path: Path, input_shape: tuple[int, ...] | None) -> ModelSource:
-    """A single TorchScript file; its shape from a ``config.toml`` beside it or ``input_shape``."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such model file")
-    beside = path.parent / "config.toml"
-    if input_shape is not None:
-        config = ModelConfig(inputs=[TensorSpec(name="input", shape=input_shape)])
-    elif beside.is_file():
-        config = load_model_config(beside)
-    else:
-        raise ConfigError(
-            f"{path}: the input shape is unknown; put a config.toml beside it or pass "
-            "--input-shape (per item, e.g. 3,224,224)"
-        )
-    return ModelSource(path.stem, config, {1: path})
 
 
 def load_version(
@@ -107,13 +46,8 @@ def load_version(
 ) -> Batcher:
     """Load, warm up and wrap one version (blocking: call it from a thread)."""
     started = time.monotonic()
-    try:
-        model = LoadedModel.load(source.files[version], source.config)
-        model.warm_up()
-    except Exception:
-        metrics.model_loads.labels(source.name, "failed").inc()
-        raise
-    metrics.model_loads.labels(source.name, "ok").inc()
+    model = LoadedModel.load(source.files[version], source.config)
+    model.warm_up()
     log.info(
         "loaded %s version %d from %s in %.2f s",
         source.name,
@@ -124,62 +58,178 @@ def load_version(
     return Batcher(model, source.name, version, torch_threads, metrics.for_model(source.name))
 
 
+def _signature(batcher: Batcher) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(o.name, o.dtype, o.shape) for o in batcher.model.outputs]
+
+
 class ModelRepository:
-    """The served models; owns their batchers from start to close.
+    """The served models; owns their batchers from load to close.
 
     Args:
-        sources: what to load.
+        scanner: reads the repository directory or model file.
         default_model: the model answering requests that name none (default: first by name).
         torch_threads: intra-op threads per model (0: all cores).
         metrics: where loads, versions and batches are counted.
+        on_model_change: awaited with (name, True) when a model becomes served and
+            (name, False) when it stops being served.
     """
 
     def __init__(
         self,
-        sources: list[ModelSource],
+        scanner: Scanner,
         default_model: str | None = None,
         torch_threads: int = 0,
         metrics: Metrics | None = None,
+        on_model_change: ModelListener | None = None,
     ) -> None:
-        names = sorted(source.name for source in sources)
-        if default_model is not None and default_model not in names:
-            raise ConfigError(f"default model {default_model!r} is not served; models: {names}")
-        self.default_model = default_model or names[0]
-        self._sources = sources
+        self.scanner = scanner
+        self.default_model = default_model or ""
         self._torch_threads = torch_threads
         self.metrics = metrics or Metrics(process_metrics=False)
+        self.on_model_change = on_model_change
         self.models: dict[str, ServedModel] = {}
         self._loaded = False
+        self._lock = asyncio.Lock()  # one reconcile at a time: never two loads of one model
+        self._failed: dict[tuple[str, int], LoadKey] = {}
+        self._scan_errors: dict[str, str] = {}
+        self._unloaded: set[str] = set()
+        self._retiring: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
-        """Load every version, one after the other, off the event loop."""
-        loop = asyncio.get_running_loop()
-        for source in self._sources:
-            served = ServedModel(source.name)
-            for version in sorted(source.files):
-                batcher = await asyncio.to_thread(
-                    load_version, source, version, self._torch_threads, self.metrics
+        """Load every model at start-up; raise ``ConfigError`` on anything wrong."""
+        async with self._lock:
+            scan = await asyncio.to_thread(self.scanner.scan)
+            scan.raise_errors()
+            names = sorted(scan.sources)
+            if self.default_model and self.default_model not in names:
+                raise ConfigError(
+                    f"default model {self.default_model!r} is not served; models: {names}"
                 )
-                batcher.start(loop)
-                served.versions[version] = batcher
-            self.models[source.name] = served  # served only once every version is ready
-            self.metrics.model_version.labels(source.name).set(served.default_version)
-        self._loaded = True
+            self.default_model = self.default_model or names[0]
+            for name in names:
+                source = scan.sources[name]
+                served = ServedModel(name)
+                for version in sorted(source.files):
+                    served.versions[version] = await self._load(source, version)
+                    served.keys[version] = source.key(version)
+                self.models[name] = served  # served only once every version is ready
+                self.metrics.model_version.labels(name).set(served.default_version)
+            self._loaded = True
 
-    async def unload(self, name: str, timeout_s: float = 30.0) -> None:
-        """Stop serving ``name``: new requests get NOT_FOUND, queued ones finish first."""
-        served = self.models.pop(name, None)
-        if served is None:
-            raise ModelNotFoundError(f"model {name!r} not found; served: {sorted(self.models)}")
+    async def reconcile(self) -> None:
+        """Bring the served versions in line with the disk; never raises for a bad file."""
+        async with self._lock:
+            scan = await asyncio.to_thread(self.scanner.scan)
+            for name, error in scan.errors.items():
+                if self._scan_errors.get(name) != str(error):  # say it once per distinct error
+                    log.error(
+                        "cannot read model %r, still serving what was loaded: %s", name, error
+                    )
+                    self.metrics.model_loads.labels(name or "(repository)", "failed").inc()
+            self._scan_errors = {name: str(error) for name, error in scan.errors.items()}
+            for name, source in sorted(scan.sources.items()):
+                if name not in self._unloaded:
+                    await self._sync(source)
+            for name in list(self.models):
+                if name not in scan.sources and name not in scan.errors:
+                    log.info(
+                        "model %s is gone from disk: unloading it after its queue drains", name
+                    )
+                    await self._remove(name)
+
+    async def _load(
+        self, source: ModelSource, version: int, served: ServedModel | None = None
+    ) -> Batcher:
+        """Load and validate one version off the loop, counting the outcome; start it."""
+        outcomes = self.metrics.model_loads
+        try:
+            batcher = await asyncio.to_thread(
+                load_version, source, version, self._torch_threads, self.metrics
+            )
+            batcher.start(asyncio.get_running_loop())
+            if served is not None:
+                self._check_signature(served, batcher, source)
+        except Exception:
+            outcomes.labels(source.name, "failed").inc()
+            raise
+        outcomes.labels(source.name, "ok").inc()
+        return batcher
+
+    async def _sync(self, source: ModelSource) -> None:
+        """Load what is new or changed of one model, swap it in, retire what is not wanted."""
+        name = source.name
+        served = self.models.get(name) or ServedModel(name)
+        fresh: dict[int, Batcher] = {}
+        for version in sorted(source.files):
+            key = source.key(version)
+            if served.keys.get(version) == key or self._failed.get((name, version)) == key:
+                continue  # current, or already failed with these very files
+            try:
+                batcher = await self._load(source, version, served)
+            except Exception as exc:
+                self._failed[(name, version)] = key
+                serving = sorted(served.versions) or "nothing"
+                log.error("%s: not loaded, still serving %s versions %s: %s",
+                          source.files[version], name, serving, exc)  # fmt: skip
+                continue
+            self._failed.pop((name, version), None)
+            fresh[version] = batcher
+            served.keys[version] = key
+        for version, batcher in fresh.items():
+            old = served.versions.get(version)
+            served.versions[version] = batcher  # the swap: the next request goes here
+            if old is not None:
+                log.info(
+                    "%s version %d: swapped in the new file; the old one drains", name, version
+                )
+                self._retire(old)
+        stale = [v for v in served.versions if v not in source.files]
+        if len(stale) < len(served.versions):  # keep the last version standing, whatever happens
+            for version in stale:
+                log.info("%s version %d: no longer wanted; unloading after drain", name, version)
+                served.keys.pop(version, None)
+                self._retire(served.versions.pop(version))
+        if served.versions and name not in self.models:
+            self.models[name] = served
+            if self.on_model_change is not None:
+                await self.on_model_change(name, True)
+        if served.versions:
+            self.metrics.model_version.labels(name).set(served.default_version)
+
+    def _check_signature(self, served: ServedModel, batcher: Batcher, source: ModelSource) -> None:
+        """A new file of a model whose config is unchanged must answer with the same outputs."""
+        if not served.versions or source.config.outputs:
+            return  # declared outputs were checked by the warm-up already
+        current = served.versions[served.default_version]
+        if served.keys.get(served.default_version, (None, None))[1] != source.config_stamp:
+            return  # the config changed: a new signature is legitimate
+        if _signature(batcher) != _signature(current):
+            self._retire(batcher)
+            raise ConfigError(
+                f"outputs changed from {_signature(current)} to {_signature(batcher)}; declare "
+                "the outputs in config.toml to change them"
+            )
+
+    def _retire(self, batcher: Batcher) -> None:
+        """Close a version in the background: it finishes what is queued, then is released."""
+        task = asyncio.get_running_loop().create_task(batcher.close())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _remove(self, name: str) -> None:
+        served = self.models.pop(name)
         self.metrics.model_version.remove(name)
-        await asyncio.gather(*(b.close(timeout_s) for b in served.versions.values()))
-        log.info("unloaded %s", name)
+        if self.on_model_change is not None:
+            await self.on_model_change(name, False)
+        for batcher in served.versions.values():
+            self._retire(batcher)
 
     def get(self, model: str | None = None, version: str | None = None) -> Batcher:
         """The batcher answering for ``model`` (default model if empty) at ``version``.
 
         Raises:
             ModelNotFoundError: naming what is served.
+            UnavailableError: models are still loading.
         """
         name = model or self.default_model
         served = self.models.get(name)
@@ -197,7 +247,24 @@ class ModelRepository:
             )
         return batcher
 
-    async def close(self, timeout_s: float = 30.0) -> None:
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name`` until asked again (the watcher leaves it alone meanwhile)."""
+        async with self._lock:
+            if name not in self.models:
+                raise ModelNotFoundError(f"model {name!r} not found; served: {sorted(self.models)}")
+            self._unloaded.add(name)
+            await self._remove(name)
+        log.info("unloaded %s", name)
+
+    async def drained(self) -> None:
+        """Wait until every retired version has finished its queue and stopped."""
+        while self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    async def close(self) -> None:
         """Finish queued requests and stop every inference thread."""
-        batchers = [b for served in self.models.values() for b in served.versions.values()]
-        await asyncio.gather(*(b.close(timeout_s) for b in batchers))
+        async with self._lock:
+            for served in self.models.values():
+                for batcher in served.versions.values():
+                    self._retire(batcher)
+            await self.drained()

@@ -23,10 +23,9 @@ from torchwire.errors import ConfigError
 from torchwire.metrics import Metrics
 from torchwire.repository import (
     ModelRepository,
-    ModelSource,
+    RepositoryWatcher,
+    Scanner,
     ensure_demo_repository,
-    model_file_source,
-    scan_repository,
 )
 from torchwire.server.health import Health
 from torchwire.server.observe import Observer
@@ -39,16 +38,15 @@ log = logging.getLogger(__name__)
 HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
-def model_sources(settings: ServerSettings) -> list[ModelSource]:
+def scanner_for(settings: ServerSettings) -> Scanner:
     """What to serve: ``--repository``, else ``--model``, else the built-in demo repository."""
     if settings.workers != 1:
         raise ConfigError("--workers other than 1 is not implemented yet")
     if settings.repository and settings.model:
         raise ConfigError("give --repository or --model, not both")
     if settings.model:
-        return [model_file_source(settings.model, settings.input_shape)]
-    root = settings.repository or ensure_demo_repository(settings.cache_dir)
-    return scan_repository(Path(root))
+        return Scanner(model_file=settings.model, input_shape=settings.input_shape)
+    return Scanner(root=Path(settings.repository or ensure_demo_repository(settings.cache_dir)))
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -92,6 +90,7 @@ class Server:
             recover_margin_bytes=settings.watchdog_recover_margin_mb * MIB,
             max_rss_bytes=settings.watchdog_max_rss_mb * MIB,
         )
+        self.watcher: RepositoryWatcher | None = None
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -104,9 +103,13 @@ class Server:
             ConfigError: a bad repository, model file or flag, or a port that cannot be bound.
         """
         await self.health.starting()
-        sources = await asyncio.to_thread(model_sources, self.settings)
+        scanner = await asyncio.to_thread(scanner_for, self.settings)
         repository = ModelRepository(
-            sources, self.settings.default_model, self.settings.torch_threads, self.metrics
+            scanner,
+            self.settings.default_model,
+            self.settings.torch_threads,
+            self.metrics,
+            on_model_change=self.health.model,
         )
         self.repository = repository
         self._start_metrics()
@@ -121,8 +124,16 @@ class Server:
             await self.stop(grace_s=0)
             raise
         for name in repository.models:
-            await self.health.model(name, loaded=True)
+            await self.health.model(name, True)
         await self.health.ready()
+        if self.settings.watch != "off":
+            self.watcher = RepositoryWatcher(
+                repository,
+                self.settings.watch,
+                self.settings.watch_interval_s,
+                self.settings.watch_settle_s,
+            )
+            self._spawn(self.watcher.run())
         self._log_banner()
         return self.port or 0
 
@@ -175,8 +186,14 @@ class Server:
     async def unload_model(self, name: str) -> None:
         """Stop serving ``name`` after its queued requests finish; its health goes NOT_SERVING."""
         assert self.repository is not None
-        await self.health.model(name, loaded=False)
         await self.repository.unload(name)
+
+    def rescan(self) -> None:
+        """Look at the model files now (SIGHUP), whatever the watcher last saw."""
+        if self.watcher is not None:
+            self.watcher.trigger()
+        elif self.repository is not None:
+            self._spawn(self.repository.reconcile())
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Shut down in order; in-flight calls get ``grace_s`` (default: the settings') to end."""
@@ -190,6 +207,8 @@ class Server:
             log.info("shutting down: finishing in-flight requests (grace period %.1f s)", grace)
             await self._grpc.stop(grace)
         self.watchdog.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.repository is not None:
             await self.repository.close()

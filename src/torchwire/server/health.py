@@ -99,6 +99,7 @@ class Health:
         await self._update()
 
     async def model(self, name: str, loaded: bool) -> None:
+        """A model became served (``loaded``) or stopped being served."""
         serving = loaded and not self._shutting_down
         await self.servicer.set(name, SERVING if serving else NOT_SERVING)
 
