@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
+
+from torchwire.client._seed import PREDICT, PREDICT_STREAM, spread
 
 SEED_SERVICE = "ModelService"
 
@@ -82,3 +86,55 @@ def channel_options(retries: int, keepalive_s: float, tls: TLS | None) -> list[t
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     return options
+
+
+class ClientBase:
+    """What ``AsyncClient`` and ``Client`` share: arguments, the channel pool, the turn.
+
+    Args:
+        targets: ``host:port`` or a list of them; channels are spread over the targets.
+        pool_size: channels (each its own connection).
+        timeout: default deadline of each call, in seconds.
+        protocol: ``"seed"`` (the founding ``ModelService``); ``"v2"`` comes with that API.
+        raw: send floats as one ``raw_inputs`` buffer (fast) instead of ``repeated float``.
+        retries: retries of UNAVAILABLE with exponential backoff (0: none).
+        keepalive_s: HTTP/2 keepalive ping interval while calls are active (0: off).
+        tls: TLS settings; ``None`` for plaintext.
+
+    Raises (from each call): ``InvalidInputError``, ``ModelNotFoundError``, ``QueueFullError``,
+    ``DeadlineExceededError``, ``UnavailableError``, ``ModelExecutionError``, or
+    ``TorchwireError`` for other statuses, each with ``code`` set to the status name.
+    """
+
+    _grpc: Any = grpc  # the module whose channels the subclass uses (grpc or grpc.aio)
+
+    def __init__(
+        self,
+        targets: str | Sequence[str],
+        *,
+        pool_size: int = 4,
+        timeout: float | None = 1.0,
+        protocol: Literal["seed", "v2"] = "seed",
+        raw: bool = True,
+        retries: int = 3,
+        keepalive_s: float = 30.0,
+        tls: TLS | None = None,
+    ) -> None:
+        if protocol != "seed":
+            raise ValueError("protocol 'v2' needs the KServe V2 API, which this server lacks")
+        options = channel_options(retries, keepalive_s, tls)
+        self.timeout = timeout
+        self.raw = raw
+        self._channels = [
+            self._grpc.secure_channel(t, tls.credentials(), options)
+            if tls
+            else self._grpc.insecure_channel(t, options)
+            for t in spread(targets, pool_size)
+        ]
+        self._predict = [ch.unary_unary(PREDICT) for ch in self._channels]
+        self._streams = [ch.stream_stream(PREDICT_STREAM) for ch in self._channels]
+        self._turn = itertools.count()
+
+    def _next(self) -> int:
+        """The index of the next channel, round-robin."""
+        return next(self._turn) % len(self._channels)

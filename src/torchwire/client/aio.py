@@ -3,76 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import Any
 
 import grpc
 import numpy as np
 
-from torchwire.client._channel import TLS, channel_options
+from torchwire.client._channel import ClientBase
 from torchwire.client._seed import (
-    PREDICT,
-    PREDICT_STREAM,
     NDArray,
     decode_response,
     encode_request,
     error_from,
     item_shape_from,
     items_of,
-    spread,
 )
 from torchwire.errors import TorchwireError
 
 
-class AsyncClient:
-    """Calls a torchwire server (or several) over a pool of channels used round-robin.
+class AsyncClient(ClientBase):
+    """Calls a torchwire server (or several) over a pool of channels used round-robin (see
+    ``ClientBase`` for the arguments and errors)."""
 
-    Args:
-        targets: ``host:port`` or a list of them; channels are spread over the targets.
-        pool_size: channels (each its own connection).
-        timeout: default deadline of each call, in seconds.
-        protocol: ``"seed"`` (the founding ``ModelService``); ``"v2"`` comes with that API.
-        raw: send floats as one ``raw_inputs`` buffer (fast) instead of ``repeated float``.
-        retries: retries of UNAVAILABLE with exponential backoff (0: none).
-        keepalive_s: HTTP/2 keepalive ping interval while calls are active (0: off).
-        tls: TLS settings; ``None`` for plaintext.
-
-    Raises (from each call): ``InvalidInputError``, ``ModelNotFoundError``, ``QueueFullError``,
-    ``DeadlineExceededError``, ``UnavailableError``, ``ModelExecutionError``, or
-    ``TorchwireError`` for other statuses, each with ``code`` set to the status name.
-    """
-
-    def __init__(
-        self,
-        targets: str | Sequence[str],
-        *,
-        pool_size: int = 4,
-        timeout: float | None = 1.0,
-        protocol: Literal["seed", "v2"] = "seed",
-        raw: bool = True,
-        retries: int = 3,
-        keepalive_s: float = 30.0,
-        tls: TLS | None = None,
-    ) -> None:
-        if protocol != "seed":
-            raise ValueError("protocol 'v2' needs the KServe V2 API, which this server lacks")
-        options = channel_options(retries, keepalive_s, tls)
-        self.timeout = timeout
-        self.raw = raw
-        self._channels = [
-            grpc.aio.secure_channel(t, tls.credentials(), options)
-            if tls
-            else grpc.aio.insecure_channel(t, options)
-            for t in spread(targets, pool_size)
-        ]
-        self._predict = [ch.unary_unary(PREDICT) for ch in self._channels]
-        self._streams = [ch.stream_stream(PREDICT_STREAM) for ch in self._channels]
-        self._turn = itertools.count()
-
-    def _next(self) -> int:
-        return next(self._turn) % len(self._channels)
+    _grpc = grpc.aio
 
     async def predict(
         self,

@@ -2,61 +2,29 @@
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
 
-from torchwire.client._channel import TLS, channel_options
+from torchwire.client._channel import ClientBase
 from torchwire.client._seed import (
-    PREDICT,
-    PREDICT_STREAM,
     NDArray,
     decode_response,
     encode_request,
     error_from,
     item_shape_from,
     items_of,
-    spread,
 )
 from torchwire.errors import TorchwireError
 
 
-class Client:
+class Client(ClientBase):
     """Blocking twin of ``AsyncClient``: same arguments, same answers, same exceptions."""
 
-    def __init__(
-        self,
-        targets: str | Sequence[str],
-        *,
-        pool_size: int = 4,
-        timeout: float | None = 1.0,
-        protocol: Literal["seed", "v2"] = "seed",
-        raw: bool = True,
-        retries: int = 3,
-        keepalive_s: float = 30.0,
-        tls: TLS | None = None,
-    ) -> None:
-        if protocol != "seed":
-            raise ValueError("protocol 'v2' needs the KServe V2 API, which this server lacks")
-        options = channel_options(retries, keepalive_s, tls)
-        self.timeout = timeout
-        self.raw = raw
-        self._channels = [
-            grpc.secure_channel(t, tls.credentials(), options)
-            if tls
-            else grpc.insecure_channel(t, options)
-            for t in spread(targets, pool_size)
-        ]
-        self._predict = [ch.unary_unary(PREDICT) for ch in self._channels]
-        self._streams = [ch.stream_stream(PREDICT_STREAM) for ch in self._channels]
-        self._turn = itertools.count()
-
-    def _next(self) -> int:
-        return next(self._turn) % len(self._channels)
+    _grpc = grpc
 
     def predict(
         self,
