@@ -53,7 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve_command)
     _add_bench(commands)
     _add_predict(commands)
+    repo = commands.add_parser("repo", help="model repository tools")
+    repo_commands = repo.add_subparsers(dest="repo_command", required=True)
+    check = repo_commands.add_parser(
+        "check",
+        help="load every model version, run its warm-up, check its outputs; exit 1 on a failure",
+    )
+    check.add_argument("directory", type=Path, help="the model repository")
+    check.set_defaults(func=_repo_check_command)
     return parser
+
+
+def _repo_check_command(args: argparse.Namespace) -> int:
+    from torchwire.repository.check import check_repository, format_rows
+
+    rows = check_repository(args.directory)
+    print(format_rows(rows))
+    return 0 if rows and all(row.ok for row in rows) else 1
 
 
 def _shape(text: str) -> tuple[int, ...]:

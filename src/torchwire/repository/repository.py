@@ -90,7 +90,7 @@ class ModelRepository:
         self.models: dict[str, ServedModel] = {}
         self._loaded = False
         self._lock = asyncio.Lock()  # one reconcile at a time: never two loads of one model
-        self._failed: dict[tuple[str, int], LoadKey] = {}
+        self._failed: dict[tuple[str, int], tuple[LoadKey, str]] = {}
         self._scan_errors: dict[str, str] = {}
         self._unloaded: set[str] = set()
         self._retiring: set[asyncio.Task[None]] = set()
@@ -162,12 +162,13 @@ class ModelRepository:
         fresh: dict[int, Batcher] = {}
         for version in sorted(source.files):
             key = source.key(version)
-            if served.keys.get(version) == key or self._failed.get((name, version)) == key:
+            failed = self._failed.get((name, version))
+            if served.keys.get(version) == key or (failed is not None and failed[0] == key):
                 continue  # current, or already failed with these very files
             try:
                 batcher = await self._load(source, version, served)
             except Exception as exc:
-                self._failed[(name, version)] = key
+                self._failed[(name, version)] = (key, str(exc))
                 serving = sorted(served.versions) or "nothing"
                 log.error("%s: not loaded, still serving %s versions %s: %s",
                           source.files[version], name, serving, exc)  # fmt: skip
@@ -255,6 +256,50 @@ class ModelRepository:
             self._unloaded.add(name)
             await self._remove(name)
         log.info("unloaded %s", name)
+
+    async def load_model(self, name: str) -> None:
+        """Load (or reload) ``name`` from disk now, even if it was unloaded.
+
+        Raises:
+            ModelNotFoundError: no such model on disk.
+            ConfigError: it cannot be read or no version of it loads (with the reasons).
+        """
+        async with self._lock:
+            scan = await asyncio.to_thread(self.scanner.scan)
+            if name in scan.errors:
+                raise scan.errors[name]
+            source = scan.sources.get(name)
+            if source is None:
+                raise ModelNotFoundError(
+                    f"model {name!r} is not in the repository; it has {sorted(scan.sources)}"
+                )
+            self._unloaded.discard(name)
+            for version in source.files:  # an explicit load tries failed files again
+                self._failed.pop((name, version), None)
+            await self._sync(source)
+            if name not in self.models:
+                reasons = [
+                    f"version {v}: {reason}"
+                    for (model, v), (_, reason) in sorted(self._failed.items())
+                    if model == name
+                ]
+                raise ConfigError(f"model {name!r} failed to load: {'; '.join(reasons)}")
+
+    async def index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) of every model on disk or served."""
+        scan = await asyncio.to_thread(self.scanner.scan)
+        rows: list[tuple[str, str, str, str]] = []
+        for name in sorted(set(scan.sources) | set(scan.errors) | set(self.models)):
+            served = self.models.get(name)
+            if served is not None:
+                rows += [(name, str(v), "READY", "") for v in sorted(served.versions)]
+            elif name in self._unloaded:
+                rows.append((name, "", "UNAVAILABLE", "unloaded"))
+            elif name in scan.errors:
+                rows.append((name, "", "UNAVAILABLE", str(scan.errors[name])))
+            elif name:
+                rows.append((name, "", "UNAVAILABLE", "not loaded"))
+        return rows
 
     async def drained(self) -> None:
         """Wait until every retired version has finished its queue and stopped."""

@@ -48,6 +48,25 @@ class _Request:
     future: asyncio.Future[Arrays]
     deadline: float | None  # time.monotonic(); None: no deadline
     enqueued_at: float = field(default_factory=time.monotonic)
+    # Requests batch together only if their items have the same shapes (variable dimensions).
+    shape_key: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass
+class VersionStats:
+    """Counts and cumulative durations of one model version (KServe V2 ModelStatistics)."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+    compute_count: int = 0
+    compute_ns: int = 0
+    inference_count: int = 0  # items computed
+    execution_count: int = 0  # model calls
+    last_inference_ms: int = 0  # wall clock of the last model call, ms since the epoch
 
 
 _Outcome = tuple[_Request, Arrays | TorchwireError]
@@ -97,6 +116,7 @@ class Batcher:
         self._closing = False
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.stats = VersionStats()
 
     @property
     def queued_items(self) -> int:
@@ -136,7 +156,8 @@ class Batcher:
                     f"model {self.label}: queue full ({self._queued_items} of {self.max_queue}"
                     f" items waiting, this request adds {items}); retry later"
                 )
-            self._queue.append(_Request(arrays, items, future, deadline))
+            key = tuple(a.shape[1:] for a in arrays)
+            self._queue.append(_Request(arrays, items, future, deadline, shape_key=key))
             self._queued_items += items
             self._cond.notify()
         return future
@@ -167,6 +188,7 @@ class Batcher:
                 with self._cond:
                     self._computing -= 1
             assert self._loop is not None
+            self._tally(outcomes)
             try:
                 self._loop.call_soon_threadsafe(_deliver, outcomes)
             except RuntimeError:  # the loop is closed: nobody is left to answer
@@ -195,7 +217,12 @@ class Batcher:
 
     def _fill(self, batch: list[_Request], items: int) -> int:
         """Move queued requests that fit into ``batch`` (under the lock); return its items."""
-        while self._queue and items + self._queue[0].items <= self.max_batch_size:
+        key = batch[0].shape_key
+        while (
+            self._queue
+            and items + self._queue[0].items <= self.max_batch_size
+            and self._queue[0].shape_key == key
+        ):
             request = self._queue.popleft()
             batch.append(request)
             items += request.items
@@ -239,7 +266,10 @@ class Batcher:
         count = len(batch[0].arrays)
         inputs = [_stack([r.arrays[i] for r in batch]) for i in range(count)]
         started = time.monotonic()
-        outputs = self.model(inputs)
+        try:
+            outputs = self.model(inputs)
+        finally:
+            self._count(batch, inputs[0].shape[0], started)
         if self._metrics is not None:
             self._metrics.compute_duration.observe(time.monotonic() - started)
             self._metrics.batch_size.observe(inputs[0].shape[0])
@@ -254,6 +284,28 @@ class Batcher:
             outcomes.append((request, [out[start:stop] for out in outputs]))
             start = stop
         return outcomes
+
+    def _count(self, batch: list[_Request], items: int, started: float) -> None:
+        stats, now = self.stats, time.monotonic()
+        stats.execution_count += 1
+        stats.inference_count += items
+        stats.compute_count += 1
+        stats.compute_ns += int((now - started) * 1e9)
+        stats.queue_count += len(batch)
+        stats.queue_ns += int(sum(started - r.enqueued_at for r in batch) * 1e9)
+        stats.last_inference_ms = int(time.time() * 1000)
+
+    def _tally(self, outcomes: list[_Outcome]) -> None:
+        """Success and failure counts with their time from enqueue to answer."""
+        stats, now = self.stats, time.monotonic()
+        for request, outcome in outcomes:
+            elapsed = int((now - request.enqueued_at) * 1e9)
+            if isinstance(outcome, TorchwireError):
+                stats.fail_count += 1
+                stats.fail_ns += elapsed
+            else:
+                stats.success_count += 1
+                stats.success_ns += elapsed
 
 
 def _deliver(outcomes: list[_Outcome]) -> None:

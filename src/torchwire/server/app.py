@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from torchwire.config import ServerSettings
 from torchwire.errors import ConfigError
@@ -31,6 +32,7 @@ from torchwire.server.health import Health
 from torchwire.server.observe import Observer
 from torchwire.server.reflection import reflection_pool
 from torchwire.server.seed import SEED_SERVICE, SeedServicer
+from torchwire.server.v2 import V2_SERVICE, V2Servicer
 from torchwire.server.watchdog import MIB, MemoryWatchdog
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ class Server:
         self.metrics_port: int | None = None
         self.repository: ModelRepository | None = None
         self.metrics = Metrics()
-        self.health = Health([SEED_SERVICE])
+        self.health = Health([SEED_SERVICE, V2_SERVICE])
         self.watchdog = MemoryWatchdog(
             self.health.memory,
             self.metrics,
@@ -153,9 +155,14 @@ class Server:
         )
         observer = Observer(self.metrics, access_log=self.settings.access_log)
         server.add_generic_rpc_handlers((SeedServicer(repository, observer).handler(),))
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            V2Servicer(repository, observer, self.health), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
-        services = [SEED_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
-        pool = reflection_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+        services = [SEED_SERVICE, V2_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
+        pool = reflection_pool(
+            health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR, service_pb2.DESCRIPTOR
+        )
         reflection.enable_server_reflection(services, server, pool=pool)
         address = f"{self.settings.host}:{self.settings.port}"
         try:
@@ -236,7 +243,8 @@ class Server:
                 f"  batch<={batcher.max_batch_size}{default}"
             )
         lines.append(
-            "  APIs: /ModelService/Predict, /ModelService/PredictStream, health, reflection"
+            "  APIs: /ModelService/Predict, /ModelService/PredictStream, "
+            "inference.GRPCInferenceService (KServe V2), health, reflection"
         )
         if self.metrics_port is not None:
             lines.append(

@@ -77,6 +77,11 @@ class Health:
         self._shutting_down = False
 
     @property
+    def ready_to_serve(self) -> bool:
+        """What V2 ServerReady reports: the same as the overall status."""
+        return self.overall == SERVING
+
+    @property
     def overall(self) -> int:
         ok = self._ready and self._memory_ok and not self._shutting_down
         return SERVING if ok else NOT_SERVING

@@ -1,0 +1,58 @@
+"""``torchwire repo check``: load every model version of a repository, run its warm-up input,
+check its outputs, and say what failed and why."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from torchwire.repository.sources import Scanner
+from torchwire.runtime import LoadedModel
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    model: str
+    version: str
+    ok: bool
+    seconds: float
+    detail: str
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def check_repository(root: Path) -> list[CheckRow]:
+    """One row per model version (or per model that cannot be read), in name order."""
+    scan = Scanner(root=root).scan()
+    rows = [
+        CheckRow(name or str(root), "-", False, 0.0, _one_line(str(error)))
+        for name, error in scan.errors.items()
+    ]
+    for name, source in scan.sources.items():
+        for version, path in sorted(source.files.items()):
+            started = time.monotonic()
+            try:
+                model = LoadedModel.load(path, source.config)
+                model.warm_up()
+            except Exception as exc:
+                detail, ok = _one_line(str(exc)), False
+            else:
+                signature = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in model.inputs)
+                outputs = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in model.outputs)
+                detail, ok = f"{signature} -> {outputs}", True
+            rows.append(CheckRow(name, str(version), ok, time.monotonic() - started, detail))
+    return sorted(rows, key=lambda row: (row.model, row.version))
+
+
+def format_rows(rows: list[CheckRow]) -> str:
+    width = max([len("model"), *(len(row.model) for row in rows)])
+    lines = [f"{'model':<{width}}  version  status  seconds  detail"]
+    for row in rows:
+        status = "ok" if row.ok else "FAILED"
+        lines.append(
+            f"{row.model:<{width}}  {row.version:<7}  {status:<6}  {row.seconds:7.2f}  {row.detail}"
+        )
+    return "\n".join(lines)

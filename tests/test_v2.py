@@ -1,0 +1,295 @@
+"""Triton's own client, unchanged, against torchwire's KServe V2 API."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton
+from torch import nn
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from support import Scale, ServerThread, in_process, write_model
+from torchwire.repository import ensure_demo_repository
+
+TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
+DTYPES = {
+    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8,
+    "BOOL": np.bool_,
+}  # fmt: skip
+
+
+class Pair(nn.Module):
+    """Two inputs, two named outputs."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"sum": a + b, "prod": a * b}
+
+
+class Same(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+PAIR_CONFIG = """format = "torchscript"
+[[inputs]]
+name = "a"
+shape = [3]
+[[inputs]]
+name = "b"
+shape = [3]
+[[outputs]]
+name = "sum"
+shape = [3]
+[[outputs]]
+name = "prod"
+shape = [3]
+"""
+
+
+@pytest.fixture(scope="module")
+def v2_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("v2repo")
+    (root / "pair" / "1").mkdir(parents=True)
+    (root / "pair" / "config.toml").write_text(PAIR_CONFIG)
+    torch.jit.script(Pair()).save(str(root / "pair" / "1" / "model.pt"))
+    for dtype in DTYPES:
+        write_model(root / f"same_{dtype.lower()}", Same(), [2])
+        config = root / f"same_{dtype.lower()}" / "config.toml"
+        config.write_text(config.read_text().replace('"FP32"', f'"{dtype}"'))
+    write_model(root / "scale", Scale(2.0), [4])
+    return root
+
+
+@pytest.fixture(scope="module")
+def v2_server(v2_repo: Path) -> Iterator[ServerThread]:
+    with ServerThread(repository=v2_repo, default_model="scale", watch="off") as server:
+        yield server
+
+
+@pytest.fixture
+def client(v2_server: ServerThread) -> Iterator[triton.InferenceServerClient]:
+    client = triton.InferenceServerClient(url=v2_server.target)
+    yield client
+    client.close()
+
+
+def _input(name: str, array: np.ndarray, datatype: str = "FP32") -> triton.InferInput:
+    tensor = triton.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def test_server_and_model_state(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("pair") and client.is_model_ready("scale", "1")
+    assert not client.is_model_ready("nope") and not client.is_model_ready("scale", "9")
+    metadata = client.get_model_metadata("pair")
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
+        ("a", "FP32", [-1, 3]),
+        ("b", "FP32", [-1, 3]),
+    ]
+    assert [t.name for t in metadata.outputs] == ["sum", "prod"]
+    assert metadata.versions == ["1"] and metadata.platform == "pytorch_libtorch"
+    config = client.get_model_config("scale").config
+    assert config.name == "scale" and config.max_batch_size == 64
+    assert list(config.input[0].dims) == [4] and config.input[0].name == "x"
+    server = client.get_server_metadata()
+    assert server.name == "torchwire" and "model_repository" in server.extensions
+
+
+def test_infer_and_async_infer_on_both_demo_models(
+    demo_server: ServerThread, demo_repo: Path
+) -> None:
+    rng = np.random.default_rng(40)
+    features = rng.standard_normal((3, 256), dtype=np.float32)
+    images = rng.standard_normal((2, 3, 224, 224), dtype=np.float32)
+    client = triton.InferenceServerClient(url=demo_server.target)
+    try:
+        scores = client.infer("recsys", [_input("features", features)]).as_numpy("score")
+        done: queue.Queue[Any] = queue.Queue()
+        client.async_infer(
+            "resnet18",
+            [_input("image", images)],
+            callback=lambda result, error: done.put((result, error)),
+            outputs=[triton.InferRequestedOutput("logits")],
+        )
+        result, error = done.get(timeout=60)
+        assert error is None
+        logits = result.as_numpy("logits")
+    finally:
+        client.close()
+    np.testing.assert_allclose(
+        scores, in_process(demo_repo / "recsys/1/model.pt")(features), 1e-5, 1e-6
+    )
+    np.testing.assert_allclose(
+        logits, in_process(demo_repo / "resnet18/1/model.pt")(images), 1e-4, 1e-5
+    )
+
+
+def test_typed_contents_are_accepted_and_answers_match_the_seed_api(
+    demo_server: ServerThread, seed: Any
+) -> None:
+    """Non-binary tensors (typed ``contents``), and the same answers as through the seed API."""
+    features = np.random.default_rng(41).standard_normal((2, 256), dtype=np.float32)
+    request = pb.ModelInferRequest(model_name="recsys", id="typed")
+    tensor = request.inputs.add(name="features", datatype="FP32", shape=[2, 256])
+    tensor.contents.fp32_contents.extend(features.ravel().tolist())
+    with grpc.insecure_channel(demo_server.target) as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, timeout=30
+        )
+        seed_answer = seed.grpc.ModelServiceStub(channel).Predict(
+            seed.pb2.PredictRequest(inputs=features.ravel(), metadata={"model": "recsys"}),
+            timeout=30,
+        )
+    assert response.id == "typed" and response.model_version == "1"
+    v2 = np.frombuffer(response.raw_output_contents[0], "<f4")
+    np.testing.assert_array_equal(v2, np.array(seed_answer.outputs, np.float32))
+
+
+def test_two_inputs_two_outputs_and_output_subset(client: triton.InferenceServerClient) -> None:
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.full((2, 3), 2.0, np.float32)
+    result = client.infer("pair", [_input("a", a), _input("b", b)])
+    np.testing.assert_array_equal(result.as_numpy("sum"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("prod"), a * b)
+    only = client.infer(
+        "pair", [_input("b", b), _input("a", a)], outputs=[triton.InferRequestedOutput("prod")]
+    )
+    assert only.as_numpy("sum") is None
+    np.testing.assert_array_equal(only.as_numpy("prod"), a * b)
+
+
+@pytest.mark.parametrize("datatype", list(DTYPES))
+def test_every_datatype_round_trips(client: triton.InferenceServerClient, datatype: str) -> None:
+    values = np.array([[1, 0], [3, 1]]).astype(DTYPES[datatype])
+    result = client.infer(f"same_{datatype.lower()}", [_input("x", values, datatype)])
+    answer = result.as_numpy("output")
+    assert answer.dtype == values.dtype
+    np.testing.assert_array_equal(answer, values)
+
+
+def test_stream_of_100_requests_all_answered_by_id(client: triton.InferenceServerClient) -> None:
+    answers: queue.Queue[Any] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i in range(100):
+            x = np.full((1, 4), i, np.float32)
+            client.async_stream_infer("scale", [_input("x", x)], request_id=str(i))
+        # A bad request in the middle gets an error in the stream, and the stream goes on.
+        client.async_stream_infer(
+            "scale", [_input("x", np.ones((1, 3), np.float32))], request_id="bad"
+        )
+        client.async_stream_infer(
+            "scale", [_input("x", np.ones((1, 4), np.float32))], request_id="after"
+        )
+        received = [answers.get(timeout=30) for _ in range(102)]
+    finally:
+        client.stop_stream()
+    good = {r.get_response().id: r.as_numpy("output") for r, e in received if e is None}
+    errors = [e for r, e in received if e is not None]
+    assert len(good) == 101 and len(errors) == 1
+    for i in range(100):
+        np.testing.assert_array_equal(good[str(i)], np.full((1, 4), 2.0 * i, np.float32))
+    assert "input 'x': expected shape [N, 4]" in str(errors[0])
+
+
+def test_errors_name_what_was_wrong(
+    client: triton.InferenceServerClient, v2_server: ServerThread
+) -> None:
+    def fails(*args: Any, **kwargs: Any) -> InferenceServerException:
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer(*args, **kwargs)
+        return caught.value
+
+    missing = fails("nope", [_input("x", np.ones((1, 4), np.float32))])
+    assert missing.status() == "StatusCode.NOT_FOUND" and "'nope' not found" in missing.message()
+    shape = fails("scale", [_input("x", np.ones((2, 5), np.float32))])
+    assert shape.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "input 'x': expected shape [N, 4] (N >= 1), got [2, 5]" in shape.message()
+    dtype = fails("scale", [_input("x", np.ones((1, 4), np.float64), "FP64")])
+    assert "input 'x': expected datatype FP32, got FP64" in dtype.message()
+    version = fails("scale", [_input("x", np.ones((1, 4), np.float32))], model_version="7")
+    assert version.status() == "StatusCode.NOT_FOUND"
+
+    with grpc.insecure_channel(v2_server.target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="scale")
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.append(b"\0" * 15)
+        with pytest.raises(grpc.RpcError) as raw:
+            stub.ModelInfer(request, timeout=10)
+        assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "raw content holds 15 bytes; shape [1, 4] of FP32 needs 16" in raw.value.details()
+        request.inputs[0].datatype = "BYTES"
+        with pytest.raises(grpc.RpcError) as unsupported:
+            stub.ModelInfer(request, timeout=10)
+        assert (
+            "'BYTES' is not supported; supported: FP32, FP64, FP16, BF16"
+            in unsupported.value.details()
+        )
+
+
+def test_repository_index_load_unload_and_statistics(
+    client: triton.InferenceServerClient, v2_repo: Path
+) -> None:
+    names = {m.name for m in client.get_model_repository_index().models}
+    assert {"pair", "scale", "same_fp16"} <= names
+    before = client.get_inference_statistics("scale").model_stats[0]
+    for _ in range(3):
+        client.infer("scale", [_input("x", np.ones((2, 4), np.float32))])
+    after = client.get_inference_statistics("scale").model_stats[0]
+    assert after.inference_count - before.inference_count == 6
+    assert after.inference_stats.success.count - before.inference_stats.success.count == 3
+    assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
+
+    client.unload_model("pair")
+    assert not client.is_model_ready("pair")
+    index = {m.name: m for m in client.get_model_repository_index().models}
+    assert index["pair"].state == "UNAVAILABLE" and index["pair"].reason == "unloaded"
+    client.load_model("pair")
+    assert client.is_model_ready("pair")
+    for bad in ("../scale", "a/b", "x\0y"):
+        with pytest.raises(InferenceServerException) as caught:
+            client.load_model(bad)
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException) as absent:
+        client.load_model("not_there")
+    assert absent.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_repo_check_on_good_and_broken_repositories(tmp_path: Path) -> None:
+    good = ensure_demo_repository(tmp_path / "cache")
+    ok = subprocess.run([TORCHWIRE, "repo", "check", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "recsys" in ok.stdout and "resnet18" in ok.stdout and "FAILED" not in ok.stdout
+
+    broken = tmp_path / "broken"
+    write_model(broken / "toml", Scale(1.0), [4])
+    (broken / "toml" / "config.toml").write_text("[[inputs]\n")
+    write_model(broken / "noversion", Scale(1.0), [4])
+    (broken / "noversion" / "1" / "model.pt").unlink()
+    write_model(broken / "shape", Scale(1.0), [4])
+    config = broken / "shape" / "config.toml"
+    config.write_text(config.read_text() + '[[outputs]]\nname = "y"\nshape = [7]\n')
+    write_model(broken / "fine", Scale(1.0), [4])
+    bad = subprocess.run([TORCHWIRE, "repo", "check", str(broken)], capture_output=True, text=True)
+    assert bad.returncode == 1
+    lines = {line.split()[0]: line for line in bad.stdout.splitlines() if line.strip()}
+    assert "not valid TOML" in bad.stdout and "FAILED" in lines["toml"]
+    assert "no version directory holds a model.pt" in bad.stdout
+    assert "output 'y' should be FP32[7] per item, the model gives FP32[4]" in bad.stdout
+    assert "ok" in lines["fine"]
