@@ -134,3 +134,17 @@ def test_predict_reads_and_writes_npy(repo_server: ServerThread, tmp_path: Path)
         "--input", str(tmp_path / "in.npy"),
     )  # fmt: skip
     assert failed.returncode == 1 and "NOT_FOUND" in failed.stderr
+
+
+def test_the_v2_protocol_closed_loop_and_stream(repo_server: ServerThread, tmp_path: Path) -> None:
+    out = tmp_path / "v2.json"
+    for extra in ([], ["--stream"]):
+        result = _torchwire(
+            "bench", "--target", repo_server.target, "--model", "scale", "--protocol", "v2",
+            "--concurrency", "2", "--duration", "1", "--warmup", "0.2", "--json", str(out),
+            "--quiet", *extra,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        report = json.loads(out.read_text())
+        _check_counts_and_order(report)
+        assert report["summary"]["errors"] == 0 and report["config"]["input_name"] == "x"

@@ -139,3 +139,24 @@ def test_tls_server_and_client(test_repo: Path, tmp_path: Path) -> None:
         with Client(server.target, timeout=2, retries=0) as plaintext:
             with pytest.raises(torchwire.UnavailableError):
                 plaintext.predict("scale", np.ones((1, 4)))
+
+
+def test_the_v2_protocol_round_trips_and_streams(
+    demo_server: ServerThread, demo_repo: Path
+) -> None:
+    features = np.random.default_rng(21).standard_normal((3, 256), dtype=np.float32)
+    expected = in_process(demo_repo / "recsys/1/model.pt")(features)
+    with Client(demo_server.target, protocol="v2", timeout=30) as client:
+        np.testing.assert_allclose(client.predict("recsys", features), expected, 1e-5, 1e-6)
+        streamed = list(client.stream("recsys", [features[:1], features[1:]]))
+        assert client.item_shape("resnet18") == (3, 224, 224)
+        with pytest.raises(torchwire.InvalidInputError) as bad:
+            client.predict("recsys", np.zeros((1, 255), np.float32))
+        assert "expected shape [N, 256]" in str(bad.value)
+
+    async def main() -> np.ndarray:
+        async with AsyncClient(demo_server.target, protocol="v2", timeout=30) as client:
+            return await client.predict("recsys", features)
+
+    np.testing.assert_allclose(asyncio.run(main()), expected, 1e-5, 1e-6)
+    np.testing.assert_allclose(np.concatenate(streamed), expected, 1e-5, 1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from support import Scale, ServerThread, in_process, write_model
+from support import Busy, Scale, ServerThread, in_process, write_model
 from torchwire.repository import ensure_demo_repository
 
 TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
@@ -293,3 +294,46 @@ def test_repo_check_on_good_and_broken_repositories(tmp_path: Path) -> None:
     assert "no version directory holds a model.pt" in bad.stdout
     assert "output 'y' should be FP32[7] per item, the model gives FP32[4]" in bad.stdout
     assert "ok" in lines["fine"]
+
+
+def test_variable_dimensions_batch_only_with_their_own_shape(tmp_path: Path) -> None:
+    write_model(tmp_path / "var", Same(), [-1])
+    with ServerThread(repository=tmp_path, watch="off") as server:
+        client = triton.InferenceServerClient(url=server.target)
+        try:
+            done: queue.Queue[Any] = queue.Queue()
+            arrays = [np.full((1, 2 + i % 3), i, np.float32) for i in range(24)]
+            for i, array in enumerate(arrays):
+                client.async_infer(
+                    "var",
+                    [_input("x", array)],
+                    callback=lambda result, error, i=i: done.put((i, result, error)),
+                )
+            results = [done.get(timeout=30) for _ in arrays]
+            assert client.get_model_metadata("var").inputs[0].shape == [-1, -1]
+        finally:
+            client.close()
+    for i, result, error in results:
+        assert error is None
+        np.testing.assert_array_equal(result.as_numpy("output"), arrays[i])
+
+
+def test_unload_lets_in_flight_requests_finish(tmp_path: Path) -> None:
+    write_model(tmp_path / "busy", Busy(), [4])
+    with ServerThread(repository=tmp_path, watch="off") as server:
+        client = triton.InferenceServerClient(url=server.target)
+        try:
+            done: queue.Queue[Any] = queue.Queue()
+            slow = np.array([[3000, 1, 0, 0]], np.float32)  # about a second of compute
+            client.async_infer(
+                "busy",
+                [_input("x", slow)],
+                callback=lambda result, error: done.put((result, error)),
+            )
+            time.sleep(0.3)
+            client.unload_model("busy")
+            result, error = done.get(timeout=30)
+            assert error is None and result.as_numpy("output").tolist() == [[3001.0]]
+            assert not client.is_model_ready("busy")
+        finally:
+            client.close()

@@ -134,17 +134,18 @@ def _bench_command(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     out = Console() if sys.stdout.isatty() else Console(width=120)
-    if args.protocol != "seed":
-        console.print("torchwire bench: the V2 protocol is not served by this version yet")
-        return 2
-    shape = args.shape
-    if shape is None:
-        try:
-            with Client(args.target, timeout=10) as client:
+    shape, input_name, datatype = args.shape, "", "FP32"
+    try:
+        with Client(args.target, timeout=10, protocol=args.protocol) as client:
+            if args.protocol == "v2":
+                spec = client.spec(args.model, args.version)
+                input_name, datatype = spec.input_name, spec.datatype
+                shape = shape or spec.item_shape
+            elif shape is None:
                 shape = client.item_shape(args.model)
-        except TorchwireError as exc:
-            console.print(f"torchwire bench: cannot ask {args.target} for the shape: {exc}")
-            return 2
+    except TorchwireError as exc:
+        console.print(f"torchwire bench: cannot ask {args.target} about {args.model}: {exc}")
+        return 2
     config = LoadConfig(
         target=args.target,
         model=args.model,
@@ -160,6 +161,9 @@ def _bench_command(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         channels=args.channels,
         raw=args.encoding == "raw",
+        protocol=args.protocol,
+        input_name=input_name,
+        datatype=datatype,
     )
     console.print(f"{args.model} at {args.target}: item shape {list(shape)}", highlight=False)
     if args.sweep:
@@ -189,6 +193,7 @@ def _add_predict(commands: Any) -> None:
     predict.add_argument("--input", required=True, type=Path, help="FILE.npy, items first")
     predict.add_argument("--output", type=Path, help="FILE.npy for the answer")
     predict.add_argument("--timeout", type=float, default=30.0, help="deadline, s (30)")
+    predict.add_argument("--protocol", choices=["seed", "v2"], default="seed")
     predict.set_defaults(func=_predict_command)
 
 
@@ -203,7 +208,7 @@ def _predict_command(args: argparse.Namespace) -> int:
         print(f"torchwire predict: cannot read {args.input}: {exc}", file=sys.stderr)
         return 2
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, protocol=args.protocol) as client:
             answer = client.predict(args.model, array, args.version)
     except TorchwireError as exc:
         print(f"torchwire predict: {exc.code}: {exc}", file=sys.stderr)

@@ -22,8 +22,10 @@ import grpc
 import numpy as np
 
 from torchwire.bench.stats import Recorder
+from torchwire.client import _v2 as v2
 from torchwire.client._channel import channel_options
 from torchwire.client._seed import PREDICT, PREDICT_STREAM, encode_request
+from torchwire.errors import TorchwireError
 
 MAX_OUTSTANDING = 50_000  # open loop: beyond this many unanswered requests, count an overflow
 
@@ -47,6 +49,9 @@ class LoadConfig:
     channels: int = 1
     raw: bool = True
     seed: int = 0
+    protocol: str = "seed"  # or "v2": ModelInfer / ModelStreamInfer
+    input_name: str = ""  # v2: the model's first input
+    datatype: str = "FP32"  # v2: its datatype
 
 
 # What a process reports: ("tick", second, ok, errors, histogram) each second of the measured
@@ -57,15 +62,25 @@ Report = Callable[[tuple[Any, ...]], None]
 
 def make_requests(config: LoadConfig, variants: int = 8) -> list[bytes]:
     rng = np.random.default_rng(config.seed)
-    return [
-        encode_request(
-            config.model,
-            rng.standard_normal((config.batch, *config.shape), dtype=np.float32),
-            config.version,
-            config.raw,
-        )
+    arrays = [
+        rng.standard_normal((config.batch, *config.shape), dtype=np.float32)
         for _ in range(variants)
     ]
+    if config.protocol == "v2":
+        spec = v2.Spec(config.input_name, config.datatype, config.shape)
+        return [v2.encode_infer(config.model, a, config.version, spec) for a in arrays]
+    return [encode_request(config.model, a, config.version, config.raw) for a in arrays]
+
+
+def stream_error(config: LoadConfig, answer: bytes) -> str | None:
+    """The status of an in-stream V2 error answer, or None for an answer (seed: always None)."""
+    if config.protocol != "v2":
+        return None
+    try:
+        v2.decode_stream(answer)
+    except TorchwireError as exc:
+        return exc.code
+    return None
 
 
 class LoadProcess:
@@ -76,6 +91,9 @@ class LoadProcess:
         self.measuring = False
         self.sent = 0  # requests sent while measuring
         self.requests = make_requests(config)
+        self.unary_path, self.stream_path = (
+            (PREDICT, PREDICT_STREAM) if config.protocol == "seed" else (v2.INFER, v2.STREAM)
+        )
         options = channel_options(0, 0, None)
         self.channels = [
             grpc.aio.insecure_channel(config.target, options)
@@ -109,14 +127,14 @@ class LoadProcess:
             self._done(intended, exc.code().name, counted)
 
     async def _closed_caller(self, index: int, until: float) -> None:
-        predict = self.channels[index % len(self.channels)].unary_unary(PREDICT)
+        predict = self.channels[index % len(self.channels)].unary_unary(self.unary_path)
         while time.perf_counter() < until:
             await self._unary(predict, time.perf_counter())
 
     # -- stream --------------------------------------------------------------------------------
 
     async def _closed_streamer(self, index: int, until: float) -> None:
-        open_stream = self.channels[index % len(self.channels)].stream_stream(PREDICT_STREAM)
+        open_stream = self.channels[index % len(self.channels)].stream_stream(self.stream_path)
         while time.perf_counter() < until:
             call = open_stream()
             intended, counted = time.perf_counter(), False
@@ -125,9 +143,10 @@ class LoadProcess:
                     intended = time.perf_counter()
                     request, counted = self._request()
                     await call.write(request)
-                    if await call.read() is grpc.aio.EOF:
+                    answer = await call.read()
+                    if answer is grpc.aio.EOF:
                         raise RuntimeError("stream ended early")
-                    self._done(intended, None, counted)
+                    self._done(intended, stream_error(self.config, answer), counted)
                 await call.done_writing()
             except grpc.aio.AioRpcError as exc:
                 self._done(intended, exc.code().name, counted)
@@ -142,7 +161,7 @@ class LoadProcess:
         spacing = 1.0 / config.rate
         tasks: set[asyncio.Task[None]] = set()
         lanes = [_StreamLane(self, ch) for ch in self.channels] if config.stream else []
-        predicts = [ch.unary_unary(PREDICT) for ch in self.channels]
+        predicts = [ch.unary_unary(self.unary_path) for ch in self.channels]
         intended = time.perf_counter()
         count = 0
         while intended < until:
@@ -220,7 +239,7 @@ class _StreamLane:
         self.load = load
         self.pending: deque[tuple[float, bool]] = deque()
         self._outbox: asyncio.Queue[float | None] = asyncio.Queue()
-        self._call = channel.stream_stream(PREDICT_STREAM)()
+        self._call = channel.stream_stream(load.stream_path)()
         self._writer = asyncio.create_task(self._write())
         self._reader = asyncio.create_task(self._read())
 
@@ -237,9 +256,8 @@ class _StreamLane:
     async def _read(self) -> None:
         try:
             while (answer := await self._call.read()) is not grpc.aio.EOF:
-                del answer
                 intended, counted = self.pending.popleft()
-                self.load._done(intended, None, counted)
+                self.load._done(intended, stream_error(self.load.config, answer), counted)
         except grpc.aio.AioRpcError as exc:
             while self.pending:
                 intended, counted = self.pending.popleft()

@@ -11,7 +11,16 @@ from typing import Any, Literal
 
 import grpc
 
-from torchwire.client._seed import PREDICT, PREDICT_STREAM, spread
+from torchwire.client import _v2 as v2
+from torchwire.client._seed import (
+    PREDICT,
+    PREDICT_STREAM,
+    NDArray,
+    decode_response,
+    encode_request,
+    items_of,
+    spread,
+)
 
 SEED_SERVICE = "ModelService"
 
@@ -95,7 +104,8 @@ class ClientBase:
         targets: ``host:port`` or a list of them; channels are spread over the targets.
         pool_size: channels (each its own connection).
         timeout: default deadline of each call, in seconds.
-        protocol: ``"seed"`` (the founding ``ModelService``); ``"v2"`` comes with that API.
+        protocol: ``"seed"`` (the founding ``ModelService``) or ``"v2"`` (KServe V2 ModelInfer;
+            the first input and output of the model).
         raw: send floats as one ``raw_inputs`` buffer (fast) instead of ``repeated float``.
         retries: retries of UNAVAILABLE with exponential backoff (0: none).
         keepalive_s: HTTP/2 keepalive ping interval while calls are active (0: off).
@@ -120,8 +130,10 @@ class ClientBase:
         keepalive_s: float = 30.0,
         tls: TLS | None = None,
     ) -> None:
-        if protocol != "seed":
-            raise ValueError("protocol 'v2' needs the KServe V2 API, which this server lacks")
+        if protocol not in ("seed", "v2"):
+            raise ValueError(f"protocol must be 'seed' or 'v2', got {protocol!r}")
+        self.protocol = protocol
+        self._specs: dict[tuple[str, str], v2.Spec] = {}
         options = channel_options(retries, keepalive_s, tls)
         self.timeout = timeout
         self.raw = raw
@@ -131,10 +143,29 @@ class ClientBase:
             else self._grpc.insecure_channel(t, options)
             for t in spread(targets, pool_size)
         ]
-        self._predict = [ch.unary_unary(PREDICT) for ch in self._channels]
-        self._streams = [ch.stream_stream(PREDICT_STREAM) for ch in self._channels]
+        unary, stream = (PREDICT, PREDICT_STREAM) if protocol == "seed" else (v2.INFER, v2.STREAM)
+        self._predict = [ch.unary_unary(unary) for ch in self._channels]
+        self._streams = [ch.stream_stream(stream) for ch in self._channels]
+        self._metadata = [ch.unary_unary(v2.METADATA) for ch in self._channels]
         self._turn = itertools.count()
 
     def _next(self) -> int:
         """The index of the next channel, round-robin."""
         return next(self._turn) % len(self._channels)
+
+    def _encode(self, model: str, array: NDArray, version: int | str | None) -> bytes:
+        if self.protocol == "seed":
+            return encode_request(model, array, version, self.raw)
+        return v2.encode_infer(model, array, version, self._specs[(model, str(version or ""))])
+
+    def _decode(self, data: bytes, array: NDArray, stream: bool = False) -> NDArray:
+        if self.protocol == "seed":
+            return decode_response(data, items_of(array))
+        return v2.decode_stream(data) if stream else v2.decode_infer(data)
+
+    def _needs_spec(self, model: str, version: int | str | None) -> bool:
+        return self.protocol == "v2" and (model, str(version or "")) not in self._specs
+
+    def _keep_spec(self, model: str, version: int | str | None, data: bytes) -> v2.Spec:
+        spec = self._specs[(model, str(version or ""))] = v2.parse_metadata(data)
+        return spec

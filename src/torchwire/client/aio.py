@@ -1,4 +1,4 @@
-"""``AsyncClient``: the asyncio client of the seed API."""
+"""``AsyncClient``: the asyncio client (seed API or KServe V2)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,9 @@ from typing import Any
 import grpc
 import numpy as np
 
+from torchwire.client import _v2 as v2
 from torchwire.client._channel import ClientBase
-from torchwire.client._seed import (
-    NDArray,
-    decode_response,
-    encode_request,
-    error_from,
-    item_shape_from,
-    items_of,
-)
+from torchwire.client._seed import NDArray, error_from, item_shape_from
 from torchwire.errors import TorchwireError
 
 
@@ -28,6 +22,15 @@ class AsyncClient(ClientBase):
 
     _grpc = grpc.aio
 
+    async def _spec(self, model: str, version: int | str | None, timeout: float | None) -> None:
+        if self._needs_spec(model, version):
+            call = self._metadata[self._next()]
+            try:
+                data = await call(v2.metadata_request(model, version), timeout=timeout)
+            except grpc.RpcError as exc:
+                raise error_from(exc) from None
+            self._keep_spec(model, version, data)
+
     async def predict(
         self,
         model: str,
@@ -35,14 +38,17 @@ class AsyncClient(ClientBase):
         version: int | str | None = None,
         timeout: float | None = None,
     ) -> NDArray:
-        """Answer for every item of ``array``: shape ``(items, -1)``, or flat for a 1-D array."""
+        """Answer for every item of ``array``: shape ``(items, -1)``, or flat for a 1-D array
+        (seed); the model's output shape (V2)."""
         array = np.asarray(array)
-        body = encode_request(model, array, version, self.raw)
+        timeout = timeout or self.timeout
+        await self._spec(model, version, timeout)
+        body = self._encode(model, array, version)
         try:
-            data = await self._predict[self._next()](body, timeout=timeout or self.timeout)
+            data = await self._predict[self._next()](body, timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
-        return decode_response(data, items_of(array))
+        return self._decode(data, array)
 
     async def stream(
         self,
@@ -51,35 +57,37 @@ class AsyncClient(ClientBase):
         version: int | str | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[NDArray]:
-        """One ``PredictStream``: yields the answer to each array, in order, as it comes."""
-        shapes: deque[int | None] = deque()
+        """One stream: yields the answer to each array, in order, as it comes."""
+        await self._spec(model, version, timeout or self.timeout)
+        sent: deque[NDArray] = deque()
+
+        def request(item: Any) -> bytes:
+            array = np.asarray(item)
+            sent.append(array)
+            return self._encode(model, array, version)
 
         async def requests() -> AsyncIterator[bytes]:
             if isinstance(arrays, AsyncIterable):
                 async for item in arrays:
-                    yield self._stream_request(model, item, version, shapes)
+                    yield request(item)
             else:
                 for item in arrays:
-                    yield self._stream_request(model, item, version, shapes)
+                    yield request(item)
 
         call = self._streams[self._next()](requests(), timeout=timeout)
         try:
             async for data in call:
-                yield decode_response(data, shapes.popleft())
+                yield self._decode(data, sent.popleft(), stream=True)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
         finally:
             call.cancel()
 
-    def _stream_request(
-        self, model: str, item: Any, version: int | str | None, shapes: deque[int | None]
-    ) -> bytes:
-        array = np.asarray(item)
-        shapes.append(items_of(array))
-        return encode_request(model, array, version, self.raw)
-
     async def item_shape(self, model: str, timeout: float | None = None) -> tuple[int, ...]:
         """The model's per-item input shape, as the server announces it."""
+        if self.protocol == "v2":
+            await self._spec(model, None, timeout or self.timeout)
+            return self._specs[(model, "")].item_shape
         try:
             await self.predict(model, np.zeros(0, np.float32), timeout=timeout)
         except TorchwireError as exc:

@@ -9,15 +9,9 @@ from typing import Any
 import grpc
 import numpy as np
 
+from torchwire.client import _v2 as v2
 from torchwire.client._channel import ClientBase
-from torchwire.client._seed import (
-    NDArray,
-    decode_response,
-    encode_request,
-    error_from,
-    item_shape_from,
-    items_of,
-)
+from torchwire.client._seed import NDArray, error_from, item_shape_from
 from torchwire.errors import TorchwireError
 
 
@@ -26,6 +20,15 @@ class Client(ClientBase):
 
     _grpc = grpc
 
+    def _spec(self, model: str, version: int | str | None, timeout: float | None) -> None:
+        if self._needs_spec(model, version):
+            call = self._metadata[self._next()]
+            try:
+                data = call(v2.metadata_request(model, version), timeout=timeout)
+            except grpc.RpcError as exc:
+                raise error_from(exc) from None
+            self._keep_spec(model, version, data)
+
     def predict(
         self,
         model: str,
@@ -33,14 +36,17 @@ class Client(ClientBase):
         version: int | str | None = None,
         timeout: float | None = None,
     ) -> NDArray:
-        """Answer for every item of ``array``: shape ``(items, -1)``, or flat for a 1-D array."""
+        """Answer for every item of ``array``: shape ``(items, -1)``, or flat for a 1-D array
+        (seed); the model's output shape (V2)."""
         array = np.asarray(array)
-        body = encode_request(model, array, version, self.raw)
+        timeout = timeout or self.timeout
+        self._spec(model, version, timeout)
+        body = self._encode(model, array, version)
         try:
-            data = self._predict[self._next()](body, timeout=timeout or self.timeout)
+            data = self._predict[self._next()](body, timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
-        return decode_response(data, items_of(array))
+        return self._decode(data, array)
 
     def stream(
         self,
@@ -49,19 +55,20 @@ class Client(ClientBase):
         version: int | str | None = None,
         timeout: float | None = None,
     ) -> Iterator[NDArray]:
-        """One ``PredictStream``: yields the answer to each array, in order, as it comes."""
-        shapes: deque[int | None] = deque()
+        """One stream: yields the answer to each array, in order, as it comes."""
+        self._spec(model, version, timeout or self.timeout)
+        sent: deque[NDArray] = deque()
 
         def requests() -> Iterator[bytes]:
             for item in arrays:
                 array = np.asarray(item)
-                shapes.append(items_of(array))
-                yield encode_request(model, array, version, self.raw)
+                sent.append(array)
+                yield self._encode(model, array, version)
 
         call = self._streams[self._next()](requests(), timeout=timeout)
         try:
             for data in call:
-                yield decode_response(data, shapes.popleft())
+                yield self._decode(data, sent.popleft(), stream=True)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
         finally:
@@ -69,11 +76,19 @@ class Client(ClientBase):
 
     def item_shape(self, model: str, timeout: float | None = None) -> tuple[int, ...]:
         """The model's per-item input shape, as the server announces it."""
+        if self.protocol == "v2":
+            self._spec(model, None, timeout or self.timeout)
+            return self._specs[(model, "")].item_shape
         try:
             self.predict(model, np.zeros(0, np.float32), timeout=timeout)
         except TorchwireError as exc:
             return item_shape_from(exc)
         raise TorchwireError(f"server accepted an empty request for {model!r}", "UNKNOWN")
+
+    def spec(self, model: str, version: int | str | None = None) -> v2.Spec:
+        """The model's first input (V2 metadata)."""
+        self._spec(model, version, self.timeout)
+        return self._specs[(model, str(version or ""))]
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until every channel is connected."""
