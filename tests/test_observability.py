@@ -214,6 +214,7 @@ def test_reflection_lists_every_service(demo_server: ServerThread) -> None:
         services = set(database.get_services())
         assert {
             "ModelService",
+            "inference.GRPCInferenceService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
         } <= services

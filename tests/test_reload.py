@@ -16,12 +16,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from test_cli import CliServer
 from torch import nn
 
 from support import Busy, Scale, ServerThread, health_status, write_model
+from torchwire import Client, TorchwireError
 
 FAST_WATCH = {"watch_interval_s": 0.1, "watch_settle_s": 0.3}
 
@@ -84,15 +86,25 @@ def loads(server: ServerThread, model: str, outcome: str) -> float:
 
 
 class Load:
-    """Clients calling Predict in a loop from threads until stopped; every outcome is kept."""
+    """Clients calling a model in a loop from threads until stopped; every outcome is kept.
 
-    def __init__(self, target: str, seed: SimpleNamespace, clients: int, **metadata: str) -> None:
+    Half the clients use the seed API (a client generated from the founding proto), half KServe
+    V2 (torchwire's client with protocol="v2").
+    """
+
+    def __init__(self, target: str, seed: SimpleNamespace, clients: int, model: str) -> None:
         self._channel = grpc.insecure_channel(target)
-        self._stub = seed.grpc.ModelServiceStub(self._channel)
-        self._request = seed.pb2.PredictRequest(inputs=[1, 1, 1, 1], metadata=metadata)
+        stub = seed.grpc.ModelServiceStub(self._channel)
+        request = seed.pb2.PredictRequest(inputs=[1, 1, 1, 1], metadata={"model": model})
+        self._v2 = Client(target, protocol="v2", timeout=30)
+        ones = np.ones((1, 4), np.float32)
+        self._calls: list[Callable[[], tuple[float, ...]]] = [
+            lambda: tuple(stub.Predict(request, timeout=30).outputs),
+            lambda: tuple(float(v) for v in self._v2.predict(model, ones).ravel()),
+        ]
         self._stop = threading.Event()
         self.answers: list[list[tuple[float, ...]]] = [[] for _ in range(clients)]
-        self.errors: list[grpc.RpcError] = []
+        self.errors: list[Exception] = []
         self._threads = [
             threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)
         ]
@@ -100,11 +112,11 @@ class Load:
             thread.start()
 
     def _run(self, index: int) -> None:
+        call = self._calls[index % 2]
         while not self._stop.is_set():
             try:
-                answer = tuple(self._stub.Predict(self._request, timeout=30).outputs)
-                self.answers[index].append(answer)
-            except grpc.RpcError as error:
+                self.answers[index].append(call())
+            except (grpc.RpcError, TorchwireError) as error:
                 self.errors.append(error)
 
     def latest(self) -> set[tuple[float, ...]]:
@@ -115,6 +127,7 @@ class Load:
         for thread in self._threads:
             thread.join(30)
         self._channel.close()
+        self._v2.close()
 
 
 @pytest.fixture
