@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import os
 import queue as queue_module
 import time
 from collections import Counter
@@ -273,7 +272,3 @@ def sweep(
 def best_step(steps: list[SweepStep]) -> SweepStep | None:
     passed = [s for s in steps if s.passed]
     return max(passed, key=lambda s: s.result.qps) if passed else None
-
-
-def default_procs() -> int:
-    return 1 if (os.cpu_count() or 1) <= 2 else 2

@@ -35,7 +35,6 @@ class RepositoryWatcher:
         self.mode = mode
         self.interval_s = interval_s
         self.settle_s = settle_s
-        self.reconciles = 0
         self._wake = asyncio.Event()
         self._forced = False
         self._stop = asyncio.Event()
@@ -93,7 +92,6 @@ class RepositoryWatcher:
                     await self.repository.reconcile()
                 except Exception:  # a bug must not end watching
                     log.exception("reconciling the repository failed")
-                self.reconciles += 1
                 applied = current
         finally:
             if notifier is not None:

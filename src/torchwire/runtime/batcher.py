@@ -118,10 +118,6 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = VersionStats()
 
-    @property
-    def queued_items(self) -> int:
-        return self._queued_items
-
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the inference threads; answers are delivered on ``loop``."""
         self._loop = loop

@@ -96,7 +96,6 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._stopped = asyncio.Event()
 
     async def start(self) -> int:
         """Bind, load every model, report SERVING; return the bound port.
@@ -222,11 +221,6 @@ class Server:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-        self._stopped.set()
-
-    async def wait_stopped(self) -> None:
-        """Wait until ``stop`` has finished."""
-        await self._stopped.wait()
 
     def _log_banner(self) -> None:
         assert self.repository is not None
