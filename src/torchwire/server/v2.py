@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from torchwire import __version__
-from torchwire.errors import InvalidInputError, TorchwireError
+from torchwire.errors import InvalidInputError, ModelNotFoundError, TorchwireError
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher
 from torchwire.runtime.model import Arrays
@@ -61,6 +61,12 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         self._observer = observer
         self._health = health
 
+    def _model(self, name: str, version: str) -> Batcher:
+        """The version a V2 request names; V2 has no default model, so a name is required."""
+        if not name:
+            raise ModelNotFoundError("no model name given; V2 requests must name their model")
+        return self._repository.get(name, version or None)
+
     # -- server and model state ----------------------------------------------------------------
 
     async def ServerLive(
@@ -77,7 +83,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         self, request: pb.ModelReadyRequest, context: object
     ) -> pb.ModelReadyResponse:
         try:
-            self._repository.get(request.name or "\0", request.version or None)
+            self._model(request.name, request.version)
         except TorchwireError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -93,7 +99,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        batcher = self._repository.get(request.name or "\0", request.version or None)
+        batcher = self._model(request.name, request.version)
         model = batcher.model
         served = self._repository.models[batcher.name]
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -113,7 +119,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        batcher = self._repository.get(request.name or "\0", request.version or None)
+        batcher = self._model(request.name, request.version)
         model = batcher.model
         config = model.config
 
@@ -198,7 +204,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     # -- inference -------------------------------------------------------------------------------
 
     def _queue(self, request: pb.ModelInferRequest, call: Call, deadline: float | None) -> _Queued:
-        batcher = self._repository.get(request.model_name, request.model_version or None)
+        batcher = self._model(request.model_name, request.model_version)
         call.target(batcher)
         arrays, call.items = decode_infer(request, batcher.model)
         selected = requested_outputs(request, batcher.model)
