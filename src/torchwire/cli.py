@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from torchwire.config import ENV_PREFIX, ServerSettings, load_settings
+from torchwire.config import ENV_PREFIX, ServerSettings, load_settings, parse_shape
 from torchwire.errors import ConfigError, TorchwireError
 from torchwire.logs import configure_logging
 
@@ -74,11 +74,9 @@ def _repo_check_command(args: argparse.Namespace) -> int:
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_bench(commands: Any) -> None:

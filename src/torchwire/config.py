@@ -26,16 +26,19 @@ def _default_cache_dir() -> Path:
     return Path(base) / "torchwire"
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"3,224,224"`` (or ``3x224x224``) as a tuple; ``ValueError`` saying what was expected."""
+    try:
+        return tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise ValueError(
+            f"expected comma-separated integers like 3,224,224, got {text!r}"
+        ) from None
+
+
 def _parse_shape(value: Any) -> Any:
-    """Accept ``"3,224,224"`` (flag or env var) as well as a list."""
-    if isinstance(value, str):
-        try:
-            return tuple(int(part) for part in value.replace("x", ",").split(",") if part.strip())
-        except ValueError:
-            raise ValueError(
-                f"expected comma-separated integers like 3,224,224, got {value!r}"
-            ) from None
-    return value
+    """Accept a string (flag or env var) as well as a list."""
+    return parse_shape(value) if isinstance(value, str) else value
 
 
 class _Strict(BaseModel):

@@ -262,15 +262,12 @@ class Batcher:
         count = len(batch[0].arrays)
         inputs = [_stack([r.arrays[i] for r in batch]) for i in range(count)]
         started = time.monotonic()
+        succeeded = False
         try:
             outputs = self.model(inputs)
+            succeeded = True
         finally:
-            self._count(batch, inputs[0].shape[0], started)
-        if self._metrics is not None:
-            self._metrics.compute_duration.observe(time.monotonic() - started)
-            self._metrics.batch_size.observe(inputs[0].shape[0])
-            for request in batch:
-                self._metrics.queue_duration.observe(started - request.enqueued_at)
+            self._count(batch, inputs[0].shape[0], started, succeeded)
         if len(batch) == 1:
             return [(batch[0], outputs)]
         outcomes: list[_Outcome] = []
@@ -281,15 +278,22 @@ class Batcher:
             start = stop
         return outcomes
 
-    def _count(self, batch: list[_Request], items: int, started: float) -> None:
-        stats, now = self.stats, time.monotonic()
+    def _count(self, batch: list[_Request], items: int, started: float, succeeded: bool) -> None:
+        """One model call: into the V2 statistics always, into the metrics when it succeeded."""
+        stats, compute = self.stats, time.monotonic() - started
+        waits = [started - r.enqueued_at for r in batch]
         stats.execution_count += 1
         stats.inference_count += items
         stats.compute_count += 1
-        stats.compute_ns += int((now - started) * 1e9)
+        stats.compute_ns += int(compute * 1e9)
         stats.queue_count += len(batch)
-        stats.queue_ns += int(sum(started - r.enqueued_at for r in batch) * 1e9)
+        stats.queue_ns += int(sum(waits) * 1e9)
         stats.last_inference_ms = int(time.time() * 1000)
+        if succeeded and self._metrics is not None:
+            self._metrics.compute_duration.observe(compute)
+            self._metrics.batch_size.observe(items)
+            for wait in waits:
+                self._metrics.queue_duration.observe(wait)
 
     def _tally(self, outcomes: list[_Outcome]) -> None:
         """Success and failure counts with their time from enqueue to answer."""
