@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib
+import os
+import re
+import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -22,6 +26,9 @@ from torchwire.config import ServerSettings
 from torchwire.server import Server
 
 SEED_PROTO = Path(__file__).parent / "seed_proto" / "model.proto"
+TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
+BANNER = re.compile(r"torchwire serving on [^ ]+:(\d+) \(gRPC")
+METRICS_LINE = re.compile(r"metrics: http://[^ ]+:(\d+)/metrics")
 
 
 def compile_seed_client(out: Path) -> tuple[ModuleType, ModuleType]:
@@ -184,3 +191,77 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class CliServer:
+    """`torchwire serve ...` in a child process; the port is read from its start-up banner, and
+    tests wait for the lines it logs (``wait_for``) instead of sleeping."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [TORCHWIRE, "serve", "--host", "127.0.0.1", "--metrics-host", "127.0.0.1", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "TORCHWIRE_METRICS_PORT": "0", **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._port: int | None = None
+        self._ready = threading.Event()
+        self._new_line = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
+            if match := BANNER.search(line):
+                self._port = int(match.group(1))
+                self._ready.set()
+        self._ready.set()
+        with self._new_line:
+            self._new_line.notify_all()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 120) -> str:
+        assert self._ready.wait(timeout), f"no start-up banner:\n{self.output}"
+        assert self._port is not None, f"server exited before serving:\n{self.output}"
+        return f"127.0.0.1:{self._port}"
+
+    def metrics_url(self) -> str:
+        port = self.wait_for(METRICS_LINE.pattern)[0].group(1)
+        return f"http://127.0.0.1:{port}/metrics"
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 120) -> list[re.Match[str]]:
+        """Wait until ``count`` logged lines match ``pattern``; return the matches."""
+        regex = re.compile(pattern)
+
+        def found() -> list[re.Match[str]]:
+            return [m for line in self.lines if (m := regex.search(line))]
+
+        with self._new_line:
+            done = self._new_line.wait_for(
+                lambda: len(found()) >= count or not self._reader.is_alive(), timeout
+            )
+            matches = found()
+        assert done and len(matches) >= count, f"never logged {pattern!r}:\n{self.output}"
+        return matches
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._reader.join(10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()

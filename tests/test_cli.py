@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,59 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from support import Scale, health_status, in_process
-
-TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
-BANNER = re.compile(r"torchwire serving on [^ ]+:(\d+) \(gRPC")
-
-
-class CliServer:
-    """`torchwire serve ...` in a child process; the port is read from its start-up banner."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [TORCHWIRE, "serve", "--host", "127.0.0.1", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "TORCHWIRE_METRICS_PORT": "0", **(env or {})},
-        )
-        self.lines: list[str] = []
-        self._port: int | None = None
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if match := BANNER.search(line):
-                self._port = int(match.group(1))
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self, timeout: float = 120) -> str:
-        assert self._ready.wait(timeout), f"no start-up banner:\n{self.output}"
-        assert self._port is not None, f"server exited before serving:\n{self.output}"
-        return f"127.0.0.1:{self._port}"
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        return self.process.wait(timeout)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self._reader.join(10)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
+from support import TORCHWIRE, CliServer, Scale, health_status, in_process
 
 
 @pytest.fixture

@@ -60,3 +60,12 @@ def test_model_config_errors_name_file_key_and_expectation(tmp_path: Path) -> No
     path.write_text("[[inputs]\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_model_config(path)
+
+
+def test_workers_auto_is_one_per_available_core() -> None:
+    from torchwire.config import ServerSettings, available_cores
+
+    assert ServerSettings(workers="auto").worker_count() == available_cores() >= 1
+    assert load_settings({"workers": "3"}, environ={}).worker_count() == 3
+    with pytest.raises(ConfigError, match="workers"):
+        load_settings({"workers": "0"}, environ={})

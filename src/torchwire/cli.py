@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,62 +226,15 @@ def _serve_command(args: argparse.Namespace) -> int:
         print(f"torchwire: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
-        return runner.run(serve(settings))
+    if settings.worker_count() > 1:  # child processes under a supervisor, which loads no torch
+        from torchwire.fleet import Supervisor
 
+        return asyncio.run(Supervisor(settings).run())
+    # torchwire.server imports torch: only for the command that needs it
+    from torchwire.server import Server
+    from torchwire.server.lifecycle import run_in_loop, serve_until_stopped
 
-def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise SystemExit("torchwire: --event-loop uvloop needs the uvloop package") from None
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
-async def serve(settings: ServerSettings) -> int:
-    """Serve until SIGTERM or SIGINT (a second SIGINT exits at once); return the exit code."""
-    from torchwire.server import Server  # imports torch: only for the command that needs it
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def request_stop(signum: int) -> None:
-        if stop.is_set():
-            if signum == signal.SIGINT:  # Ctrl-C twice: the user does not want to wait
-                log.warning("second SIGINT: exiting now")
-                os._exit(1)
-            return
-        log.info("%s received: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, request_stop, signum)
-
-    server = Server(settings)
-    loop.add_signal_handler(signal.SIGHUP, server.rescan)
-    starting = asyncio.create_task(server.start())
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if starting.done():
-        try:
-            starting.result()
-        except ConfigError as exc:
-            log.error("%s", exc)
-            stopping.cancel()
-            await server.stop(grace_s=0)
-            return 2
-        await stopping
-    else:
-        starting.cancel()
-        await asyncio.gather(starting, return_exceptions=True)
-    await server.stop()
-    log.info("stopped")
-    return 0
+    return run_in_loop(settings.event_loop, lambda: serve_until_stopped(Server(settings)))
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

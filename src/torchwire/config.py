@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -24,6 +24,19 @@ ENV_PREFIX = "TORCHWIRE_"
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "torchwire"
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (what a
+    Kubernetes CPU limit sets), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores or 1, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores or 1)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -65,8 +78,9 @@ class ServerSettings(_Strict):
     """Address of the /metrics endpoint."""
     metrics_enabled: bool = True
     """Serve Prometheus metrics at all."""
-    workers: int = Field(1, ge=1)
-    """Server processes sharing the port."""
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    """Server processes sharing the port under a supervisor (auto: one per core available to
+    this process, cgroup CPU limit included); each loads its own copy of every model."""
     default_model: str | None = None
     """Model answering seed requests without metadata["model"]; default: the first by name."""
     grace_period_s: float = Field(10.0, ge=0)
@@ -110,6 +124,10 @@ class ServerSettings(_Strict):
     """Also NOT_SERVING while this process's resident memory exceeds this; 0: no limit."""
 
     _parse_input_shape = field_validator("input_shape", mode="before")(_parse_shape)
+
+    def worker_count(self) -> int:
+        """``workers`` as a number: ``auto`` is the cores this process may use."""
+        return available_cores() if self.workers == "auto" else self.workers
 
     @classmethod
     def field_help(cls) -> dict[str, str]:

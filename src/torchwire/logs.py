@@ -30,13 +30,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: str, fmt: LogFormat = "text") -> None:
-    """Send torchwire's logs (and everyone else's) to stderr at ``level``."""
+class _Worker(logging.Filter):
+    """Marks every record with the worker that logged it (``--workers``)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def configure_logging(level: str, fmt: LogFormat = "text", worker: int | None = None) -> None:
+    """Send torchwire's logs (and everyone else's) to stderr at ``level``; a worker's lines say
+    which worker wrote them (``[worker 1]``, or ``"worker": 1`` in JSON)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        tag = "" if worker is None else f"[worker {worker}] "
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
+        )
+    if worker is not None:
+        handler.addFilter(_Worker(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

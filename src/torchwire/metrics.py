@@ -81,9 +81,10 @@ class Metrics:
         )
         self.inflight = Gauge(
             "torchwire_inflight_requests",
-            "Requests being served (queued, computing or being answered).",
+            "Requests being served (queued, computing or being answered), summed over workers.",
             ["model"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.model_loads = Counter(
             "torchwire_model_loads",
@@ -93,9 +94,10 @@ class Metrics:
         )
         self.model_version = Gauge(
             "torchwire_model_version",
-            "The version that answers requests naming no version.",
+            "The version that answers requests naming no version (the highest any worker serves).",
             ["model"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.watchdog_transitions = Counter(
             "torchwire_watchdog_transitions",
@@ -105,8 +107,9 @@ class Metrics:
         )
         self.memory_available = Gauge(
             "torchwire_memory_available_bytes",
-            "Host memory available, as the watchdog last read it.",
+            "Host memory available, as the watchdog last read it (the lowest of the workers').",
             registry=registry,
+            multiprocess_mode="livemin",
         )
 
     def for_model(self, model: str) -> ModelMetrics:

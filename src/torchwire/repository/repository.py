@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from torchwire.errors import ConfigError, ModelNotFoundError, UnavailableError
@@ -72,6 +72,8 @@ class ModelRepository:
         metrics: where loads, versions and batches are counted.
         on_model_change: awaited with (name, True) when a model becomes served and
             (name, False) when it stops being served.
+        unloaded: models to leave unloaded, as if ``unload`` had been called (a worker that
+            starts after a client unloaded them on the others).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class ModelRepository:
         torch_threads: int = 0,
         metrics: Metrics | None = None,
         on_model_change: ModelListener | None = None,
+        unloaded: Iterable[str] = (),
     ) -> None:
         self.scanner = scanner
         self.default_model = default_model or ""
@@ -92,7 +95,7 @@ class ModelRepository:
         self._lock = asyncio.Lock()  # one reconcile at a time: never two loads of one model
         self._failed: dict[tuple[str, int], tuple[LoadKey, str]] = {}
         self._scan_errors: dict[str, str] = {}
-        self._unloaded: set[str] = set()
+        self._unloaded: set[str] = set(unloaded)
         self._retiring: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
@@ -106,7 +109,7 @@ class ModelRepository:
                     f"default model {self.default_model!r} is not served; models: {names}"
                 )
             self.default_model = self.default_model or names[0]
-            for name in names:
+            for name in (name for name in names if name not in self._unloaded):
                 source = scan.sources[name]
                 served = ServedModel(name)
                 for version in sorted(source.files):
@@ -219,6 +222,8 @@ class ModelRepository:
 
     async def _remove(self, name: str) -> None:
         served = self.models.pop(name)
+        # Under --workers, a removed gauge child stays in the shared file: 0 says "not served".
+        self.metrics.model_version.labels(name).set(0)
         self.metrics.model_version.remove(name)
         if self.on_model_change is not None:
             await self.on_model_change(name, False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from torchwire.repository import (
     Scanner,
     ensure_demo_repository,
 )
+from torchwire.server.control import WorkerRole
 from torchwire.server.health import Health
 from torchwire.server.observe import Observer
 from torchwire.server.reflection import reflection_pool
@@ -43,8 +45,6 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 
 def scanner_for(settings: ServerSettings) -> Scanner:
     """What to serve: ``--repository``, else ``--model``, else the built-in demo repository."""
-    if settings.workers != 1:
-        raise ConfigError("--workers other than 1 is not implemented yet")
     if settings.repository and settings.model:
         raise ConfigError("give --repository or --model, not both")
     if settings.model:
@@ -76,14 +76,18 @@ class Server:
 
     Args:
         settings: how to run; ``port = 0`` binds a free port (see ``port`` after ``start``).
+        worker: set when this server is one of several workers on one port (``--workers``):
+            it shares the port, its metrics go to the supervisor's page, and model loads and
+            unloads asked for by clients go through the supervisor to every worker.
     """
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, worker: WorkerRole | None = None) -> None:
         self.settings = settings
+        self.worker = worker
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.repository: ModelRepository | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(process_metrics=worker is None)
         self.health = Health([SEED_SERVICE, V2_SERVICE])
         self.watchdog = MemoryWatchdog(
             self.health.memory,
@@ -112,6 +116,7 @@ class Server:
             self.settings.torch_threads,
             self.metrics,
             on_model_change=self.health.model,
+            unloaded=self.worker.unloaded if self.worker else (),
         )
         self.repository = repository
         self._start_metrics()
@@ -150,7 +155,7 @@ class Server:
                 ("grpc.max_send_message_length", self.settings.max_message_bytes),
                 # One process per port unless --workers asks for sharing: a second server on a
                 # busy port must fail, not silently split the traffic.
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(self.worker is not None)),
                 # Let clients keep connections alive with pings (every 10 s at most).
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -160,7 +165,10 @@ class Server:
         observer = Observer(self.metrics, access_log=self.settings.access_log)
         server.add_generic_rpc_handlers((SeedServicer(repository, observer).handler(),))
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            V2Servicer(repository, observer, self.health), server
+            V2Servicer(
+                repository, observer, self.health, self.worker.control if self.worker else None
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         services = [SEED_SERVICE, V2_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
@@ -230,7 +238,14 @@ class Server:
     def _log_banner(self) -> None:
         assert self.repository is not None
         tls = " over TLS" if self.settings.tls_cert else ""
-        lines = [f"torchwire serving on {self.settings.host}:{self.port} (gRPC{tls})"]
+        where = f"{self.settings.host}:{self.port} (gRPC{tls})"
+        if self.worker is not None:  # the supervisor says "serving" once every worker is ready
+            log.info("worker %d (pid %d) ready on %s", self.worker.index, os.getpid(), where)
+            if self.worker.index != 0:
+                return
+            lines = [f"worker {self.worker.index} models:"]
+        else:
+            lines = [f"torchwire serving on {where}"]
         for name, served in sorted(self.repository.models.items()):
             batcher = served.versions[served.default_version]
             model = batcher.model

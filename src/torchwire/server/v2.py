@@ -21,6 +21,7 @@ from torchwire.errors import InvalidInputError, ModelNotFoundError, TorchwireErr
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher
 from torchwire.runtime.model import Arrays
+from torchwire.server.control import ModelControl
 from torchwire.server.health import Health
 from torchwire.server.observe import Call, Observer
 from torchwire.server.seed import STREAM_WINDOW, call_deadline
@@ -56,8 +57,15 @@ class _Queued:
 
 
 class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, repository: ModelRepository, observer: Observer, health: Health) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        observer: Observer,
+        health: Health,
+        control: ModelControl | None = None,
+    ) -> None:
         self._repository = repository
+        self._control: ModelControl = control or repository
         self._observer = observer
         self._health = health
 
@@ -191,14 +199,14 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        await self._repository.load_model(check_model_name(request.model_name))
+        await self._control.load_model(check_model_name(request.model_name))
         return pb.RepositoryModelLoadResponse()
 
     @unary_errors
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._repository.unload(check_model_name(request.model_name))
+        await self._control.unload(check_model_name(request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference -------------------------------------------------------------------------------

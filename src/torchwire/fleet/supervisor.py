@@ -1,0 +1,347 @@
+"""``torchwire serve --workers N``: a supervisor process and N worker processes on one port.
+
+Each worker is a whole server (``torchwire.fleet.worker``): its own event loop, batchers and copy
+of every model, bound to the shared gRPC port with SO_REUSEPORT, so the kernel spreads new
+connections over the workers. The supervisor loads no model. It holds the port (bound, never
+listening: it picks the port for ``--port 0`` and keeps anyone else off it), serves the one
+/metrics page, and keeps each worker slot filled:
+
+- a worker that exits is started again, at once after a long run, with a growing pause when it
+  keeps dying, and counted in ``torchwire_worker_restarts_total``; one that fails to start
+  ``MAX_START_FAILURES`` times in a row (or with a bad configuration, exit code 2) stops the
+  whole server with a non-zero exit code instead of looping forever;
+- SIGTERM/SIGINT: every worker drains as a lone server does, then the supervisor exits 0;
+  SIGHUP: every worker rescans its models;
+- a model load or unload a client asks of one worker comes here over that worker's link and is
+  applied on every worker before the client gets its answer; a worker started later starts with
+  the same models unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from torchwire.config import ServerSettings, available_cores
+from torchwire.errors import ConfigError, TorchwireError
+from torchwire.fleet.link import Link, Message
+from torchwire.fleet.metrics import FleetMetrics
+
+log = logging.getLogger("torchwire.fleet")
+
+WORKER_SPEC_ENV = "TORCHWIRE_WORKER_SPEC"
+"""How a worker gets its orders: a JSON object (``WorkerSpec`` in ``torchwire.fleet.worker``)."""
+START_FAILED = 2
+"""A worker's exit code for a configuration it cannot start with: retrying will not help."""
+MAX_START_FAILURES = 5
+"""A slot whose worker fails to start this many times in a row stops the server."""
+STABLE_RUN_S = 30.0
+"""A worker that served this long before exiting is restarted at once (no pause)."""
+MAX_PAUSE_S = 10.0
+"""Longest pause before starting a worker that keeps dying."""
+STOP_MARGIN_S = 15.0
+"""Beyond the shutdown delay and grace period, how long workers get to exit before SIGKILL."""
+
+
+@dataclass(eq=False)
+class Worker:
+    """One worker process and the supervisor's view of it."""
+
+    index: int
+    process: asyncio.subprocess.Process
+    unloaded_at_start: frozenset[str]
+    link: Link | None = None
+    started: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def describe(self) -> str:
+        return f"worker {self.index} (pid {self.pid})"
+
+
+def exit_cause(code: int) -> str:
+    """``exited with code 3`` or ``killed by SIGKILL``."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Supervisor:
+    """Runs ``settings.worker_count()`` workers on one port until SIGTERM or SIGINT."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.count = settings.worker_count()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._workers: dict[int, Worker] = {}
+        self._unloaded: set[str] = set()
+        self._control = asyncio.Lock()  # one load/unload at a time, in the same order everywhere
+        self._stopping = asyncio.Event()
+        self._all_ready = asyncio.Event()
+        self._exit_code = 0
+        self._clean = True
+        self._metrics_dir = tempfile.mkdtemp(prefix="torchwire-metrics-")
+        self.metrics = FleetMetrics(self._metrics_dir, self.pids)
+        self._port_holder: socket.socket | None = None
+
+    def pids(self) -> dict[int, int]:
+        """The live workers: number to PID."""
+        return {i: w.pid for i, w in self._workers.items() if w.process.returncode is None}
+
+    async def run(self) -> int:
+        """Start the workers, serve until told to stop, stop them; return the exit code."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._request_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        try:
+            self._hold_port()
+            if self.settings.metrics_enabled:
+                self.metrics_port = self.metrics.serve(
+                    self.settings.metrics_host, self.settings.metrics_port
+                )
+        except ConfigError as exc:
+            log.error("%s", exc)
+            self._cleanup()
+            return START_FAILED
+        slots = [asyncio.create_task(self._keep(index)) for index in range(self.count)]
+        ready = asyncio.create_task(self._all_ready.wait())
+        stopping = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done() and not self._stopping.is_set():
+            self._log_banner()
+        await stopping
+        ready.cancel()
+        await self._stop_workers(slots)
+        self._cleanup()
+        log.info("stopped")
+        return self._exit_code or (0 if self._clean else 1)
+
+    # -- the port ----------------------------------------------------------------------------
+
+    def _hold_port(self) -> None:
+        """Bind the gRPC port with SO_REUSEPORT (never listening) so the workers can share it
+        and nobody else can take it; a port already in use is an error, not a silent share."""
+        host, port = self.settings.host, self.settings.port
+        try:
+            family, kind, _, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            if port:
+                with socket.socket(family, kind) as probe:  # fails if anything listens there
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(address)
+            holder = socket.socket(family, kind)
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            holder.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from None
+        self._port_holder = holder
+        self.port = holder.getsockname()[1]
+
+    # -- worker slots ------------------------------------------------------------------------
+
+    async def _keep(self, index: int) -> None:
+        """Keep slot ``index`` filled until the server stops or gives up on it."""
+        start_failures = 0
+        streak = 0  # exits in a row after short lives
+        while not self._stopping.is_set():
+            worker = await self._spawn(index)
+            code = await worker.process.wait()
+            await self._exited(worker, code)
+            if self._stopping.is_set():
+                if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+                    self._clean = False
+                return
+            if worker.ready_at is None:
+                start_failures += 1
+                if code == START_FAILED or start_failures >= MAX_START_FAILURES:
+                    why = "its configuration" if code == START_FAILED else "repeated failures"
+                    log.error(
+                        "%s failed to start %d time(s) in a row (%s, last %s): stopping the server",
+                        f"worker {index}", start_failures, why, exit_cause(code),
+                    )  # fmt: skip
+                    self._exit_code = START_FAILED if code == START_FAILED else 1
+                    self._stopping.set()
+                    return
+            else:
+                start_failures = 0
+            stable = worker.ready_at is not None and time.monotonic() - worker.ready_at >= (
+                STABLE_RUN_S
+            )
+            streak = 0 if stable else streak + 1
+            pause = 0.0 if streak == 0 else min(MAX_PAUSE_S, 0.5 * 2 ** (streak - 1))
+            log.warning(
+                "%s %s; starting it again in %.1f s", worker.describe(), exit_cause(code), pause
+            )
+            self.metrics.restarts.labels(str(index)).inc()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), pause)
+
+    async def _spawn(self, index: int) -> Worker:
+        parent_end, child_end = socket.socketpair()
+        threads = self.settings.torch_threads or max(1, available_cores() // self.count)
+        settings = self.settings.model_copy(
+            update={"port": self.port, "metrics_enabled": False, "torch_threads": threads}
+        )
+        unloaded = frozenset(self._unloaded)
+        spec = {
+            "index": index,
+            "link_fd": child_end.fileno(),
+            "unloaded": sorted(unloaded),
+            "settings": settings.model_dump(mode="json"),
+        }
+        env = {
+            **os.environ,
+            WORKER_SPEC_ENV: json.dumps(spec),
+            "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir,
+        }
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "torchwire.fleet.worker",
+                env=env,
+                pass_fds=[child_end.fileno()],
+            )
+        finally:
+            child_end.close()
+        worker = Worker(index, process, unloaded)
+        self._workers[index] = worker
+        worker.link = await Link.open(parent_end, lambda message: self._on_message(worker, message))
+        self.metrics.worker_started(index, process.pid)
+        log.info("%s started", worker.describe())
+        return worker
+
+    async def _exited(self, worker: Worker, code: int) -> None:
+        if worker.ready_at is not None:
+            self.metrics.ready.dec()
+        worker.ready_at = None
+        self.metrics.worker_exited(worker.index, worker.pid)
+        if worker.link is not None:
+            await worker.link.close()
+        if self._stopping.is_set():
+            log.info("%s %s", worker.describe(), exit_cause(code))
+
+    # -- what workers say --------------------------------------------------------------------
+
+    async def _on_message(self, worker: Worker, message: Message) -> Message | None:
+        op = message.get("op")
+        if op == "ready":
+            await self._ready(worker)
+            return None
+        if op in ("load", "unload"):
+            await self._apply_everywhere(worker, op, str(message["model"]))
+            return {}
+        raise TorchwireError(f"unknown link message {op!r}", "INVALID_ARGUMENT")
+
+    async def _ready(self, worker: Worker) -> None:
+        """A worker serves: first give it the loads and unloads it missed while it started."""
+        async with self._control:
+            assert worker.link is not None
+            missed = [("unload", n) for n in self._unloaded - worker.unloaded_at_start] + [
+                ("load", n) for n in worker.unloaded_at_start - self._unloaded
+            ]
+            for op, name in missed:
+                try:
+                    await worker.link.request({"op": "apply", "action": op, "model": name})
+                except TorchwireError as exc:
+                    log.warning("%s: catching up on %s %s: %s", worker.describe(), op, name, exc)
+            worker.ready_at = time.monotonic()
+            self.metrics.ready.inc()
+        log.info("%s serving", worker.describe())
+        if len([w for w in self._workers.values() if w.ready_at is not None]) == self.count:
+            self._all_ready.set()
+
+    async def _apply_everywhere(self, origin: Worker, op: str, name: str) -> None:
+        """Load or unload ``name`` on every serving worker; raise what failed, naming where."""
+        async with self._control:
+            targets = [w for w in self._workers.values() if w.ready_at is not None or w is origin]
+            results = await asyncio.gather(*(self._apply(w, op, name) for w in targets))
+            failed = [(w, e) for w, e in zip(targets, results, strict=True) if e is not None]
+            if op == "load":
+                self._unloaded.discard(name)  # as each worker's repository does, even on failure
+            elif len(failed) < len(targets):
+                self._unloaded.add(name)
+        if not failed:
+            return
+        errors = {(e.code, str(e)) for _, e in failed}
+        if len(failed) == len(targets) and len(errors) == 1:
+            raise failed[0][1]  # the same answer everywhere: say it as one server would
+        where = "; ".join(f"{w.describe()}: {e.code}: {e}" for w, e in failed)
+        raise TorchwireError(
+            f"{op} {name!r} failed on {len(failed)} of {len(targets)} workers: {where}",
+            failed[0][1].code,
+        )
+
+    async def _apply(self, worker: Worker, op: str, name: str) -> TorchwireError | None:
+        assert worker.link is not None
+        try:
+            await worker.link.request({"op": "apply", "action": op, "model": name})
+        except TorchwireError as exc:
+            return exc
+        return None
+
+    # -- signals and shutdown ----------------------------------------------------------------
+
+    def _request_stop(self, signum: int) -> None:
+        if self._stopping.is_set():
+            if signum == signal.SIGINT:
+                log.warning("second SIGINT: killing the workers and exiting now")
+                self._forward(signal.SIGKILL)
+                os._exit(1)
+            return
+        log.info("%s received: stopping %d workers", signal.Signals(signum).name, self.count)
+        self._stopping.set()
+
+    def _forward(self, signum: int) -> None:
+        for worker in self._workers.values():
+            if worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signum)
+
+    async def _stop_workers(self, slots: list[asyncio.Task[None]]) -> None:
+        self._forward(signal.SIGTERM)
+        budget = self.settings.shutdown_delay_s + self.settings.grace_period_s + STOP_MARGIN_S
+        _, late = await asyncio.wait(slots, timeout=budget)
+        if late:
+            log.error("workers still running %.0f s after SIGTERM: killing them", budget)
+            self._clean = False
+            self._forward(signal.SIGKILL)
+            await asyncio.gather(*late, return_exceptions=True)
+
+    def _cleanup(self) -> None:
+        self.metrics.close()
+        if self._port_holder is not None:
+            self._port_holder.close()
+        shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _log_banner(self) -> None:
+        tls = " over TLS" if self.settings.tls_cert else ""
+        workers = ", ".join(f"{i}: pid {pid}" for i, pid in sorted(self.pids().items()))
+        lines = [
+            f"torchwire serving on {self.settings.host}:{self.port} (gRPC{tls}) with "
+            f"{self.count} workers (supervisor pid {os.getpid()}; workers {workers})"
+        ]
+        if self.metrics_port is not None:
+            lines.append(
+                f"  metrics: http://{self.settings.metrics_host}:{self.metrics_port}/metrics"
+            )
+        log.info("\n".join(lines))

@@ -1,0 +1,110 @@
+"""One worker of ``torchwire serve --workers N``: a whole server on the shared port.
+
+The supervisor runs ``python -m torchwire.fleet.worker`` with its orders in the environment
+(``TORCHWIRE_WORKER_SPEC``) and one end of a socket pair, the link. Over the link the worker says
+when it serves, hands over the model loads and unloads that clients ask of it (the supervisor
+applies them on every worker), and applies those the supervisor sends. When the link closes
+(the supervisor is gone, even by SIGKILL) the worker shuts down as on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from torchwire.config import ServerSettings
+from torchwire.errors import TorchwireError, UnavailableError
+from torchwire.fleet.link import Link, Message
+from torchwire.fleet.supervisor import WORKER_SPEC_ENV
+from torchwire.logs import configure_logging
+from torchwire.server import Server
+from torchwire.server.control import WorkerRole
+from torchwire.server.lifecycle import run_in_loop, serve_until_stopped
+
+log = logging.getLogger("torchwire.fleet")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the supervisor tells a worker it starts."""
+
+    index: int
+    link_fd: int
+    unloaded: frozenset[str]
+    settings: ServerSettings
+
+    @classmethod
+    def from_env(cls) -> WorkerSpec:
+        spec = json.loads(os.environ.pop(WORKER_SPEC_ENV))
+        return cls(
+            index=int(spec["index"]),
+            link_fd=int(spec["link_fd"]),
+            unloaded=frozenset(spec["unloaded"]),
+            settings=ServerSettings.model_validate(spec["settings"]),
+        )
+
+
+class FleetControl:
+    """Model loads and unloads asked of this worker, applied by the supervisor on all."""
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+
+    async def load_model(self, name: str) -> None:
+        await self._link.request({"op": "load", "model": name})
+
+    async def unload(self, name: str) -> None:
+        await self._link.request({"op": "unload", "model": name})
+
+
+async def serve_as_worker(spec: WorkerSpec) -> int:
+    """Serve until SIGTERM, SIGINT or the supervisor's going away; return the exit code."""
+    server: Server | None = None
+
+    async def on_message(message: Message) -> Message | None:
+        if message.get("op") != "apply":
+            raise TorchwireError(f"unknown link message {message.get('op')!r}", "INVALID_ARGUMENT")
+        if server is None or server.repository is None:
+            raise UnavailableError(f"worker {spec.index} is still starting")
+        name = str(message["model"])
+        if message["action"] == "load":
+            await server.repository.load_model(name)
+        else:
+            await server.repository.unload(name)
+        return {}
+
+    link = await Link.open(socket.socket(fileno=spec.link_fd), on_message)
+    server = Server(spec.settings, WorkerRole(spec.index, FleetControl(link), spec.unloaded))
+    stop = asyncio.Event()
+
+    async def supervisor_gone() -> None:
+        await link.closed.wait()
+        if not stop.is_set():
+            log.warning("the supervisor is gone: shutting down")
+            stop.set()
+
+    watch = asyncio.create_task(supervisor_gone())
+
+    async def ready() -> None:
+        await link.notify({"op": "ready"})
+
+    try:
+        return await serve_until_stopped(server, stop, ready)
+    finally:
+        watch.cancel()
+        await link.close()
+
+
+def main() -> int:
+    spec = WorkerSpec.from_env()
+    settings = spec.settings
+    configure_logging(settings.log_level, settings.log_format, worker=spec.index)
+    return run_in_loop(settings.event_loop, lambda: serve_as_worker(spec))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
