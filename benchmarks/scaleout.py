@@ -1,0 +1,322 @@
+"""``torchwire serve --workers N`` measured: recsys QPS by worker count, against N separate
+processes, the highest open-loop rate under P99 < 50 ms, and (with ``--gpu``) resnet18 on the GPU
+against the same TorchScript file called in-process at its best batch. One run, side by side.
+
+    .venv/bin/python benchmarks/scaleout.py                      # this machine: workers 1 and 2
+    python3 benchmarks/scaleout.py --gpu --out $OUT              # a GPU machine (16 cores)
+
+On the GPU machine (python3.12 with CUDA torch, our other packages from .whl/, see
+``../shared/tools/gpu-wheels.sh``), one call of under 5 minutes:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src && python3 benchmarks/scaleout.py --gpu \
+        --out $OUT
+
+Servers are started with ``python -m torchwire`` (no install needed), one configuration at a
+time, the load generator (``torchwire bench``'s, several processes) on the same machine. Server
+CPU per request is the CPU time of the whole process tree (supervisor and workers) over the
+requests answered in a closed-loop run. Writes ``scaleout.json`` and ``scaleout.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from rich.console import Console
+
+from torchwire.bench import LoadConfig, run_load, sweep
+from torchwire.bench.runner import best_step
+from torchwire.client import Client
+from torchwire.repository import ensure_demo_repository
+
+ROOT = Path(__file__).resolve().parents[1]
+console = Console(stderr=True)
+SHAPES = {"recsys": (256,), "resnet18": (3, 224, 224)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def torchwire(repository: Path, workers: int, model: str) -> Iterator[tuple[str, psutil.Process]]:
+    """``torchwire serve --workers N`` on a free port; yields its target and process."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "torchwire", "serve", "--repository", str(repository),
+        "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+        "--workers", str(workers), "--log-level", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target, model, process)
+        yield target, psutil.Process(process.pid)
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def wait_serving(target: str, model: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 180
+    with Client(target, timeout=5, retries=0) as client:
+        while True:
+            try:
+                client.wait_ready(timeout=2)
+                client.predict(model, np.zeros((1, *SHAPES[model]), np.float32), timeout=60)
+                return
+            except Exception:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"torchwire on {target} did not start") from None
+                time.sleep(0.5)
+
+
+def tree_cpu_s(process: psutil.Process) -> float:
+    total = 0.0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def load(target: str, model: str, **kwargs: Any) -> LoadConfig:
+    base: dict[str, Any] = {"duration_s": 5.0, "warmup_s": 1.0, "channels": 4, "raw": True}
+    return LoadConfig(target=target, model=model, shape=SHAPES[model], **{**base, **kwargs})
+
+
+def closed(config: LoadConfig, procs: int, server: psutil.Process | None) -> dict[str, Any]:
+    before = tree_cpu_s(server) if server else 0.0
+    result = run_load(config, procs, progress=False)
+    summary = result.summary()
+    if server is not None and result.ok:
+        # The whole run (warm-up included) over the requests counted: an upper bound.
+        spent = tree_cpu_s(server) - before
+        summary["server_cpu_us_per_request_upper"] = round(
+            spent / (result.ok * (1 + config.warmup_s / config.duration_s)) * 1e6, 1
+        )
+    summary["client_cpu_cores"] = round(sum(result.cpu_per_proc), 2)
+    return summary
+
+
+def best_rate(config: LoadConfig, procs: int, start: float) -> dict[str, Any]:
+    steps = sweep(config, 50.0, procs, start_rate=start, growth=1.4, progress=False)
+    best = best_step(steps)
+    return {
+        "qps": round(best.result.qps, 1) if best else 0.0,
+        "p99_ms": best.result.summary()["p99_ms"] if best else None,
+        "steps": [
+            {"rate": s.rate, "qps": round(s.result.qps, 1), "passed": s.passed,
+             "p99_ms": s.result.summary()["p99_ms"], "errors": s.result.error_count}
+            for s in steps
+        ],
+    }  # fmt: skip
+
+
+def separate(repository: Path, count: int, procs: int, concurrency: int) -> dict[str, Any]:
+    """``count`` separate one-process servers, each loaded by its own share of the load."""
+    with ExitStack() as stack:
+        targets = [stack.enter_context(torchwire(repository, 1, "recsys"))[0] for _ in range(count)]
+        share = max(1, procs // count)
+        configs = [load(t, "recsys", concurrency=concurrency // count) for t in targets]
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            results = list(pool.map(lambda c: run_load(c, share, progress=False), configs))
+    return {
+        "qps": round(sum(r.qps for r in results), 1),
+        "p99_ms_worst": max(r.summary()["p99_ms"] for r in results),
+        "errors": sum(r.error_count for r in results),
+    }
+
+
+def gpu_repository(demo: Path, root: Path) -> Path:
+    """resnet18 of the demo on the GPU, batches up to 64."""
+    model = root / "resnet18"
+    (model / "1").mkdir(parents=True)
+    shutil.copy(demo / "resnet18" / "1" / "model.pt", model / "1" / "model.pt")
+    (model / "config.toml").write_text(
+        'format = "torchscript"\n'
+        '[[inputs]]\nname = "image"\ndtype = "FP32"\nshape = [3, 224, 224]\n'
+        "[batching]\nmax_batch_size = 64\nmax_queue = 4096\n"
+        '[instances]\ncount = 1\ndevice = "cuda"\n'
+    )
+    return root
+
+
+def in_process_gpu(demo: Path, batches: list[int], seconds: float) -> dict[str, Any]:
+    """Images/s of the TorchScript file on the GPU, host tensors in and out (as a server)."""
+    module = torch.jit.load(str(demo / "resnet18" / "1" / "model.pt")).eval().cuda()
+    rows = {}
+    with torch.inference_mode():
+        for batch in batches:
+            x = torch.randn(batch, 3, 224, 224).pin_memory()
+            for _ in range(5):
+                module(x.cuda(non_blocking=True)).cpu()
+            calls, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                module(x.cuda(non_blocking=True)).cpu()
+                calls += 1
+            elapsed = time.perf_counter() - started
+            rows[batch] = round(calls * batch / elapsed, 1)
+    best = max(rows, key=lambda b: rows[b])
+    return {"by_batch": rows, "best_batch": best, "best_images_per_s": rows[best]}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    demo = ensure_demo_repository(Path(tempfile.gettempdir()) / "torchwire-bench-cache")
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_procs": args.load_procs,
+            "concurrency": args.concurrency,
+        },
+        "recsys": {},
+    }
+    for workers in args.workers:
+        console.print(f"recsys, --workers {workers} ...")
+        with torchwire(demo, workers, "recsys") as (target, process):
+            row = {
+                "closed": closed(
+                    load(target, "recsys", concurrency=args.concurrency), args.load_procs, process
+                )
+            }
+            if workers in args.sweep_workers:
+                row["sweep"] = best_rate(
+                    load(target, "recsys", duration_s=args.sweep_s), args.load_procs,
+                    args.sweep_start,
+                )  # fmt: skip
+        results["recsys"][str(workers)] = row
+    if args.separate:
+        console.print(f"recsys, {args.separate} separate processes ...")
+        results["separate"] = {
+            "count": args.separate,
+            **separate(demo, args.separate, args.load_procs, args.concurrency),
+        }
+    if args.gpu:
+        console.print("resnet18 on the GPU: in-process ...")
+        results["resnet18_gpu"] = {"in_process": in_process_gpu(demo, [1, 8, 16, 32, 64], 2.0)}
+        with tempfile.TemporaryDirectory() as tmp:
+            repo = gpu_repository(demo, Path(tmp))
+            for workers in args.gpu_workers:
+                console.print(f"resnet18 on the GPU, --workers {workers} ...")
+                with torchwire(repo, workers, "resnet18") as (target, process):
+                    config = load(
+                        target, "resnet18", concurrency=128, duration_s=6.0, warmup_s=2.0,
+                        timeout_s=30.0, channels=8,
+                    )  # fmt: skip
+                    results["resnet18_gpu"][str(workers)] = closed(config, args.load_procs, process)
+    return results
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        "# torchwire --workers: scale-out",
+        "",
+        f"{m['when']}, {m['cpus']} cores, GPU {m['gpu'] or 'none'}, Python {m['python']}, torch "
+        f"{m['torch']}; load generator on the same host ({m['load_procs']} processes, "
+        f"{m['concurrency']} callers closed loop, raw_inputs). Command: "
+        "`benchmarks/scaleout.py`.",
+        "",
+        "## recsys, unary Predict",
+        "",
+        "| workers | closed-loop QPS | P50 ms | P99 ms | server CPU us/request (upper) "
+        "| QPS at P99<50ms (open loop) | its P99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for workers, row in r["recsys"].items():
+        c, s = row["closed"], row.get("sweep")
+        rate = f"{s['qps']:,.0f} | {s['p99_ms']}" if s else " | "
+        lines.append(
+            f"| {workers} | {c['qps']:,.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} "
+            f"| {c.get('server_cpu_us_per_request_upper', '')} "
+            f"| {rate} |"
+        )
+    if "separate" in r:
+        sep = r["separate"]
+        lines.append(
+            f"\n{sep['count']} separate one-process servers, each with its share of the load: "
+            f"{sep['qps']:,.0f} QPS in all (worst P99 {sep['p99_ms_worst']:.2f} ms, "
+            f"{sep['errors']} errors)."
+        )
+    if "resnet18_gpu" in r:
+        gpu = r["resnet18_gpu"]
+        ceiling = gpu["in_process"]["best_images_per_s"]
+        lines += [
+            "",
+            "## resnet18 on the GPU, one image per request",
+            "",
+            f"In-process (host tensors in and out): {gpu['in_process']['by_batch']} images/s by "
+            f"batch; best {ceiling:,.0f} at batch {gpu['in_process']['best_batch']}.",
+            "",
+            "| workers | images/s | P50 ms | P99 ms | vs in-process best |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for workers, row in gpu.items():
+            if workers != "in_process":
+                lines.append(
+                    f"| {workers} | {row['qps']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
+                    f"| {row['qps'] / ceiling:.2f}x |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    parser.add_argument("--gpu", action="store_true", help="the 16-core GPU machine's run")
+    parser.add_argument("--workers", type=ints, help="worker counts for recsys")
+    parser.add_argument("--sweep-workers", type=ints, help="counts that also get a rate sweep")
+    parser.add_argument("--separate", type=int, help="also N separate processes (0: none)")
+    parser.add_argument("--gpu-workers", type=ints, default=[1, 4], help="resnet18 on the GPU")
+    parser.add_argument("--load-procs", type=int, help="load generator processes")
+    parser.add_argument("--concurrency", type=int, default=128, help="closed-loop callers")
+    parser.add_argument("--sweep-s", type=float, default=3.0, help="seconds per sweep step")
+    parser.add_argument("--sweep-start", type=float, help="first open-loop rate")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    if args.gpu:
+        args.workers = args.workers or [1, 2, 4, 8]
+        args.sweep_workers = args.sweep_workers or [8]
+        args.separate = 4 if args.separate is None else args.separate
+        args.load_procs = args.load_procs or 6
+        args.sweep_start = args.sweep_start or 4000.0
+    else:
+        args.workers = args.workers or [1, 2]
+        args.sweep_workers = args.sweep_workers or args.workers
+        args.load_procs = args.load_procs or 1
+        args.concurrency = min(args.concurrency, 64)
+        args.sweep_start = args.sweep_start or 500.0
+    results = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scaleout.json").write_text(json.dumps(results, indent=2))
+    (args.out / "scaleout.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

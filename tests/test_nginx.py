@@ -1,0 +1,203 @@
+"""The founding document's topology: torchwire replicas behind a real nginx, with the shipped
+``deploy/nginx/torchwire.conf`` (its ports swapped for free ones), restarted under load."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+
+from support import CliServer, free_port
+from torchwire import Client
+from torchwire._proto import modelservice_messages_pb2 as pb
+
+CONFIG = Path(__file__).parents[1] / "deploy" / "nginx" / "torchwire.conf"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+PREDICT = "/ModelService/Predict"
+
+
+class Nginx:
+    """nginx in the foreground on the shipped config, front and replica ports substituted."""
+
+    def __init__(self, prefix: Path, front: int, replicas: tuple[int, int]) -> None:
+        self.prefix, self.front, self.replicas = prefix, front, replicas
+        self.config = prefix / "nginx.conf"
+        self.write()
+        subprocess.run([*self._base(), "-t", "-q"], check=True, capture_output=True)
+        self.process = subprocess.Popen([*self._base(), "-g", "daemon off;"])
+        self.wait_listening()
+
+    def _base(self) -> list[str]:
+        return [NGINX, "-c", str(self.config), "-p", f"{self.prefix}/"]
+
+    def write(self, down: int | None = None) -> None:
+        text = CONFIG.read_text().replace("50050", str(self.front))
+        for default, port in zip((50051, 50052), self.replicas, strict=True):
+            mark = " down" if port == down else ""
+            text = text.replace(f"server 127.0.0.1:{default} ", f"server 127.0.0.1:{port}{mark} ")
+        self.config.write_text(text)
+
+    def wait_listening(self) -> None:
+        deadline = time.monotonic() + 30
+        while not any(c.laddr.port == self.front for c in psutil.net_connections("tcp")):
+            assert self.process.poll() is None, "nginx exited"
+            assert time.monotonic() < deadline, "nginx never listened"
+            time.sleep(0.05)
+
+    def reload(self, down: int | None = None) -> None:
+        """Rewrite the config and reload; return once no worker of the old config is left."""
+        self.write(down)
+        old = {p.pid for p in psutil.Process(self.process.pid).children()}
+        subprocess.run([*self._base(), "-s", "reload"], check=True, capture_output=True)
+        deadline = time.monotonic() + 30
+        while old & {p.pid for p in psutil.Process(self.process.pid).children()}:
+            assert time.monotonic() < deadline, "old nginx workers never exited"
+            time.sleep(0.05)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.front}"
+
+    def upstreams(self) -> Counter[str]:
+        """How many calls each replica answered, from nginx's access log."""
+        log = (self.prefix / "access.log").read_text()
+        return Counter(part.split(" ")[0] for part in log.split("upstream=")[1:])
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGQUIT)  # graceful
+        self.process.wait(30)
+
+
+class OpenLoop:
+    """Sends recsys requests through ``call`` at a fixed rate from a thread, whatever the
+    answers; ``stop`` waits for every answer and returns the count of each outcome."""
+
+    def __init__(self, call: object, rate: float) -> None:
+        self._call = call
+        self._interval = 1.0 / rate
+        self._pending: list[grpc.Future] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._request = pb.PredictRequest(
+            raw_inputs=np.ones(256, np.float32).tobytes(), metadata={"model": "recsys"}
+        ).SerializeToString()
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        sent = 0
+        while not self._stopping.is_set():
+            pause = started + sent * self._interval - time.monotonic()
+            if pause > 0:
+                self._stopping.wait(pause)
+            self._pending.append(self._call.future(self._request, timeout=30))  # type: ignore[attr-defined]
+            sent += 1
+
+    def stop(self) -> Counter[str]:
+        self._stopping.set()
+        self._thread.join()
+        outcomes: Counter[str] = Counter()
+        for future in self._pending:
+            try:
+                future.result()
+                outcomes["OK"] += 1
+            except grpc.RpcError as exc:
+                outcomes[f"{exc.code().name}: {exc.details()}"] += 1
+        return outcomes
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, cache_dir: Path) -> Iterator[tuple[Nginx, dict[int, CliServer]]]:
+    ports = (free_port(), free_port())
+    replicas = {port: replica(port, cache_dir) for port in ports}
+    for server in replicas.values():
+        server.wait_ready()
+    nginx = Nginx(tmp_path, free_port(), ports)
+    yield nginx, replicas
+    nginx.stop()
+    for server in replicas.values():
+        server.close()
+
+
+def replica(port: int, cache_dir: Path) -> CliServer:
+    return CliServer(
+        "--port", str(port), "--cache-dir", str(cache_dir), "--shutdown-delay-s", "0.5"
+    )  # fmt: skip
+
+
+def test_the_shipped_config_passes_nginx_t(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [NGINX, "-t", "-c", str(CONFIG), "-p", f"{tmp_path}/"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_rolling_restart_through_nginx_fails_no_request_of_a_client_that_does_not_retry(
+    fleet: tuple[Nginx, dict[int, CliServer]], cache_dir: Path
+) -> None:
+    nginx, replicas = fleet
+    # A plain channel: no retry policy. (gRPC itself still re-sends, on a new connection, a call
+    # that nginx refused unread with a GOAWAY when its old workers leave at a reload.)
+    with grpc.insecure_channel(nginx.target) as channel:
+        load = OpenLoop(channel.unary_unary(PREDICT), rate=150)
+        for port in list(replicas):
+            # The procedure the config's header describes: take the replica out of nginx,
+            # stop it (it drains), start the new one, put it back.
+            nginx.reload(down=port)
+            assert replicas[port].stop() == 0
+            replicas[port].close()
+            replicas[port] = replica(port, cache_dir)
+            replicas[port].wait_ready()
+            nginx.reload()
+        outcomes = load.stop()
+    assert set(outcomes) == {"OK"}, outcomes
+    assert outcomes["OK"] > 150
+    answered = nginx.upstreams()
+    assert all(answered[f"127.0.0.1:{port}"] > 0 for port in replicas), answered
+
+
+def test_a_replica_killed_under_load_loses_no_request_of_torchwire_client(
+    fleet: tuple[Nginx, dict[int, CliServer]],
+) -> None:
+    nginx, replicas = fleet
+    victim = next(iter(replicas.values()))
+    results: Counter[str] = Counter()
+    under_way, killed, done_after_kill = threading.Event(), threading.Event(), threading.Event()
+    x = np.ones((1, 256), np.float32)
+
+    def caller() -> None:
+        with Client(nginx.target, timeout=10, retries=4) as client:
+            while not done_after_kill.is_set():
+                try:
+                    client.predict("recsys", x)
+                    results["OK"] += 1
+                except Exception as exc:
+                    results[repr(exc)] += 1
+                if results["OK"] >= 500:
+                    under_way.set()
+                if killed.is_set() and results["OK"] >= 2000:
+                    done_after_kill.set()
+
+    callers = [threading.Thread(target=caller) for _ in range(8)]
+    for thread in callers:
+        thread.start()
+    assert under_way.wait(60), results
+    victim.process.kill()
+    killed.set()
+    for thread in callers:
+        thread.join(120)
+    assert set(results) == {"OK"}, results
+    assert victim.process.wait(10) == -signal.SIGKILL
+    # The kill did cut calls short (nginx logged them), and the client's retries covered them.
+    assert "upstream_status=502" in (nginx.prefix / "access.log").read_text()
