@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint proto proto-check check
+.PHONY: install run test lint proto proto-check check image-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,7 @@ proto-check: install
 	PYTHON=$(BIN)/python scripts/proto.sh --check
 
 check: proto-check lint test
+
+# Build the Dockerfile with podman, run it read-only as non-root, check health, a request, SIGTERM.
+image-check: install
+	scripts/image-check.sh

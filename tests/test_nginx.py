@@ -161,6 +161,7 @@ def test_rolling_restart_through_nginx_fails_no_request_of_a_client_that_does_no
             replicas[port].wait_ready()
             nginx.reload()
         outcomes = load.stop()
+    print(f"rolling restart through nginx: {dict(outcomes)}")  # shown with pytest -s
     assert set(outcomes) == {"OK"}, outcomes
     assert outcomes["OK"] > 150
     answered = nginx.upstreams()

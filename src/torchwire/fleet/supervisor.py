@@ -163,7 +163,13 @@ class Supervisor:
         start_failures = 0
         streak = 0  # exits in a row after short lives
         while not self._stopping.is_set():
-            worker = await self._spawn(index)
+            try:
+                worker = await self._spawn(index)
+            except OSError as exc:  # no process at all: fork or exec failed
+                log.error("cannot start worker %d: %s: stopping the server", index, exc)
+                self._exit_code = 1
+                self._stopping.set()
+                return
             code = await worker.process.wait()
             await self._exited(worker, code)
             if self._stopping.is_set():
