@@ -149,8 +149,8 @@ def separate(repository: Path, count: int, procs: int, concurrency: int) -> dict
     }
 
 
-def gpu_repository(demo: Path, root: Path) -> Path:
-    """resnet18 of the demo on the GPU, batches up to 64."""
+def gpu_repository(demo: Path, root: Path, device: str) -> Path:
+    """resnet18 of the demo on ``device`` (the GPU), batches up to 64."""
     model = root / "resnet18"
     (model / "1").mkdir(parents=True)
     shutil.copy(demo / "resnet18" / "1" / "model.pt", model / "1" / "model.pt")
@@ -158,23 +158,25 @@ def gpu_repository(demo: Path, root: Path) -> Path:
         'format = "torchscript"\n'
         '[[inputs]]\nname = "image"\ndtype = "FP32"\nshape = [3, 224, 224]\n'
         "[batching]\nmax_batch_size = 64\nmax_queue = 4096\n"
-        '[instances]\ncount = 1\ndevice = "cuda"\n'
+        f'[instances]\ncount = 1\ndevice = "{device}"\n'
     )
     return root
 
 
-def in_process_gpu(demo: Path, batches: list[int], seconds: float) -> dict[str, Any]:
+def in_process_gpu(demo: Path, device: str, batches: list[int], seconds: float) -> dict[str, Any]:
     """Images/s of the TorchScript file on the GPU, host tensors in and out (as a server)."""
-    module = torch.jit.load(str(demo / "resnet18" / "1" / "model.pt")).eval().cuda()
+    module = torch.jit.load(str(demo / "resnet18" / "1" / "model.pt")).eval().to(device)
+    pin = device.startswith("cuda")
     rows = {}
     with torch.inference_mode():
         for batch in batches:
-            x = torch.randn(batch, 3, 224, 224).pin_memory()
+            x = torch.randn(batch, 3, 224, 224)
+            x = x.pin_memory() if pin else x
             for _ in range(5):
-                module(x.cuda(non_blocking=True)).cpu()
+                module(x.to(device, non_blocking=True)).cpu()
             calls, started = 0, time.perf_counter()
             while time.perf_counter() - started < seconds:
-                module(x.cuda(non_blocking=True)).cpu()
+                module(x.to(device, non_blocking=True)).cpu()
                 calls += 1
             elapsed = time.perf_counter() - started
             rows[batch] = round(calls * batch / elapsed, 1)
@@ -218,14 +220,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     if args.gpu:
         console.print("resnet18 on the GPU: in-process ...")
-        results["resnet18_gpu"] = {"in_process": in_process_gpu(demo, [1, 8, 16, 32, 64], 2.0)}
+        batches = args.gpu_batches
+        results["resnet18_gpu"] = {
+            "in_process": in_process_gpu(demo, args.device, batches, args.gpu_seconds)
+        }
         with tempfile.TemporaryDirectory() as tmp:
-            repo = gpu_repository(demo, Path(tmp))
+            repo = gpu_repository(demo, Path(tmp), args.device)
             for workers in args.gpu_workers:
                 console.print(f"resnet18 on the GPU, --workers {workers} ...")
                 with torchwire(repo, workers, "resnet18") as (target, process):
                     config = load(
-                        target, "resnet18", concurrency=128, duration_s=6.0, warmup_s=2.0,
+                        target, "resnet18", concurrency=128, duration_s=args.gpu_seconds * 3,
+                        warmup_s=2.0,
                         timeout_s=30.0, channels=8,
                     )  # fmt: skip
                     results["resnet18_gpu"][str(workers)] = closed(config, args.load_procs, process)
@@ -293,6 +299,9 @@ def main() -> None:
     parser.add_argument("--sweep-workers", type=ints, help="counts that also get a rate sweep")
     parser.add_argument("--separate", type=int, help="also N separate processes (0: none)")
     parser.add_argument("--gpu-workers", type=ints, default=[1, 4], help="resnet18 on the GPU")
+    parser.add_argument("--device", default="cuda", help="resnet18's device with --gpu")
+    parser.add_argument("--gpu-batches", type=ints, default=[1, 8, 16, 32, 64])
+    parser.add_argument("--gpu-seconds", type=float, default=2.0, help="per in-process batch")
     parser.add_argument("--load-procs", type=int, help="load generator processes")
     parser.add_argument("--concurrency", type=int, default=128, help="closed-loop callers")
     parser.add_argument("--sweep-s", type=float, default=3.0, help="seconds per sweep step")

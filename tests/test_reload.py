@@ -194,7 +194,8 @@ def test_bad_files_of_every_kind_leave_the_serving_version(
             wait_for(lambda n=failures: loads(server, "m", "failed") == n, f"bad file {failures}")
             assert list(stub.Predict(request, timeout=10).outputs) == [2, 4, 6, 8]
         # A broken config.toml is reported and changes nothing either.
-        (tmp_path / "m" / "config.toml").write_text("[[inputs]\n")
+        # (Written atomically: an empty file seen half-way would be a second, different error.)
+        replace_atomically(tmp_path / "m" / "config.toml", b"[[inputs]\n")
         wait_for(lambda: loads(server, "m", "failed") == 3, "the bad config")
         assert list(stub.Predict(request, timeout=10).outputs) == [2, 4, 6, 8]
         channel.close()
