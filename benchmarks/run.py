@@ -34,7 +34,7 @@ import torch
 from rich.console import Console
 
 from torchwire.bench import LoadConfig, run_load, sweep
-from torchwire.bench.runner import best_step
+from torchwire.bench.report import sweep_summary
 from torchwire.client import Client
 from torchwire.repository import ensure_demo_repository
 
@@ -102,16 +102,7 @@ def closed(config: LoadConfig) -> dict[str, Any]:
 
 def best_rate(config: LoadConfig, start: float) -> dict[str, Any]:
     steps = sweep(config, slo_ms=50.0, start_rate=start, progress=False, console=console)
-    best = best_step(steps)
-    return {
-        "qps": round(best.result.qps, 1) if best else 0.0,
-        "p99_ms": best.result.summary()["p99_ms"] if best else None,
-        "steps": [
-            {"rate": s.rate, "qps": round(s.result.qps, 1), "passed": s.passed,
-             "p99_ms": s.result.summary()["p99_ms"], "errors": s.result.error_count}
-            for s in steps
-        ],
-    }  # fmt: skip
+    return sweep_summary(steps)
 
 
 def in_process(demo: Path, model: str, batches: list[int], seconds: float) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import torch
 from rich.console import Console
 
 from torchwire.bench import LoadConfig, run_load, sweep
-from torchwire.bench.runner import best_step
+from torchwire.bench.report import sweep_summary
 from torchwire.client import Client
 from torchwire.repository import ensure_demo_repository
 
@@ -122,16 +122,7 @@ def closed(config: LoadConfig, procs: int, server: psutil.Process | None) -> dic
 
 def best_rate(config: LoadConfig, procs: int, start: float) -> dict[str, Any]:
     steps = sweep(config, 50.0, procs, start_rate=start, growth=1.4, progress=False)
-    best = best_step(steps)
-    return {
-        "qps": round(best.result.qps, 1) if best else 0.0,
-        "p99_ms": best.result.summary()["p99_ms"] if best else None,
-        "steps": [
-            {"rate": s.rate, "qps": round(s.result.qps, 1), "passed": s.passed,
-             "p99_ms": s.result.summary()["p99_ms"], "errors": s.result.error_count}
-            for s in steps
-        ],
-    }  # fmt: skip
+    return sweep_summary(steps)
 
 
 def separate(repository: Path, count: int, procs: int, concurrency: int) -> dict[str, Any]:

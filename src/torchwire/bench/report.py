@@ -86,6 +86,20 @@ def sweep_dict(steps: list[SweepStep], slo_ms: float) -> dict[str, Any]:
     }
 
 
+def sweep_summary(steps: list[SweepStep]) -> dict[str, Any]:
+    """The best rate under the target and each step in a line: for benchmark tables."""
+    best = best_step(steps)
+    return {
+        "qps": round(best.result.qps, 1) if best else 0.0,
+        "p99_ms": best.result.summary()["p99_ms"] if best else None,
+        "steps": [
+            {"rate": s.rate, "qps": round(s.result.qps, 1), "passed": s.passed,
+             "p99_ms": s.result.summary()["p99_ms"], "errors": s.result.error_count}
+            for s in steps
+        ],
+    }  # fmt: skip
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
