@@ -21,9 +21,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from test_cli import CliServer
 
-from support import ServerThread, SlowStart, free_port, health_status, write_model
+from support import CliServer, Scale, ServerThread, SlowStart, free_port, health_status, write_model
 
 GIB = 1024**3
 
@@ -81,6 +80,33 @@ def test_health_follows_models_and_shutdown(test_repo: Path, watchers: list[Watc
     finally:
         server.stop()
     assert overall.next_status() == "NOT_SERVING"  # shutdown is announced before the port closes
+
+
+def test_health_watch_keeps_no_state_for_names_it_does_not_know(
+    tmp_path: Path, watchers: list[Watcher]
+) -> None:
+    write_model(tmp_path / "first", Scale(1.0), [2])
+    server = ServerThread(repository=tmp_path, watchdog_interval_s=0, watch="off").start()
+    try:
+        servicer = server.server.health.servicer
+        kept = servicer.state_size()
+        with grpc.insecure_channel(server.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for i in range(300):
+                stream = stub.Watch(health_pb2.HealthCheckRequest(service=f"made-up-{i}"))
+                assert next(stream).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                stream.cancel()
+        assert servicer.state_size() == kept
+        # A name that comes to be served later is still announced to whoever watches it.
+        late = Watcher(server.target, "late")
+        watchers.append(late)
+        assert late.next_status() == "SERVICE_UNKNOWN"
+        write_model(tmp_path / "late", Scale(2.0), [2])
+        server.loop.call_soon_threadsafe(server.server.rescan)
+        assert late.next_status(timeout=60) == "SERVING"
+        assert servicer.state_size() == kept + 1
+    finally:
+        server.stop()
 
 
 def test_health_is_not_serving_while_models_load(
@@ -155,6 +181,47 @@ def _samples(families: dict[str, Any], family: str, suffix: str = "") -> dict[tu
         for s in families[family].samples
         if s.name == family + suffix
     }
+
+
+def test_idle_metrics_connections_hold_a_bounded_number_of_threads_and_are_dropped(
+    test_repo: Path,
+) -> None:
+    import socket
+
+    from torchwire.metrics import METRICS_THREADS
+
+    with ServerThread(repository=test_repo, watchdog_interval_s=0) as server:
+        url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+        base = threading.active_count()
+        peak = [base]
+        done = threading.Event()
+
+        def sample() -> None:  # measures, synchronises nothing
+            while not done.wait(0.005):
+                peak[0] = max(peak[0], threading.active_count())
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        idle = [
+            socket.create_connection(("127.0.0.1", server.server.metrics_port))
+            for _ in range(2 * METRICS_THREADS)
+        ]
+        try:
+            # Queued behind the idle connections, a scrape is answered once they time out.
+            with urllib.request.urlopen(url, timeout=60) as response:
+                assert b"torchwire_requests_total" in response.read()
+            done.set()
+            sampler.join()
+            # Unbounded, the idle connections alone would add 32 threads. (A few more than
+            # METRICS_THREADS: a finishing thread frees its slot just before it ends.)
+            assert peak[0] <= base + 1 + METRICS_THREADS + 4  # + the sampler
+            for connection in idle:
+                connection.settimeout(30)
+                assert connection.recv(1) == b""  # closed by the server
+        finally:
+            done.set()
+            for connection in idle:
+                connection.close()
 
 
 def test_metrics_count_every_request_by_outcome(test_repo: Path, seed: SimpleNamespace) -> None:

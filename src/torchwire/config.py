@@ -106,6 +106,17 @@ class ServerSettings(_Strict):
     """A changed file is loaded once its size and mtime have not moved for this long."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=4096)
     """Largest request or response message accepted or sent."""
+    connection_idle_s: float = Field(300.0, ge=0)
+    """A client connection with no call for this long is closed (clients reconnect when they
+    call again); 0: never. Idle connections otherwise hold file descriptors forever."""
+    max_connection_age_s: float = Field(0.0, ge=0)
+    """Close every connection (gracefully) after this long, so that clients reconnect and spread
+    over workers and replicas started since; 0: never."""
+    max_connections: int = Field(0, ge=0)
+    """Most client connections held at once (per worker); beyond, new ones are closed at once.
+    0: the open-file limit less 256 for models, logs and metrics."""
+    max_streams_per_connection: int = Field(1024, ge=1)
+    """Most calls (streams) open at once on one connection."""
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     """The asyncio event loop: uvloop (faster gRPC handling; auto picks it when installed)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -8,7 +8,12 @@ model call. Buckets run from 100 µs to 10 s.
 
 from __future__ import annotations
 
+import socket
+import threading
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -18,6 +23,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    make_wsgi_app,
 )
 
 LATENCY_BUCKETS = (
@@ -118,3 +124,62 @@ class Metrics:
             self.compute_duration.labels(model),
             self.batch_size.labels(model),
         )
+
+
+METRICS_THREADS = 16
+"""Most scrapes served at once by one /metrics endpoint; more connections wait to be accepted."""
+METRICS_IO_TIMEOUT_S = 5.0
+"""An idle or stalled /metrics connection is dropped after this long (it holds a thread)."""
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_IO_TIMEOUT_S
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
+class MetricsHTTPServer(ThreadingMixIn, WSGIServer):
+    """prometheus_client's threaded WSGI server with bounds: at most ``METRICS_THREADS``
+    connections are served at once (the accept loop waits for a free one) and each is dropped
+    after ``METRICS_IO_TIMEOUT_S`` of silence, so idle clients cannot pile up threads."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(METRICS_THREADS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went silent or away is routine here, not worth a traceback."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], OSError):  # TimeoutError, ConnectionError, ...
+            super().handle_error(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsHTTPServer:
+    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread (``shutdown()``
+    and ``server_close()`` stop it). Raises ``OSError`` when the port cannot be bound."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MetricsServer", (MetricsHTTPServer,), {"address_family": family})
+    server: MetricsHTTPServer = make_server(
+        host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+    )
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 from torchwire.errors import ConfigError
+from torchwire.metrics import serve_metrics
 
 
 class _WorkerProcesses(Collector):
@@ -85,7 +86,7 @@ class FleetMetrics:
     def serve(self, host: str, port: int) -> int:
         """Serve the page on ``host:port``; return the bound port."""
         try:
-            self._http, _ = start_http_server(port, host, registry=self.registry)
+            self._http = serve_metrics(self.registry, host, port)
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}") from None
         bound: int = self._http.server_port

@@ -18,12 +18,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from torchwire.config import ServerSettings
 from torchwire.errors import ConfigError
-from torchwire.metrics import Metrics
+from torchwire.metrics import Metrics, serve_metrics
 from torchwire.repository import (
     ModelRepository,
     RepositoryWatcher,
@@ -50,6 +49,41 @@ def scanner_for(settings: ServerSettings) -> Scanner:
     if settings.model:
         return Scanner(model_file=settings.model, input_shape=settings.input_shape)
     return Scanner(root=Path(settings.repository or ensure_demo_repository(settings.cache_dir)))
+
+
+HANDSHAKE_TIMEOUT_MS = 10_000
+"""A connection that has not completed its (TLS and) HTTP/2 handshake by then is closed."""
+FD_RESERVE = 256
+"""File descriptors kept for everything but client connections: models, logs, metrics."""
+
+
+def connection_limits(settings: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC server options that bound what clients can hold: connections, idle time, streams."""
+    options = [
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+    ]
+    if settings.connection_idle_s:
+        options.append(("grpc.max_connection_idle_ms", int(settings.connection_idle_s * 1000)))
+    if settings.max_connection_age_s:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            # Calls under way when a connection reaches its age get the grace period to end.
+            ("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)),
+        ]
+    cap = settings.max_connections or _connections_allowed_by_fd_limit()
+    if cap:
+        options.append(("grpc.max_allowed_incoming_connections", cap))
+    return options
+
+
+def _connections_allowed_by_fd_limit() -> int:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(16, soft - FD_RESERVE)
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -160,6 +194,7 @@ class Server:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
                 ("grpc.http2.max_ping_strikes", 0),
+                *connection_limits(self.settings),
             ]
         )
         observer = Observer(self.metrics, access_log=self.settings.access_log)
@@ -192,7 +227,7 @@ class Server:
             return
         host, port = self.settings.metrics_host, self.settings.metrics_port
         try:
-            self._metrics_http, _ = start_http_server(port, host, registry=self.metrics.registry)
+            self._metrics_http = serve_metrics(self.metrics.registry, host, port)
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}") from None
         self.metrics_port = self._metrics_http.server_port

@@ -12,7 +12,6 @@ model name is SERVING while a version of it is loaded.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import grpc
@@ -28,7 +27,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
     def __init__(self) -> None:
         self._status: dict[str, int] = {}
-        self._changed: defaultdict[str, asyncio.Condition] = defaultdict(asyncio.Condition)
+        self._changed: dict[str, asyncio.Condition] = {}
+        # Watchers of a name nobody set wait here: no state per name a client makes up.
+        self._appeared = asyncio.Condition()
 
     def status(self, service: str) -> int | None:
         return self._status.get(service)
@@ -36,8 +37,18 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     def services(self) -> list[str]:
         return list(self._status)
 
+    def state_size(self) -> int:
+        """Services with state kept: those set, never names that clients merely asked about."""
+        return len(self._changed)
+
     async def set(self, service: str, status: int) -> None:
-        condition = self._changed[service]
+        condition = self._changed.get(service)
+        if condition is None:
+            self._status[service] = status
+            self._changed[service] = asyncio.Condition()
+            async with self._appeared:
+                self._appeared.notify_all()
+            return
         async with condition:
             if self._status.get(service) != status:
                 self._status[service] = status
@@ -54,13 +65,13 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        condition = self._changed[request.service]
         last: int | None = None
         while True:
             status = self._status.get(request.service, SERVICE_UNKNOWN)
             if status != last:
                 last = status
                 yield health_pb2.HealthCheckResponse(status=status)
+            condition = self._changed.get(request.service, self._appeared)
             async with condition:
                 if self._status.get(request.service, SERVICE_UNKNOWN) == last:
                     await condition.wait()

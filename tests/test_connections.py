@@ -1,0 +1,62 @@
+"""What clients can hold on a server: idle connections are closed, connections are capped."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from support import ServerThread
+
+
+def connection(target: str) -> grpc.Channel:
+    """A channel with a connection of its own (channels otherwise share subchannels)."""
+    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def predict(channel: grpc.Channel, seed: SimpleNamespace, **kwargs: object) -> list[float]:
+    stub = seed.grpc.ModelServiceStub(channel)
+    request = seed.pb2.PredictRequest(inputs=[1, 2, 3, 4], metadata={"model": "scale"})
+    return list(stub.Predict(request, timeout=30, **kwargs).outputs)
+
+
+def test_an_idle_connection_is_closed_and_the_client_reconnects_on_its_next_call(
+    test_repo: Path, seed: SimpleNamespace
+) -> None:
+    with ServerThread(repository=test_repo, connection_idle_s=0.5) as server:
+        channel = connection(server.target)
+        assert predict(channel, seed) == [3.0, 6.0, 9.0, 12.0]
+        closed = threading.Event()
+
+        def changed(state: grpc.ChannelConnectivity) -> None:
+            if state != grpc.ChannelConnectivity.READY:
+                closed.set()
+
+        channel.subscribe(changed)
+        # The client's own idle timer is 30 minutes: this is the server closing it.
+        assert closed.wait(30), "the idle connection was never closed"
+        channel.unsubscribe(changed)
+        assert predict(channel, seed) == [3.0, 6.0, 9.0, 12.0]
+        channel.close()
+
+
+def test_connections_beyond_the_cap_are_refused_and_a_freed_slot_serves_again(
+    test_repo: Path, seed: SimpleNamespace
+) -> None:
+    with ServerThread(repository=test_repo, max_connections=3, connection_idle_s=0) as server:
+        held = [connection(server.target) for _ in range(3)]
+        for channel in held:
+            assert predict(channel, seed) == [3.0, 6.0, 9.0, 12.0]
+        extra = connection(server.target)
+        with pytest.raises(grpc.RpcError) as refused:
+            predict(extra, seed)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        for channel in held[:2]:  # the held connections keep working
+            assert predict(channel, seed) == [3.0, 6.0, 9.0, 12.0]
+        held.pop().close()
+        assert predict(extra, seed, wait_for_ready=True) == [3.0, 6.0, 9.0, 12.0]
+        for channel in [*held, extra]:
+            channel.close()
