@@ -259,8 +259,12 @@ class CliServer:
         return self.process.wait(timeout)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
+        if self.process.poll() is None:  # stopped in order, so that workers go too
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         self.process.wait()
         self._reader.join(10)
         assert self.process.stdout is not None

@@ -166,3 +166,35 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(
     assert answers == [[4000.0 + i] for i in range(3)]
     assert server.process.wait(60) == 0
     assert "SIGTERM received: shutting down" in server.output
+
+
+def test_a_hung_model_call_does_not_hold_up_the_exit_and_the_exit_code_says_so(
+    cli_servers: list[CliServer], seed: SimpleNamespace, test_repo: Path
+) -> None:
+    server = CliServer("--repository", str(test_repo), "--port", "0", "--grace-period-s", "1")
+    cli_servers.append(server)
+    target = server.wait_ready()
+    url = server.metrics_url()
+    with grpc.insecure_channel(target) as channel:
+        stub = seed.grpc.ModelServiceStub(channel)
+        hung = stub.Predict.future(  # ten million rounds of matrix products: hours
+            seed.pb2.PredictRequest(inputs=[1e7, 0, 0, 0], metadata={"model": "busy"}),
+            timeout=600,
+        )
+        deadline = time.monotonic() + 30
+        while 'torchwire_inflight_requests{model="busy"} 1.0' not in _scrape(url):
+            assert time.monotonic() < deadline, "the call never reached the model"
+            time.sleep(0.05)  # polling /metrics
+        server.process.send_signal(signal.SIGTERM)
+        # Exits after the grace period (1 s) and the threads' 2 s, not after the model call.
+        assert server.process.wait(20) == 3
+        with pytest.raises(grpc.RpcError):
+            hung.result(timeout=10)
+    assert "still busy after 2.0 s: abandoned" in server.output
+
+
+def _scrape(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())

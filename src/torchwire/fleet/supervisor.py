@@ -71,6 +71,10 @@ class Worker:
     def describe(self) -> str:
         return f"worker {self.index} (pid {self.pid})"
 
+    def served_s(self) -> float | None:
+        """How long it has served; None if it never became ready."""
+        return None if self.ready_at is None else time.monotonic() - self.ready_at
+
 
 def exit_cause(code: int) -> str:
     """``exited with code 3`` or ``killed by SIGKILL``."""
@@ -109,7 +113,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._request_stop, signum)
-        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        # Workers still starting read the disk anyway, and have no SIGHUP handler yet.
+        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP, True)
         try:
             self._hold_port()
             if self.settings.metrics_enabled:
@@ -141,7 +146,7 @@ class Supervisor:
         host, port = self.settings.host, self.settings.port
         try:
             family, kind, _, _, address = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )[0]
             if port:
                 with socket.socket(family, kind) as probe:  # fails if anything listens there
@@ -162,6 +167,7 @@ class Supervisor:
         """Keep slot ``index`` filled until the server stops or gives up on it."""
         start_failures = 0
         streak = 0  # exits in a row after short lives
+        ever_ready = False
         while not self._stopping.is_set():
             try:
                 worker = await self._spawn(index)
@@ -171,27 +177,30 @@ class Supervisor:
                 self._stopping.set()
                 return
             code = await worker.process.wait()
+            served_s = worker.served_s()
             await self._exited(worker, code)
             if self._stopping.is_set():
                 if code not in (0, -signal.SIGTERM, -signal.SIGINT):
                     self._clean = False
                 return
-            if worker.ready_at is None:
+            if served_s is None:
                 start_failures += 1
-                if code == START_FAILED or start_failures >= MAX_START_FAILURES:
-                    why = "its configuration" if code == START_FAILED else "repeated failures"
+                log.warning("worker %d failed to start (%d in a row)", index, start_failures)
+                # A bad configuration will not fix itself, unless the slot has served before
+                # (then the disk changed under a running server, which keeps serving).
+                bad_config = code == START_FAILED and not ever_ready
+                if bad_config or start_failures >= MAX_START_FAILURES:
+                    why = "its configuration" if bad_config else "repeated failures"
                     log.error(
                         "%s failed to start %d time(s) in a row (%s, last %s): stopping the server",
                         f"worker {index}", start_failures, why, exit_cause(code),
                     )  # fmt: skip
-                    self._exit_code = START_FAILED if code == START_FAILED else 1
+                    self._exit_code = START_FAILED if bad_config else 1
                     self._stopping.set()
                     return
             else:
-                start_failures = 0
-            stable = worker.ready_at is not None and time.monotonic() - worker.ready_at >= (
-                STABLE_RUN_S
-            )
+                ever_ready, start_failures = True, 0
+            stable = served_s is not None and served_s >= STABLE_RUN_S
             streak = 0 if stable else streak + 1
             pause = 0.0 if streak == 0 else min(MAX_PAUSE_S, 0.5 * 2 ** (streak - 1))
             log.warning(
@@ -226,11 +235,19 @@ class Supervisor:
                 "torchwire.fleet.worker",
                 env=env,
                 pass_fds=[child_end.fileno()],
+                # Its own session: a terminal's Ctrl-C reaches the supervisor only, which stops
+                # the workers in order (a worker also stops when the supervisor is gone).
+                start_new_session=True,
             )
+        except OSError:
+            parent_end.close()
+            raise
         finally:
             child_end.close()
         worker = Worker(index, process, unloaded)
         self._workers[index] = worker
+        if self._stopping.is_set():  # stopped while it was being started: stop it too
+            process.send_signal(signal.SIGTERM)
         worker.link = await Link.open(parent_end, lambda message: self._on_message(worker, message))
         self.metrics.worker_started(index, process.pid)
         log.info("%s started", worker.describe())
@@ -262,6 +279,8 @@ class Supervisor:
         """A worker serves: first give it the loads and unloads it missed while it started."""
         async with self._control:
             assert worker.link is not None
+            if worker.link.closed.is_set() or worker.process.returncode is not None:
+                return  # it died meanwhile
             missed = [("unload", n) for n in self._unloaded - worker.unloaded_at_start] + [
                 ("load", n) for n in worker.unloaded_at_start - self._unloaded
             ]
@@ -281,7 +300,12 @@ class Supervisor:
         async with self._control:
             targets = [w for w in self._workers.values() if w.ready_at is not None or w is origin]
             results = await asyncio.gather(*(self._apply(w, op, name) for w in targets))
-            failed = [(w, e) for w, e in zip(targets, results, strict=True) if e is not None]
+            # A worker that died meanwhile is no failure: its successor catches up when ready.
+            failed = [
+                (w, e)
+                for w, e in zip(targets, results, strict=True)
+                if e is not None and not (w.link is not None and w.link.closed.is_set())
+            ]
             if op == "load":
                 self._unloaded.discard(name)  # as each worker's repository does, even on failure
             elif len(failed) < len(targets):
@@ -312,13 +336,16 @@ class Supervisor:
             if signum == signal.SIGINT:
                 log.warning("second SIGINT: killing the workers and exiting now")
                 self._forward(signal.SIGKILL)
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
                 os._exit(1)
             return
         log.info("%s received: stopping %d workers", signal.Signals(signum).name, self.count)
         self._stopping.set()
 
-    def _forward(self, signum: int) -> None:
+    def _forward(self, signum: int, ready_only: bool = False) -> None:
         for worker in self._workers.values():
+            if ready_only and worker.ready_at is None:
+                continue
             if worker.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(signum)

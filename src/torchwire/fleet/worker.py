@@ -90,7 +90,10 @@ async def serve_as_worker(spec: WorkerSpec) -> int:
     watch = asyncio.create_task(supervisor_gone())
 
     async def ready() -> None:
-        await link.notify({"op": "ready"})
+        try:
+            await link.notify({"op": "ready"})
+        except UnavailableError:  # the supervisor went away while this worker started
+            stop.set()
 
     try:
         return await serve_until_stopped(server, stop, ready)

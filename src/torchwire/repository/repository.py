@@ -96,7 +96,7 @@ class ModelRepository:
         self._failed: dict[tuple[str, int], tuple[LoadKey, str]] = {}
         self._scan_errors: dict[str, str] = {}
         self._unloaded: set[str] = set(unloaded)
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: set[asyncio.Task[bool]] = set()
 
     async def load(self) -> None:
         """Load every model at start-up; raise ``ConfigError`` on anything wrong."""
@@ -214,9 +214,9 @@ class ModelRepository:
                 "the outputs in config.toml to change them"
             )
 
-    def _retire(self, batcher: Batcher) -> None:
+    def _retire(self, batcher: Batcher, timeout_s: float = 30.0) -> None:
         """Close a version in the background: it finishes what is queued, then is released."""
-        task = asyncio.get_running_loop().create_task(batcher.close())
+        task = asyncio.get_running_loop().create_task(batcher.close(timeout_s))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
@@ -311,10 +311,14 @@ class ModelRepository:
         while self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
 
-    async def close(self) -> None:
-        """Finish queued requests and stop every inference thread."""
+    async def close(self, timeout_s: float = 30.0) -> bool:
+        """Finish queued requests and stop every inference thread within ``timeout_s``; return
+        False if one was still computing then (it is abandoned)."""
         async with self._lock:
             for served in self.models.values():
                 for batcher in served.versions.values():
-                    self._retire(batcher)
-            await self.drained()
+                    self._retire(batcher, timeout_s)
+            if not self._retiring:
+                return True
+            done, late = await asyncio.wait(self._retiring, timeout=timeout_s + 1.0)
+            return not late and all(task.result() for task in done)

@@ -158,8 +158,10 @@ class Batcher:
             self._cond.notify()
         return future
 
-    async def close(self, timeout_s: float = 30.0) -> None:
-        """Refuse new requests, finish the queued ones, and stop the threads."""
+    async def close(self, timeout_s: float = 30.0) -> bool:
+        """Refuse new requests, finish the queued ones, and stop the threads; return False if a
+        thread was still busy after ``timeout_s`` (it is left behind: threads cannot be
+        killed, and they are daemon threads, so the process can still exit)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
@@ -168,7 +170,10 @@ class Batcher:
         for thread in threads:
             await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
-                log.warning("inference thread %s still busy after %.0f s", thread.name, timeout_s)
+                log.error(
+                    "inference thread %s still busy after %.1f s: abandoned", thread.name, timeout_s
+                )
+        return not any(thread.is_alive() for thread in threads)
 
     # -- inference threads -------------------------------------------------------------------
 

@@ -53,6 +53,8 @@ def scanner_for(settings: ServerSettings) -> Scanner:
 
 HANDSHAKE_TIMEOUT_MS = 10_000
 """A connection that has not completed its (TLS and) HTTP/2 handshake by then is closed."""
+THREAD_STOP_S = 2.0
+"""After the grace period, how long inference threads get to finish before they are abandoned."""
 FD_RESERVE = 256
 """File descriptors kept for everything but client connections: models, logs, metrics."""
 
@@ -157,10 +159,12 @@ class Server:
         if self.settings.watchdog_interval_s > 0:
             await self.watchdog.check()  # the first reading decides before SERVING is reported
             self._spawn(self.watchdog.run())
-        self._grpc = self._build_grpc(repository)
-        await self._grpc.start()
+        if self.worker is None:  # a lone server answers probes (NOT_SERVING) while it loads
+            await self._serve_grpc(repository)
         try:
             await repository.load()
+            if self.worker is not None:  # a worker takes connections only once it can answer
+                await self._serve_grpc(repository)
         except BaseException:
             await self.stop(grace_s=0)
             raise
@@ -181,6 +185,10 @@ class Server:
             self._spawn(self.watcher.run())
         self._log_banner()
         return self.port or 0
+
+    async def _serve_grpc(self, repository: ModelRepository) -> None:
+        self._grpc = self._build_grpc(repository)
+        await self._grpc.start()
 
     def _build_grpc(self, repository: ModelRepository) -> grpc.aio.Server:
         server = grpc.aio.server(
@@ -249,8 +257,10 @@ class Server:
         elif self.repository is not None:
             self._spawn(self.repository.reconcile())
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Shut down in order; in-flight calls get ``grace_s`` (default: the settings') to end."""
+    async def stop(self, grace_s: float | None = None) -> bool:
+        """Shut down in order; in-flight calls get ``grace_s`` (default: the settings') to end,
+        inference threads ``THREAD_STOP_S`` more. Return False if a model call was still running
+        then: its thread is abandoned (it cannot be killed) and the process can still exit."""
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         await self.health.shutting_down()
         delay = self.settings.shutdown_delay_s if grace_s is None else 0.0
@@ -264,11 +274,13 @@ class Server:
         if self.watcher is not None:
             self.watcher.stop()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        clean = True
         if self.repository is not None:
-            await self.repository.close()
+            clean = await self.repository.close(THREAD_STOP_S)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        return clean
 
     def _log_banner(self) -> None:
         assert self.repository is not None

@@ -21,12 +21,20 @@ log = logging.getLogger("torchwire")
 
 START_FAILED = 2
 """Exit code of a server that could not start (a bad flag, model file or port)."""
+ABANDONED_CALLS = 3
+"""Exit code of a server that stopped while a model call still ran (a hung model)."""
 
 
 def run_in_loop(choice: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run ``main()`` to completion in the event loop ``--event-loop`` chose; return its code."""
     with asyncio.Runner(loop_factory=_loop_factory(choice)) as runner:
-        return runner.run(main())
+        code = runner.run(main())
+    if code == ABANDONED_CALLS:
+        # A thread still runs a model call: the interpreter's normal exit would wait on or
+        # tear down torch's threads under it (abort). Leave at once, logs flushed.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -80,6 +88,8 @@ async def serve_until_stopped(
     else:
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)
-    await server.stop()
+    if not await server.stop():
+        log.error("stopped, leaving a model call running (see above)")
+        return ABANDONED_CALLS
     log.info("stopped")
     return 0
