@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
+import psutil
 import pytest
 import torch
 import tritonclient.grpc as triton
@@ -274,3 +275,22 @@ def test_a_busy_port_is_refused_not_shared() -> None:
             server.wait_for(rf"cannot listen on 127\.0\.0\.1:{port}: .*Address already in use")
         finally:
             server.close()
+
+
+def test_signals_while_workers_start_neither_kill_them_nor_leave_them_behind(
+    servers: list[CliServer], test_repo: Path
+) -> None:
+    server = serve(servers, "--repository", str(test_repo))
+    started = server.wait_for(r"worker (\d+) \(pid (\d+)\) started", count=2)
+    server.process.send_signal(signal.SIGHUP)  # a rescan: workers still starting ignore it
+    server.wait_ready()
+    assert "killed by SIGHUP" not in server.output
+    assert "failed to start" not in server.output
+
+    second = serve(servers, "--repository", str(test_repo))
+    pids = [int(m.group(2)) for m in second.wait_for(r"worker (\d+) \(pid (\d+)\) started", 2)]
+    second.process.send_signal(signal.SIGTERM)  # before they are ready
+    assert second.process.wait(60) == 0
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert started and server.stop() == 0
