@@ -105,6 +105,13 @@ def test_a_full_queue_answers_resource_exhausted_then_recovers(
             stub.Predict(seed.pb2.PredictRequest(inputs=[0, 1, 0, 0]), timeout=30)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue full (3 of 3 items waiting, this request adds 1)" in refused.value.details()
+        # When to come back, as trailing metadata, and the refusal counted.
+        hint = dict(refused.value.trailing_metadata() or ())["torchwire-retry-after-ms"]
+        assert f"retry in about {hint} ms" in refused.value.details()
+        assert int(hint) >= 1
+        registry = slow_server.server.metrics.registry
+        labels = {"model": "busy", "reason": "queue_full"}
+        assert registry.get_sample_value("torchwire_rejected_requests_total", labels) >= 1
         assert busy.result().outputs and queued.result().outputs
         answer = stub.Predict(seed.pb2.PredictRequest(inputs=[0, 5, 0, 0]), timeout=30)
         assert list(answer.outputs) == [5.0]

@@ -81,6 +81,9 @@ class ConfigError(TorchwireError):
     code = "FAILED_PRECONDITION"
 
 
+RETRY_AFTER_METADATA = "torchwire-retry-after-ms"
+"""Trailing metadata of a refusal for load (RESOURCE_EXHAUSTED): milliseconds after which the
+same request can expect to be taken, as the server estimates it."""
 ITEM_SHAPE_METADATA = "torchwire-item-shape"
 """Trailing metadata of a wrong-length seed request: the model's per-item input shape, so that a
 client can discover it with an empty request (the seed API has no metadata RPC)."""

@@ -40,6 +40,7 @@ class ModelMetrics:
     queue_duration: Histogram
     compute_duration: Histogram
     batch_size: Histogram
+    queue_full: Counter
 
 
 class Metrics:
@@ -85,6 +86,12 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
+        self.rejected = Counter(
+            "torchwire_rejected_requests",
+            "Requests refused for load (RESOURCE_EXHAUSTED) before any work, by model and reason.",
+            ["model", "reason"],
+            registry=registry,
+        )
         self.inflight = Gauge(
             "torchwire_inflight_requests",
             "Requests being served (queued, computing or being answered), summed over workers.",
@@ -123,6 +130,7 @@ class Metrics:
             self.queue_duration.labels(model),
             self.compute_duration.labels(model),
             self.batch_size.labels(model),
+            self.rejected.labels(model, "queue_full"),
         )
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from torchwire.errors import (
+    RETRY_AFTER_METADATA,
     DeadlineExceededError,
     ModelExecutionError,
     QueueFullError,
@@ -148,15 +149,28 @@ class Batcher:
         future: asyncio.Future[Arrays] = self._loop.create_future()
         with self._cond:
             if self._queued_items + items > self.max_queue:
+                if self._metrics is not None:
+                    self._metrics.queue_full.inc()
+                wait_ms = self._drain_estimate_ms()
                 raise QueueFullError(
                     f"model {self.label}: queue full ({self._queued_items} of {self.max_queue}"
-                    f" items waiting, this request adds {items}); retry later"
+                    f" items waiting, this request adds {items}); retry in about {wait_ms} ms",
+                    metadata={RETRY_AFTER_METADATA: str(wait_ms)},
                 )
             key = tuple(a.shape[1:] for a in arrays)
             self._queue.append(_Request(arrays, items, future, deadline, shape_key=key))
             self._queued_items += items
             self._cond.notify()
         return future
+
+    def _drain_estimate_ms(self) -> int:
+        """How long the queued items take to compute, at the mean per-item time so far (call
+        with ``_cond`` held); 1 ms at least."""
+        stats = self.stats
+        per_item_s = (
+            stats.compute_ns / stats.inference_count / 1e9 if stats.inference_count else 1e-3
+        )
+        return max(1, round(self._queued_items * per_item_s / self.instances * 1000))
 
     async def close(self, timeout_s: float = 30.0) -> bool:
         """Refuse new requests, finish the queued ones, and stop the threads; return False if a
