@@ -60,3 +60,31 @@ def test_connections_beyond_the_cap_are_refused_and_a_freed_slot_serves_again(
         assert predict(extra, seed, wait_for_ready=True) == [3.0, 6.0, 9.0, 12.0]
         for channel in [*held, extra]:
             channel.close()
+
+
+def test_a_connection_past_its_age_is_closed_gracefully_so_clients_reconnect(
+    test_repo: Path, seed: SimpleNamespace
+) -> None:
+    settings = {"connection_idle_s": 0, "max_connection_age_s": 0.5, "grace_period_s": 5}
+    with ServerThread(repository=test_repo, **settings) as server:
+        channel = connection(server.target)
+        stub = seed.grpc.ModelServiceStub(channel)
+        closed = threading.Event()
+
+        def changed(state: grpc.ChannelConnectivity) -> None:
+            if state != grpc.ChannelConnectivity.READY:
+                closed.set()
+
+        assert predict(channel, seed) == [3.0, 6.0, 9.0, 12.0]
+        # A call that spans the connection's age is let finish (the grace period) ...
+        slow = stub.Predict.future(
+            seed.pb2.PredictRequest(inputs=[3000, 1, 0, 0], metadata={"model": "busy"}),
+            timeout=60,
+        )
+        channel.subscribe(changed)
+        assert closed.wait(30), "the connection was never closed at its age"
+        assert list(slow.result().outputs) == [3001.0]
+        channel.unsubscribe(changed)
+        # ... and the next call goes over a new connection.
+        assert predict(channel, seed) == [3.0, 6.0, 9.0, 12.0]
+        channel.close()
