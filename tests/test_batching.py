@@ -117,6 +117,19 @@ def test_a_full_queue_answers_resource_exhausted_then_recovers(
         assert list(answer.outputs) == [5.0]
 
 
+def test_a_request_larger_than_the_whole_queue_is_invalid_not_retry_later(
+    slow_server: ServerThread, seed: SimpleNamespace
+) -> None:
+    with grpc.insecure_channel(slow_server.target) as channel:
+        stub = seed.grpc.ModelServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(seed.pb2.PredictRequest(inputs=[0] * 16), timeout=30)  # 4 items > 3
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the request has 4 items, more than its queue holds (max_queue = 3)" in (
+        refused.value.details()
+    )
+
+
 def test_instances_share_the_load_and_batches_still_form(
     tmp_path: Path, seed: SimpleNamespace
 ) -> None:

@@ -69,3 +69,8 @@ def test_workers_auto_is_one_per_available_core() -> None:
     assert load_settings({"workers": "3"}, environ={}).worker_count() == 3
     with pytest.raises(ConfigError, match="workers"):
         load_settings({"workers": "0"}, environ={})
+
+
+def test_a_message_size_beyond_what_grpc_takes_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="max_message_bytes"):
+        load_settings({"max_message_bytes": "3000000000"}, environ={})

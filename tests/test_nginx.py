@@ -59,9 +59,10 @@ class Nginx:
         self.write(down)
         old = {p.pid for p in psutil.Process(self.process.pid).children()}
         subprocess.run([*self._base(), "-s", "reload"], check=True, capture_output=True)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # the config's worker_shutdown_timeout is 10 s
         while old & {p.pid for p in psutil.Process(self.process.pid).children()}:
-            assert time.monotonic() < deadline, "old nginx workers never exited"
+            error_log = (self.prefix / "error.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, f"old nginx workers never exited:\n{error_log}"
             time.sleep(0.05)
 
     @property
@@ -151,16 +152,18 @@ def test_rolling_restart_through_nginx_fails_no_request_of_a_client_that_does_no
     # that nginx refused unread with a GOAWAY when its old workers leave at a reload.)
     with grpc.insecure_channel(nginx.target) as channel:
         load = OpenLoop(channel.unary_unary(PREDICT), rate=150)
-        for port in list(replicas):
-            # The procedure the config's header describes: take the replica out of nginx,
-            # stop it (it drains), start the new one, put it back.
-            nginx.reload(down=port)
-            assert replicas[port].stop() == 0
-            replicas[port].close()
-            replicas[port] = replica(port, cache_dir)
-            replicas[port].wait_ready()
-            nginx.reload()
-        outcomes = load.stop()
+        try:
+            for port in list(replicas):
+                # The procedure the config's header describes: take the replica out of nginx,
+                # stop it (it drains), start the new one, put it back.
+                nginx.reload(down=port)
+                assert replicas[port].stop() == 0
+                replicas[port].close()
+                replicas[port] = replica(port, cache_dir)
+                replicas[port].wait_ready()
+                nginx.reload()
+        finally:
+            outcomes = load.stop()
     print(f"rolling restart through nginx: {dict(outcomes)}")  # shown with pytest -s
     assert set(outcomes) == {"OK"}, outcomes
     assert outcomes["OK"] > 150

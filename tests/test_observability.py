@@ -308,16 +308,18 @@ def test_json_access_log_lines_carry_every_field(
             stub.Predict(request, metadata=[("x-request-id", "abc-123")], timeout=10)
             with pytest.raises(grpc.RpcError):
                 stub.Predict(seed.pb2.PredictRequest(inputs=[1]), timeout=10)
+            stub.Predict(request, metadata=[("x-request-id", "r" * 1000)], timeout=10)
         assert server.stop() == 0
     finally:
         server.close()
     entries = [json.loads(line) for line in server.lines]  # every line is JSON
     access = [e for e in entries if e["logger"] == "torchwire.access"]
-    assert len(access) == 2
-    ok, bad = access
+    assert len(access) == 3
+    ok, bad, long = access
     assert ok["request_id"] == "abc-123" and ok["code"] == "OK"
     assert (ok["api"], ok["model"], ok["version"], ok["items"]) == ("seed", "scale", "2", 2)
     assert ok["peer"].startswith("ipv4:127.0.0.1:") and ok["duration_ms"] > 0
     assert bad["code"] == "INVALID_ARGUMENT" and len(bad["request_id"]) == 16
+    assert long["request_id"] == "r" * 128  # a client's id is cut, not logged whole
     banner = next(e for e in entries if "torchwire serving on" in e["message"])
     assert "metrics: http://" in banner["message"]

@@ -115,7 +115,8 @@ def test_unknown_model_or_version_is_not_found_listing_what_exists(
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "'nope'" in error.details() and "['busy', 'poisoned', 'scale']" in error.details()
 
-    for version in ("7", "latest"):
+    # Digits that are not ASCII digits are no version number (they used to crash: INTERNAL).
+    for version in ("7", "latest", "\u00b2", "\u0661"):
         request = seed.pb2.PredictRequest(
             inputs=[1, 2, 3, 4], metadata={"model": "scale", "version": version}
         )

@@ -104,7 +104,7 @@ class ServerSettings(_Strict):
     """How often the model files' stamps are polled."""
     watch_settle_s: float = Field(0.5, ge=0)
     """A changed file is loaded once its size and mtime have not moved for this long."""
-    max_message_bytes: int = Field(64 * 1024 * 1024, ge=4096)
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=4096, le=2**31 - 1)
     """Largest request or response message accepted or sent."""
     connection_idle_s: float = Field(300.0, ge=0)
     """A client connection with no call for this long is closed (clients reconnect when they

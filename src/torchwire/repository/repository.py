@@ -245,7 +245,8 @@ class ModelRepository:
             raise ModelNotFoundError(f"model {name!r} not found; served: {sorted(self.models)}")
         if not version:
             return served.versions[served.default_version]
-        batcher = served.versions.get(int(version)) if version.isdigit() else None
+        is_number = version.isascii() and version.isdigit()  # isdigit alone takes superscripts
+        batcher = served.versions.get(int(version)) if is_number else None
         if batcher is None:
             raise ModelNotFoundError(
                 f"version {version!r} of model {name!r} not found; versions: "

@@ -77,7 +77,10 @@ def scan_model_dir(directory: Path) -> ModelSource:
     found = {
         int(child.name): child / filename
         for child in directory.iterdir()
-        if child.is_dir() and child.name.isdigit() and (child / filename).is_file()
+        if child.is_dir()
+        and child.name.isascii()
+        and child.name.isdigit()
+        and (child / filename).is_file()
     }
     selected = _select_versions(config, found, directory)
     if not selected:
@@ -168,7 +171,11 @@ class Scanner:
         for model in models:
             stamps[str(model / "config.toml")] = stamp(model / "config.toml")
             try:
-                versions = [c for c in model.iterdir() if c.is_dir() and c.name.isdigit()]
+                versions = [
+                    c
+                    for c in model.iterdir()
+                    if c.is_dir() and c.name.isascii() and c.name.isdigit()
+                ]
             except OSError:
                 continue
             for version in versions:

@@ -31,6 +31,7 @@ import torch
 from torchwire.errors import (
     RETRY_AFTER_METADATA,
     DeadlineExceededError,
+    InvalidInputError,
     ModelExecutionError,
     QueueFullError,
     TorchwireError,
@@ -148,6 +149,11 @@ class Batcher:
             raise UnavailableError(f"model {self.label} is shutting down")
         future: asyncio.Future[Arrays] = self._loop.create_future()
         with self._cond:
+            if items > self.max_queue:
+                raise InvalidInputError(
+                    f"model {self.label}: the request has {items} items, more than its queue "
+                    f"holds (max_queue = {self.max_queue}); send at most that many per request"
+                )
             if self._queued_items + items > self.max_queue:
                 if self._metrics is not None:
                     self._metrics.queue_full.inc()

@@ -20,6 +20,8 @@ from torchwire.runtime import Batcher
 from torchwire.server.status import status_code
 
 access_log = logging.getLogger("torchwire.access")
+REQUEST_ID_MAX = 128
+"""Longest x-request-id kept in the access log; longer ones are cut."""
 
 
 def outcome_code(exc: BaseException | None) -> grpc.StatusCode:
@@ -52,7 +54,11 @@ class Call:
         if observer.access_log:
             self._peer = context.peer()
             metadata = dict(context.invocation_metadata() or ())
-            self._request_id = metadata.get("x-request-id") or uuid.uuid4().hex[:16]
+            given = metadata.get("x-request-id") or ""
+            # One access-log line per request: no CR/LF (or other control characters) from the
+            # client, and a bounded length.
+            clean = "".join(c for c in given[:REQUEST_ID_MAX] if c.isprintable())
+            self._request_id = clean or uuid.uuid4().hex[:16]
 
     def target(self, batcher: Batcher) -> None:
         """The request was resolved to this model version."""
