@@ -95,6 +95,11 @@ class ServerThread:
         self.stop()
 
 
+def connection(target: str) -> grpc.Channel:
+    """A channel with a connection of its own (channels otherwise share subchannels)."""
+    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
 def health_status(target: str, service: str = "") -> str:
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

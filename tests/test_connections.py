@@ -9,12 +9,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from support import ServerThread
-
-
-def connection(target: str) -> grpc.Channel:
-    """A channel with a connection of its own (channels otherwise share subchannels)."""
-    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+from support import ServerThread, connection
 
 
 def predict(channel: grpc.Channel, seed: SimpleNamespace, **kwargs: object) -> list[float]:

@@ -27,7 +27,7 @@ import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from support import CliServer, Scale, write_model
+from support import CliServer, Scale, connection, write_model
 
 ANSWERED_BY = r"\[worker (\d+)\] torchwire\.access: .*code={code}.*request_id={request_id}"
 
@@ -44,11 +44,6 @@ def serve(servers: list[CliServer], *args: str, env: dict[str, str] | None = Non
     server = CliServer("--port", "0", "--workers", "2", "--access-log", "true", *args, env=env)
     servers.append(server)
     return server
-
-
-def connection(target: str) -> grpc.Channel:
-    """A channel with a connection of its own (channels otherwise share subchannels)."""
-    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
 def predict(
