@@ -29,6 +29,7 @@ from torchwire.repository import (
     Scanner,
     ensure_demo_repository,
 )
+from torchwire.server.connections import connection_limits
 from torchwire.server.control import WorkerRole
 from torchwire.server.health import Health
 from torchwire.server.observe import Observer
@@ -51,41 +52,8 @@ def scanner_for(settings: ServerSettings) -> Scanner:
     return Scanner(root=Path(settings.repository or ensure_demo_repository(settings.cache_dir)))
 
 
-HANDSHAKE_TIMEOUT_MS = 10_000
-"""A connection that has not completed its (TLS and) HTTP/2 handshake by then is closed."""
 THREAD_STOP_S = 2.0
 """After the grace period, how long inference threads get to finish before they are abandoned."""
-FD_RESERVE = 256
-"""File descriptors kept for everything but client connections: models, logs, metrics."""
-
-
-def connection_limits(settings: ServerSettings) -> list[tuple[str, int]]:
-    """gRPC server options that bound what clients can hold: connections, idle time, streams."""
-    options = [
-        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
-        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
-    ]
-    if settings.connection_idle_s:
-        options.append(("grpc.max_connection_idle_ms", int(settings.connection_idle_s * 1000)))
-    if settings.max_connection_age_s:
-        options += [
-            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
-            # Calls under way when a connection reaches its age get the grace period to end.
-            ("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)),
-        ]
-    cap = settings.max_connections or _connections_allowed_by_fd_limit()
-    if cap:
-        options.append(("grpc.max_allowed_incoming_connections", cap))
-    return options
-
-
-def _connections_allowed_by_fd_limit() -> int:
-    import resource
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 0
-    return max(16, soft - FD_RESERVE)
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
