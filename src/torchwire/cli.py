@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from torchwire.config import ENV_PREFIX, ServerSettings, load_settings, parse_shape
-from torchwire.errors import ConfigError, TorchwireError
+from torchwire.errors import START_FAILED, ConfigError, TorchwireError
 from torchwire.logs import configure_logging
 
 log = logging.getLogger("torchwire")
@@ -224,7 +224,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         settings = load_settings(flags)
     except ConfigError as exc:
         print(f"torchwire: {exc}", file=sys.stderr)
-        return 2
+        return START_FAILED
     configure_logging(settings.log_level, settings.log_format)
     if settings.worker_count() > 1:  # child processes under a supervisor, which loads no torch
         from torchwire.fleet import Supervisor

@@ -84,6 +84,12 @@ class ConfigError(TorchwireError):
 RETRY_AFTER_METADATA = "torchwire-retry-after-ms"
 """Trailing metadata of a refusal for load (RESOURCE_EXHAUSTED): milliseconds after which the
 same request can expect to be taken, as the server estimates it."""
+START_FAILED = 2
+"""Exit code of a server (or worker) that could not start: a bad flag, model file or port.
+Retrying will not help, so a supervisor gives up on it."""
+ABANDONED_CALLS = 3
+"""Exit code of a server that stopped while a model call still ran (a hung model)."""
+
 ITEM_SHAPE_METADATA = "torchwire-item-shape"
 """Trailing metadata of a wrong-length seed request: the model's per-item input shape, so that a
 client can discover it with an empty request (the seed API has no metadata RPC)."""

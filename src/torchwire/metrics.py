@@ -9,6 +9,7 @@ model call. Buckets run from 100 µs to 10 s.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
@@ -169,8 +170,6 @@ class MetricsHTTPServer(ThreadingMixIn, WSGIServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went silent or away is routine here, not worth a traceback."""
-        import sys
-
         if not isinstance(sys.exc_info()[1], OSError):  # TimeoutError, ConnectionError, ...
             super().handle_error(request, client_address)
 

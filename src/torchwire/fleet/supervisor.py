@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 from torchwire.config import ServerSettings, available_cores
-from torchwire.errors import ConfigError, TorchwireError
+from torchwire.errors import START_FAILED, ConfigError, TorchwireError
 from torchwire.fleet.link import Link, Message
 from torchwire.fleet.metrics import FleetMetrics
 
@@ -41,8 +41,6 @@ log = logging.getLogger("torchwire.fleet")
 
 WORKER_SPEC_ENV = "TORCHWIRE_WORKER_SPEC"
 """How a worker gets its orders: a JSON object (``WorkerSpec`` in ``torchwire.fleet.worker``)."""
-START_FAILED = 2
-"""A worker's exit code for a configuration it cannot start with: retrying will not help."""
 MAX_START_FAILURES = 5
 """A slot whose worker fails to start this many times in a row stops the server."""
 STABLE_RUN_S = 30.0

@@ -14,15 +14,10 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from torchwire.errors import ConfigError
+from torchwire.errors import ABANDONED_CALLS, START_FAILED, ConfigError
 from torchwire.server.app import Server
 
 log = logging.getLogger("torchwire")
-
-START_FAILED = 2
-"""Exit code of a server that could not start (a bad flag, model file or port)."""
-ABANDONED_CALLS = 3
-"""Exit code of a server that stopped while a model call still ran (a hung model)."""
 
 
 def run_in_loop(choice: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
