@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The GPU machine's measurements for --workers (issue 11): recsys with 1, 2, 4 and 8 workers and
-# four separate processes, the open-loop rate under P99 < 50 ms, and resnet18 on the GPU against
-# the same TorchScript file in-process (benchmarks/scaleout.py --gpu). Under 5 minutes.
+# The GPU machine's one call (16 cores, one GPU), under 5 minutes: benchmarks/gpu.py (resnet18 on
+# the GPU: in-process ceiling, torchwire one process and --workers, fp32/fp16, the GPU path's
+# checks, a py-spy profile) then benchmarks/scaleout.py --gpu (recsys with 1, 2, 4, 8 workers,
+# four separate processes, the open-loop rate under P99 < 50 ms).
 #
-# Here, first: ../shared/tools/gpu-wheels.sh   (our packages for the GPU machine's python3.12)
+# Here, first: ../shared/tools/gpu-wheels.sh py-spy==0.4.3 nvidia-ml-py==13.615.71  (our packages for its python3.12)
 # Then one device call from the project root, carrying .whl:   bash benchmarks/gpu.sh
 # Results go to $OUT (the device tool brings them back), else benchmarks/results/.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD/src
+    .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH
+out=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 benchmarks/scaleout.py --gpu --out "${OUT:-benchmarks/results}" "$@"
+timeout 240 python3 benchmarks/gpu.py --profile --out "$out" "$@"; echo "gpu.py exit $?"
+timeout 200 python3 benchmarks/scaleout.py --gpu --out "$out"; echo "scaleout.py exit $?"

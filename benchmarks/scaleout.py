@@ -1,16 +1,11 @@
 """``torchwire serve --workers N`` measured: recsys QPS by worker count, against N separate
-processes, the highest open-loop rate under P99 < 50 ms, and (with ``--gpu``) resnet18 on the GPU
-against the same TorchScript file called in-process at its best batch. One run, side by side.
+processes, and the highest open-loop rate under P99 < 50 ms. One run, side by side.
 
     .venv/bin/python benchmarks/scaleout.py                      # this machine: workers 1 and 2
-    python3 benchmarks/scaleout.py --gpu --out $OUT              # a GPU machine (16 cores)
+    python3 benchmarks/scaleout.py --gpu --out $OUT              # the 16-core GPU machine
 
-On the GPU machine (python3.12 with CUDA torch, our other packages from .whl/, see
-``../shared/tools/gpu-wheels.sh``), one call of under 5 minutes:
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src && python3 benchmarks/scaleout.py --gpu \
-        --out $OUT
+``--gpu`` means the GPU machine's 16 cores (workers 1, 2, 4, 8; recsys runs on CPU); the GPU itself
+is measured by ``benchmarks/gpu.py``. Both run there in one call: ``benchmarks/gpu.sh``.
 
 Servers are started with ``python -m torchwire`` (no install needed), one configuration at a
 time, the load generator (``torchwire bench``'s, several processes) on the same machine. Server
@@ -25,13 +20,12 @@ import concurrent.futures
 import json
 import os
 import platform
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,15 +52,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def torchwire(repository: Path, workers: int, model: str) -> Iterator[tuple[str, psutil.Process]]:
-    """``torchwire serve --workers N`` on a free port; yields its target and process."""
+def torchwire(
+    repository: Path, workers: int, model: str, extra: Sequence[str] = (), stderr: Any = None
+) -> Iterator[tuple[str, psutil.Process]]:
+    """``torchwire serve --workers N`` (and ``extra`` flags) on a free port; yields its target
+    and process."""
     port = free_port()
     command = [
         sys.executable, "-m", "torchwire", "serve", "--repository", str(repository),
         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-        "--workers", str(workers), "--log-level", "warning",
+        "--workers", str(workers), "--log-level", "warning", *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     target = f"127.0.0.1:{port}"
     try:
         wait_serving(target, model, process)
@@ -140,41 +137,6 @@ def separate(repository: Path, count: int, procs: int, concurrency: int) -> dict
     }
 
 
-def gpu_repository(demo: Path, root: Path, device: str) -> Path:
-    """resnet18 of the demo on ``device`` (the GPU), batches up to 64."""
-    model = root / "resnet18"
-    (model / "1").mkdir(parents=True)
-    shutil.copy(demo / "resnet18" / "1" / "model.pt", model / "1" / "model.pt")
-    (model / "config.toml").write_text(
-        'format = "torchscript"\n'
-        '[[inputs]]\nname = "image"\ndtype = "FP32"\nshape = [3, 224, 224]\n'
-        "[batching]\nmax_batch_size = 64\nmax_queue = 4096\n"
-        f'[instances]\ncount = 1\ndevice = "{device}"\n'
-    )
-    return root
-
-
-def in_process_gpu(demo: Path, device: str, batches: list[int], seconds: float) -> dict[str, Any]:
-    """Images/s of the TorchScript file on the GPU, host tensors in and out (as a server)."""
-    module = torch.jit.load(str(demo / "resnet18" / "1" / "model.pt")).eval().to(device)
-    pin = device.startswith("cuda")
-    rows = {}
-    with torch.inference_mode():
-        for batch in batches:
-            x = torch.randn(batch, 3, 224, 224)
-            x = x.pin_memory() if pin else x
-            for _ in range(5):
-                module(x.to(device, non_blocking=True)).cpu()
-            calls, started = 0, time.perf_counter()
-            while time.perf_counter() - started < seconds:
-                module(x.to(device, non_blocking=True)).cpu()
-                calls += 1
-            elapsed = time.perf_counter() - started
-            rows[batch] = round(calls * batch / elapsed, 1)
-    best = max(rows, key=lambda b: rows[b])
-    return {"by_batch": rows, "best_batch": best, "best_images_per_s": rows[best]}
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     demo = ensure_demo_repository(Path(tempfile.gettempdir()) / "torchwire-bench-cache")
     results: dict[str, Any] = {
@@ -209,23 +171,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "count": args.separate,
             **separate(demo, args.separate, args.load_procs, args.concurrency),
         }
-    if args.gpu:
-        console.print("resnet18 on the GPU: in-process ...")
-        batches = args.gpu_batches
-        results["resnet18_gpu"] = {
-            "in_process": in_process_gpu(demo, args.device, batches, args.gpu_seconds)
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            repo = gpu_repository(demo, Path(tmp), args.device)
-            for workers in args.gpu_workers:
-                console.print(f"resnet18 on the GPU, --workers {workers} ...")
-                with torchwire(repo, workers, "resnet18") as (target, process):
-                    config = load(
-                        target, "resnet18", concurrency=128, duration_s=args.gpu_seconds * 3,
-                        warmup_s=2.0,
-                        timeout_s=30.0, channels=8,
-                    )  # fmt: skip
-                    results["resnet18_gpu"][str(workers)] = closed(config, args.load_procs, process)
     return results
 
 
@@ -260,39 +205,16 @@ def markdown(r: dict[str, Any]) -> str:
             f"{sep['qps']:,.0f} QPS in all (worst P99 {sep['p99_ms_worst']:.2f} ms, "
             f"{sep['errors']} errors)."
         )
-    if "resnet18_gpu" in r:
-        gpu = r["resnet18_gpu"]
-        ceiling = gpu["in_process"]["best_images_per_s"]
-        lines += [
-            "",
-            "## resnet18 on the GPU, one image per request",
-            "",
-            f"In-process (host tensors in and out): {gpu['in_process']['by_batch']} images/s by "
-            f"batch; best {ceiling:,.0f} at batch {gpu['in_process']['best_batch']}.",
-            "",
-            "| workers | images/s | P50 ms | P99 ms | vs in-process best |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        for workers, row in gpu.items():
-            if workers != "in_process":
-                lines.append(
-                    f"| {workers} | {row['qps']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
-                    f"| {row['qps'] / ceiling:.2f}x |"
-                )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
-    parser.add_argument("--gpu", action="store_true", help="the 16-core GPU machine's run")
+    parser.add_argument("--gpu", action="store_true", help="the 16-core GPU machine's counts")
     parser.add_argument("--workers", type=ints, help="worker counts for recsys")
     parser.add_argument("--sweep-workers", type=ints, help="counts that also get a rate sweep")
     parser.add_argument("--separate", type=int, help="also N separate processes (0: none)")
-    parser.add_argument("--gpu-workers", type=ints, default=[1, 4], help="resnet18 on the GPU")
-    parser.add_argument("--device", default="cuda", help="resnet18's device with --gpu")
-    parser.add_argument("--gpu-batches", type=ints, default=[1, 8, 16, 32, 64])
-    parser.add_argument("--gpu-seconds", type=float, default=2.0, help="per in-process batch")
     parser.add_argument("--load-procs", type=int, help="load generator processes")
     parser.add_argument("--concurrency", type=int, default=128, help="closed-loop callers")
     parser.add_argument("--sweep-s", type=float, default=3.0, help="seconds per sweep step")

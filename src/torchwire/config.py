@@ -133,6 +133,9 @@ class ServerSettings(_Strict):
     """Hysteresis: back to SERVING only above the threshold plus this margin."""
     watchdog_max_rss_mb: int = Field(0, ge=0)
     """Also NOT_SERVING while this process's resident memory exceeds this; 0: no limit."""
+    watchdog_min_gpu_available_mb: int = Field(0, ge=0)
+    """Also NOT_SERVING while a GPU the models use has less than this available to the server
+    (free on the device plus its allocator's unused cache); 0: GPU memory never trips it."""
 
     _parse_input_shape = field_validator("input_shape", mode="before")(_parse_shape)
 

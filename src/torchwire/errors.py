@@ -10,6 +10,7 @@ it receives, with ``code`` set to the status's name. This module imports no gRPC
     ├── DeadlineExceededError   DEADLINE_EXCEEDED  the caller's deadline passed while queued
     ├── UnavailableError        UNAVAILABLE        the server or model version is shutting down
     ├── ModelExecutionError     INTERNAL           the model raised; its message is passed on
+    │   └── ModelOutOfMemoryError RESOURCE_EXHAUSTED the request does not fit in memory alone
     └── ConfigError             (start-up)         a config file, flag or model file is wrong
 
 Unexpected exceptions (bugs) are sent as INTERNAL with a generic message and logged in full. A
@@ -75,6 +76,14 @@ class ModelExecutionError(TorchwireError):
     code = "INTERNAL"
 
 
+class ModelOutOfMemoryError(ModelExecutionError):
+    """The model ran out of (GPU or host) memory. The batcher splits a batch that does; a
+    request that does not fit even alone fails with this, saying what it asked for and what
+    is free. A client receives it as ``QueueFullError`` (the same status)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class ConfigError(TorchwireError):
     """A configuration file, a flag or a model file is invalid."""
 
@@ -94,9 +103,10 @@ ITEM_SHAPE_METADATA = "torchwire-item-shape"
 """Trailing metadata of a wrong-length seed request: the model's per-item input shape, so that a
 client can discover it with an empty request (the seed API has no metadata RPC)."""
 
-_CLASSES: tuple[type[TorchwireError], ...] = (
+_CLASSES: tuple[type[TorchwireError], ...] = (  # for a shared status, the last is the client's
     InvalidInputError,
     ModelNotFoundError,
+    ModelOutOfMemoryError,
     QueueFullError,
     DeadlineExceededError,
     UnavailableError,

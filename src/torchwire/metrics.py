@@ -126,6 +126,44 @@ class Metrics:
             multiprocess_mode="livemin",
         )
 
+        # GPUs (set by the watchdog from runtime.gpu readings; absent on a CPU-only server).
+        self.gpu_memory_used = Gauge(
+            "torchwire_gpu_memory_used_bytes",
+            "GPU memory held by the server's tensors, by device (summed over workers).",
+            ["device"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.gpu_memory_reserved = Gauge(
+            "torchwire_gpu_memory_reserved_bytes",
+            "GPU memory held by the server's caching allocator, used or cached (summed over "
+            "workers).",
+            ["device"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.gpu_memory_total = Gauge(
+            "torchwire_gpu_memory_total_bytes",
+            "GPU memory of the device.",
+            ["device"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.gpu_memory_free = Gauge(
+            "torchwire_gpu_memory_free_bytes",
+            "GPU memory free on the device, whoever uses the rest.",
+            ["device"],
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.gpu_utilization = Gauge(
+            "torchwire_gpu_utilization_ratio",
+            "Fraction of time a kernel ran on the device (NVML; absent without nvidia-ml-py).",
+            ["device"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(
             self.queue_duration.labels(model),

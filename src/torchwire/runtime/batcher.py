@@ -2,9 +2,11 @@
 
 Requests are queued by the event loop; each inference thread takes, as soon as it is free, every
 queued request that fits in ``max_batch_size`` items (a request is never split; one larger than
-``max_batch_size`` runs alone), concatenates them with numpy, runs the model once, and hands every
-caller a view of its own rows. A lone request is taken at once: nobody waits for company that is
-not coming, while requests that arrive during a model call fill the next batch.
+``max_batch_size`` runs alone), runs the model once on all their rows, and hands every caller a
+view of its own. A lone request is taken at once: nobody waits for company that is not coming,
+while requests that arrive during a model call fill the next batch. When the model fails on a
+batch (it raises, or runs out of memory), the halves are run again, down to single requests, so
+that only a request that fails alone gets the error.
 
 With several instances, a thread that finds a partial batch while another instance is computing
 waits for more requests until the batch is full or its oldest request has waited
@@ -33,6 +35,7 @@ from torchwire.errors import (
     DeadlineExceededError,
     InvalidInputError,
     ModelExecutionError,
+    ModelOutOfMemoryError,
     QueueFullError,
     TorchwireError,
     UnavailableError,
@@ -72,13 +75,6 @@ class VersionStats:
 
 
 _Outcome = tuple[_Request, Arrays | TorchwireError]
-
-
-def _stack(arrays: list[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
-    if len(arrays) == 1:
-        # torch.from_numpy needs a writable buffer; frombuffer() views of a message are not.
-        return arrays[0] if arrays[0].flags.writeable else arrays[0].copy()
-    return np.concatenate(arrays)
 
 
 class Batcher:
@@ -193,7 +189,10 @@ class Batcher:
                 log.error(
                     "inference thread %s still busy after %.1f s: abandoned", thread.name, timeout_s
                 )
-        return not any(thread.is_alive() for thread in threads)
+        if any(thread.is_alive() for thread in threads):
+            return False
+        self.model.release()  # its device memory back to the device
+        return True
 
     # -- inference threads -------------------------------------------------------------------
 
@@ -267,32 +266,33 @@ class Batcher:
                 )
                 continue
             live.append(request)
-        if not live:
-            return outcomes
-        try:
-            outcomes.extend(self._run_batch(live))
-        except ModelExecutionError as exc:
-            if len(live) == 1:
-                outcomes.append((live[0], exc))
-            else:
-                # Retry one by one so that only the request that makes the model fail gets it.
-                for request in live:
-                    try:
-                        outcomes.extend(self._run_batch([request]))
-                    except ModelExecutionError as single:
-                        outcomes.append((request, single))
+        if live:
+            outcomes.extend(self._run_or_split(live))
         return outcomes
 
+    def _run_or_split(self, batch: list[_Request]) -> list[_Outcome]:
+        """Run ``batch``; if the model fails on it (raises, or runs out of memory), run each half
+        again, down to single requests: only the request that fails alone gets the error, in
+        about 2 log2(n) calls for one poisoned request among n."""
+        try:
+            return self._run_batch(batch)
+        except ModelExecutionError as exc:
+            if len(batch) == 1:
+                return [(batch[0], exc)]
+            if isinstance(exc, ModelOutOfMemoryError):  # the model logged a warning already
+                log.info("%s: splitting a batch of %d requests", self.label, len(batch))
+            half = len(batch) // 2
+            return self._run_or_split(batch[:half]) + self._run_or_split(batch[half:])
+
     def _run_batch(self, batch: list[_Request]) -> list[_Outcome]:
-        count = len(batch[0].arrays)
-        inputs = [_stack([r.arrays[i] for r in batch]) for i in range(count)]
         started = time.monotonic()
         succeeded = False
+        items = sum(request.items for request in batch)
         try:
-            outputs = self.model(inputs)
+            outputs = self.model.run_batch([request.arrays for request in batch])
             succeeded = True
         finally:
-            self._count(batch, inputs[0].shape[0], started, succeeded)
+            self._count(batch, items, started, succeeded)
         if len(batch) == 1:
             return [(batch[0], outputs)]
         outcomes: list[_Outcome] = []

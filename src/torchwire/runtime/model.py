@@ -1,23 +1,41 @@
-"""One model file loaded on its device, called on whole batches from an inference thread."""
+"""One model file loaded on its device, called on whole batches from an inference thread.
+
+On a GPU each inference thread has its own CUDA stream and its own pinned staging buffer per input:
+the requests of a batch are concatenated straight into pinned memory, copied to the device
+without blocking, and the outputs copied back on the same stream, so that two instances overlap
+their copies with each other's compute and no batch pays for a pinned allocation.
+
+Running out of memory (CUDA's or the host allocator's) raises ``ModelOutOfMemoryError``, which the
+batcher answers by splitting the batch; what was cached by the allocator is released first.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
-from torchwire.config import ModelConfig, TensorSpec
-from torchwire.errors import ConfigError, InvalidInputError, ModelExecutionError
+from torchwire.config import DType, ModelConfig, TensorSpec
+from torchwire.errors import (
+    ConfigError,
+    InvalidInputError,
+    ModelExecutionError,
+    ModelOutOfMemoryError,
+)
 from torchwire.runtime.dtypes import DTYPE_BY_TORCH, TORCH_DTYPES, numpy_dtype
 
 log = logging.getLogger(__name__)
 
 Arrays = list[np.ndarray[Any, Any]]
+_FLOATS = frozenset({"FP16", "BF16", "FP32", "FP64"})
 
 
 def shape_matches(actual: Sequence[int], expected: Sequence[int]) -> bool:
@@ -35,6 +53,37 @@ def _last_line(exc: Exception) -> str:
     if len(lines) > 1 and any(line.startswith("Traceback") for line in lines):
         return lines[-1]  # e.g. "builtins.ValueError: poisoned input: 666"
     return f"{type(exc).__name__}: {' '.join(lines)}"
+
+
+_ASKED = (
+    re.compile(r"[Tt]ried to allocate ([\d.]+ [KMGTP]?i?B)"),  # CUDA: "Tried to allocate 2.00 GiB"
+    re.compile(r"you tried to allocate (\d+) bytes"),  # the host allocator
+)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (TorchScript may wrap the torch type)."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or any(
+        marker in text for marker in ("out of memory", "can't allocate memory", "ALLOC_FAILED")
+    )
+
+
+def _bytes(size: int) -> str:
+    """``size`` in the largest binary unit under which it is at least 1, e.g. '2.00 GiB'."""
+    units, value = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"], float(size)
+    while value >= 1024 and len(units) > 1:
+        value, units = value / 1024, units[1:]
+    return f"{value:.2f} {units[0]}"
+
+
+def _asked(exc: BaseException) -> str:
+    """The size of the allocation that failed, as the message says it, or 'more'."""
+    for pattern in _ASKED:
+        if match := pattern.search(str(exc)):
+            size = match.group(1)
+            return _bytes(int(size)) if size.isdigit() else size
+    return "more"
 
 
 class LoadedModel:
@@ -56,10 +105,11 @@ class LoadedModel:
             for spec in self.inputs
         ]
         self._module = module
-        self._pin = device.type == "cuda"
+        self._cuda = device.type == "cuda"
         self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             config.instances.precision
         )
+        self._per_thread = threading.local()  # CUDA stream and pinned staging of each thread
 
     @classmethod
     def load(cls, path: Path, config: ModelConfig) -> LoadedModel:
@@ -114,8 +164,35 @@ class LoadedModel:
 
     def __call__(self, arrays: Sequence[np.ndarray[Any, Any]]) -> Arrays:
         """Run one batch; return one array per output, each with the batch dimension first."""
-        with torch.inference_mode():
-            return self._to_arrays(self._forward(arrays), arrays[0].shape[0])
+        return self.run_batch([arrays])
+
+    def run_batch(self, requests: Sequence[Sequence[np.ndarray[Any, Any]]]) -> Arrays:
+        """Run the requests (each a list of input arrays) as one batch, their rows in order;
+        return one array per output, each with the batch dimension first.
+
+        Raises:
+            ModelOutOfMemoryError: an allocation failed (the allocator cache is released).
+            ModelExecutionError: the model raised, or its outputs do not fit the batch.
+        """
+        rows = sum(int(request[0].shape[0]) for request in requests)
+        with self._memory_guard(rows), torch.inference_mode(), self._on_stream():
+            inputs = [
+                self._batch_input([request[i] for request in requests], spec)
+                for i, spec in enumerate(self.inputs)
+            ]
+            return self._to_arrays(self._forward(inputs), rows)
+
+    def release(self) -> None:
+        """Drop the module (the version is retired) and give its cached device memory back."""
+        self._module = None
+        self._per_thread = threading.local()
+        self.release_cache()
+
+    def release_cache(self) -> None:
+        """Return the CUDA allocator's unused cached blocks to the device (after an OOM, an
+        unload); nothing on CPU."""
+        if self._cuda:
+            torch.cuda.empty_cache()
 
     def warm_up(self) -> None:
         """Run one item of zeros; check the outputs against the config, or take them from it."""
@@ -124,13 +201,18 @@ class LoadedModel:
             for spec in self.inputs
         ]
         try:
-            with torch.inference_mode():
-                outputs = self._forward(arrays)
+            with self._memory_guard(1), torch.inference_mode(), self._on_stream():
+                inputs = [
+                    self._batch_input([a], spec)
+                    for a, spec in zip(arrays, self.inputs, strict=True)
+                ]
+                outputs = self._forward(inputs)
         except ModelExecutionError as exc:
             raise ConfigError(f"{self.path}: warm-up run failed: {exc}") from exc
+        # What the client will receive: under reduced precision, outputs in their declared dtype.
         found = [
-            TensorSpec(name=name, dtype=DTYPE_BY_TORCH[t.dtype], shape=tuple(t.shape[1:]))
-            for name, t in outputs
+            TensorSpec(name=name, dtype=self._answer_dtype(i, t.dtype), shape=tuple(t.shape[1:]))
+            for i, (name, t) in enumerate(outputs)
         ]
         if not self.outputs:
             self.outputs = found
@@ -152,24 +234,76 @@ class LoadedModel:
             with torch.autocast(self.device.type, dtype=self._autocast_dtype):
                 yield
 
-    def _to_tensor(self, array: np.ndarray[Any, Any], spec: TensorSpec) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self._pin:
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(TORCH_DTYPES[spec.dtype])
+    @contextlib.contextmanager
+    def _memory_guard(self, items: int) -> Iterator[None]:
+        """A failed allocation anywhere in a batch (staging, copies, the model) becomes
+        ``ModelOutOfMemoryError``."""
+        try:
+            yield
+        except ModelOutOfMemoryError:
+            raise
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise self._out_of_memory(exc, items) from exc
+            raise
 
-    def _forward(self, arrays: Sequence[np.ndarray[Any, Any]]) -> list[tuple[str, torch.Tensor]]:
+    @contextlib.contextmanager
+    def _on_stream(self) -> Iterator[None]:
+        """On a GPU: this thread's own CUDA stream, synchronised on the way out (so that its
+        staging buffers are free again, whatever happened)."""
+        if not self._cuda:
+            yield
+            return
+        stream = getattr(self._per_thread, "stream", None)
+        if stream is None:
+            stream = self._per_thread.stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+            self._per_thread.staging = {}
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:
+            stream.synchronize()
+
+    def _batch_input(self, parts: list[np.ndarray[Any, Any]], spec: TensorSpec) -> torch.Tensor:
+        """One input of the batch on the model's device, in the declared dtype."""
+        if not self._cuda:
+            return torch.from_numpy(_stack(parts)).to(TORCH_DTYPES[spec.dtype])
+        rows = sum(part.shape[0] for part in parts)
+        shape, dtype = (rows, *parts[0].shape[1:]), parts[0].dtype
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        staging: dict[str, torch.Tensor] = self._per_thread.staging
+        buffer = staging.get(spec.name)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = staging[spec.name] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        host = buffer[:nbytes].view(_torch_dtype(dtype)).view(shape)
+        np.concatenate(parts, out=host.numpy())
+        return host.to(self.device, non_blocking=True).to(TORCH_DTYPES[spec.dtype])
+
+    def _forward(self, inputs: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
         """Call the model (inside ``inference_mode``); name its outputs."""
-        with self._autocast():
-            tensors = [
-                self._to_tensor(a, spec) for a, spec in zip(arrays, self.inputs, strict=True)
-            ]
-            try:
-                result = self._module(*tensors)
-            except Exception as exc:
-                log.warning("%s raised on a batch of %d", self.path, len(arrays[0]), exc_info=exc)
-                raise ModelExecutionError(f"model raised {_last_line(exc)}") from exc
+        try:
+            with self._autocast():
+                result = self._module(*inputs)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise  # _memory_guard says so
+            log.warning("%s raised on a batch of %d", self.path, len(inputs[0]), exc_info=exc)
+            raise ModelExecutionError(f"model raised {_last_line(exc)}") from exc
         return self._named(result)
+
+    def _out_of_memory(self, exc: Exception, items: int) -> ModelOutOfMemoryError:
+        """Release the allocator's cache, then say what was asked for and what is free."""
+        self.release_cache()
+        if self._cuda:
+            free, total = torch.cuda.mem_get_info(self.device)
+        else:
+            memory = psutil.virtual_memory()
+            free, total = memory.available, memory.total
+        log.warning("%s ran out of memory on %d items: %s", self.path, items, _last_line(exc))
+        return ModelOutOfMemoryError(
+            f"out of memory on {self.device} computing {items} items: the model asked for "
+            f"{_asked(exc)}, {_bytes(free)} free of {_bytes(total)}"
+        )
 
     def _named(self, result: Any) -> list[tuple[str, torch.Tensor]]:
         names = [spec.name for spec in self.outputs]
@@ -192,18 +326,39 @@ class LoadedModel:
         )
         return list(zip(names, tensors, strict=True))
 
+    def _answer_dtype(self, index: int, dtype: torch.dtype) -> DType:
+        """The dtype output ``index`` reaches the client in: under fp16/bf16 a floating output
+        is cast back to its declared floating dtype; otherwise it is what the model gives."""
+        found = DTYPE_BY_TORCH[dtype]
+        if self._autocast_dtype is None or index >= len(self.outputs):
+            return found
+        declared = self.outputs[index].dtype
+        return declared if found in _FLOATS and declared in _FLOATS else found
+
     def _to_arrays(self, named: list[tuple[str, torch.Tensor]], batch: int) -> Arrays:
-        arrays: Arrays = []
-        for name, tensor in named:
+        tensors: list[torch.Tensor] = []
+        for index, (name, tensor) in enumerate(named):
             if not isinstance(tensor, torch.Tensor) or tensor.ndim == 0 or tensor.shape[0] != batch:
                 got = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
                 raise ModelExecutionError(
                     f"output '{name}' should have {batch} rows (one per item), got {got}"
                 )
-            tensor = tensor.detach()
-            if tensor.dtype == torch.bfloat16:
-                tensor = tensor.float()
-            if self.outputs and self.outputs[len(arrays)].dtype == "FP32":
-                tensor = tensor.float()  # autocast may hand back fp16
-            arrays.append(tensor.cpu().numpy())
-        return arrays
+            answer = TORCH_DTYPES[self._answer_dtype(index, tensor.dtype)]
+            if answer == torch.bfloat16:
+                answer = torch.float32  # numpy has no bfloat16: BF16 travels as FP32
+            tensors.append(tensor.detach().to(answer))  # cast on the device, before the copy
+        if self._cuda:  # every copy started, then one wait (``_on_stream`` synchronises)
+            tensors = [tensor.to("cpu", non_blocking=True) for tensor in tensors]
+            torch.cuda.current_stream(self.device).synchronize()
+        return [tensor.numpy() for tensor in tensors]
+
+
+def _stack(arrays: list[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
+    if len(arrays) == 1:
+        # torch.from_numpy needs a writable buffer; frombuffer() views of a message are not.
+        return arrays[0] if arrays[0].flags.writeable else arrays[0].copy()
+    return np.concatenate(arrays)
+
+
+def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype

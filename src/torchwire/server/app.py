@@ -100,6 +100,7 @@ class Server:
             min_available_bytes=settings.watchdog_min_available_mb * MIB,
             recover_margin_bytes=settings.watchdog_recover_margin_mb * MIB,
             max_rss_bytes=settings.watchdog_max_rss_mb * MIB,
+            min_gpu_available_bytes=settings.watchdog_min_gpu_available_mb * MIB,
         )
         self.watcher: RepositoryWatcher | None = None
         self._grpc: grpc.aio.Server | None = None

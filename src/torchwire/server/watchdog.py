@@ -1,10 +1,12 @@
-"""The memory watchdog: reports NOT_SERVING while the host (or this process) runs short of memory.
+"""The memory watchdog: reports NOT_SERVING while the host, this process or a GPU runs short of
+memory, and keeps the memory gauges (host and GPU) current.
 
-Every ``interval_s`` it reads the host's available memory (and, when a limit is set, this process's
-RSS). It trips when available memory falls under ``min_available_bytes`` (or RSS exceeds
-``max_rss_bytes``) and recovers only once available memory is back above the threshold plus
-``recover_margin_bytes`` (and RSS under its limit minus the margin), so it does not flap around the
-line. Each transition is logged and counted. The thresholds are attributes: change them live.
+Every ``interval_s`` it reads the host's available memory, this process's RSS when a limit is set,
+and every GPU the models use (``runtime.gpu``). It trips when available memory falls under
+``min_available_bytes``, RSS exceeds ``max_rss_bytes``, or a GPU has less than
+``min_gpu_available_bytes`` available to the server, and recovers only once each is back on the
+right side of its line by ``recover_margin_bytes``, so it does not flap around the line. Each
+transition is logged and counted. The thresholds are attributes: change them live.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import psutil
 
 from torchwire.metrics import Metrics
+from torchwire.runtime.gpu import GpuReading, read_gpus
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -30,8 +34,19 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+@dataclass(frozen=True)
+class _Reading:
+    available: int
+    rss: int
+    gpus: list[GpuReading]
+
+
 class MemoryWatchdog:
-    """Calls ``on_change(ok)`` on each transition; ``healthy`` holds the current state."""
+    """Calls ``on_change(ok)`` on each transition; ``healthy`` holds the current state.
+
+    ``read_gpus`` is where GPU readings come from (``runtime.gpu.read_gpus``; a test without a
+    GPU may give its own).
+    """
 
     def __init__(
         self,
@@ -41,41 +56,73 @@ class MemoryWatchdog:
         min_available_bytes: int = 1024 * MIB,
         recover_margin_bytes: int = 256 * MIB,
         max_rss_bytes: int = 0,
+        min_gpu_available_bytes: int = 0,
+        read_gpus: Callable[[], list[GpuReading]] = read_gpus,
     ) -> None:
         self.interval_s = interval_s
         self.min_available_bytes = min_available_bytes
         self.recover_margin_bytes = recover_margin_bytes
         self.max_rss_bytes = max_rss_bytes
+        self.min_gpu_available_bytes = min_gpu_available_bytes
+        self.read_gpus = read_gpus
         self.healthy = True
         self._on_change = on_change
         self._metrics = metrics
         self._stop = asyncio.Event()
 
-    def _judge(self, available: int, rss: int) -> bool:
-        limit = self.max_rss_bytes
-        if self.healthy:
-            return available >= self.min_available_bytes and not (limit and rss > limit)
-        margin = self.recover_margin_bytes
-        rss_ok = not limit or rss <= max(0, limit - margin)
-        return available >= self.min_available_bytes + margin and rss_ok
+    def _judge(self, reading: _Reading) -> bool:
+        margin = 0 if self.healthy else self.recover_margin_bytes
+        limit, gpu_floor = self.max_rss_bytes, self.min_gpu_available_bytes
+        gpu_short = any(g.available_bytes < gpu_floor + margin for g in reading.gpus)
+        return (
+            reading.available >= self.min_available_bytes + margin
+            and not (limit and reading.rss > max(0, limit - margin))
+            and not (gpu_floor and gpu_short)
+        )
+
+    def _observe(self, reading: _Reading) -> None:
+        metrics = self._metrics
+        metrics.memory_available.set(reading.available)
+        for gpu in reading.gpus:
+            metrics.gpu_memory_used.labels(gpu.device).set(gpu.used_bytes)
+            metrics.gpu_memory_reserved.labels(gpu.device).set(gpu.reserved_bytes)
+            metrics.gpu_memory_total.labels(gpu.device).set(gpu.total_bytes)
+            metrics.gpu_memory_free.labels(gpu.device).set(gpu.free_bytes)
+            if gpu.utilization is not None:
+                metrics.gpu_utilization.labels(gpu.device).set(gpu.utilization)
+
+    def _describe(self, reading: _Reading) -> str:
+        parts = [
+            f"available {reading.available // MIB} MiB, threshold {self.min_available_bytes // MIB}"
+            " MiB"
+        ]
+        if self.max_rss_bytes:
+            parts.append(f"rss {reading.rss // MIB} MiB of {self.max_rss_bytes // MIB} MiB")
+        if self.min_gpu_available_bytes:
+            parts += [
+                f"{g.device} available {g.available_bytes // MIB} MiB, threshold "
+                f"{self.min_gpu_available_bytes // MIB} MiB"
+                for g in reading.gpus
+            ]
+        return "; ".join(parts)
 
     async def check(self) -> bool:
         """Read memory once and act on a transition; return whether memory is fine."""
-        available, rss = _available(), (_rss() if self.max_rss_bytes else 0)
-        self._metrics.memory_available.set(available)
-        healthy = self._judge(available, rss)
+        reading = _Reading(
+            available=_available(),
+            rss=_rss() if self.max_rss_bytes else 0,
+            gpus=await asyncio.to_thread(self.read_gpus),
+        )
+        self._observe(reading)
+        healthy = self._judge(reading)
         if healthy != self.healthy:
             self.healthy = healthy
             state = "serving" if healthy else "not_serving"
             self._metrics.watchdog_transitions.labels(state).inc()
             log.warning(
-                "memory watchdog: %s (available %d MiB, threshold %d MiB%s)",
+                "memory watchdog: %s (%s)",
                 "recovered, SERVING" if healthy else "low memory, NOT_SERVING",
-                available // MIB,
-                self.min_available_bytes // MIB,
-                f", rss {rss // MIB} MiB of {self.max_rss_bytes // MIB} MiB"
-                if self.max_rss_bytes
-                else "",
+                self._describe(reading),
             )
             await self._on_change(healthy)
         return healthy

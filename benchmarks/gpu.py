@@ -1,0 +1,369 @@
+"""resnet18 on one GPU, side by side in one run: the TorchScript file called in-process at each
+batch size (the ceiling), torchwire in one process (one and two instances) and with ``--workers``,
+fp32 and fp16; then the GPU path checked on the real device: fp16 answering in the declared FP32,
+a request too big for the GPU refused alone while its batchmates are answered, GPU memory in
+/metrics, and the memory given back after an unload.
+
+    python3 benchmarks/gpu.py --out $OUT                 # a GPU machine: see benchmarks/gpu.sh
+    .venv/bin/python benchmarks/gpu.py --device cpu --quick --out /tmp/gpu   # the script, no GPU
+
+The load generator (``torchwire bench``'s, several processes, raw tensors over the seed API) runs
+on the same machine. For each torchwire run the server's own /metrics give the mean batch and the
+mean compute time per batch, which say what bounds it. With ``--profile`` a py-spy profile of the
+one-process server is written too (py-spy from .whl/). Writes ``gpu.json`` and ``gpu.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from scaleout import ROOT, closed, free_port, load, torchwire
+from torch import nn
+
+from torchwire.repository import ensure_demo_repository
+
+console = Console(stderr=True)
+
+
+# -- the in-process ceiling -----------------------------------------------------------------
+
+
+def in_process(demo: Path, device: str, precision: str, batches: list[int], seconds: float) -> dict:
+    """Images/s of the TorchScript file, host tensors in and out as a server must (pinned
+    input, copied to the device and back each call)."""
+    module = torch.jit.load(str(demo / "resnet18" / "1" / "model.pt")).eval().to(device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    cuda = device.startswith("cuda")
+    rows = {}
+    with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype, enabled=bool(dtype)):
+        for batch in batches:
+            x = torch.randn(batch, 3, 224, 224)
+            x = x.pin_memory() if cuda else x
+            for _ in range(3):
+                module(x.to(device, non_blocking=True)).float().cpu()
+            calls, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                module(x.to(device, non_blocking=True)).float().cpu()
+                calls += 1
+            rows[batch] = {
+                "images_per_s": round(calls * batch / (time.perf_counter() - started), 1),
+                "ms_per_batch": round((time.perf_counter() - started) / calls * 1000, 2),
+            }
+    best = max(rows, key=lambda b: rows[b]["images_per_s"])
+    return {"by_batch": rows, "best_batch": best, "best_images_per_s": rows[best]["images_per_s"]}
+
+
+# -- torchwire ------------------------------------------------------------------------------
+
+
+def repository(root: Path, demo: Path, device: str, precision: str, count: int) -> Path:
+    """resnet18 of the demo (outputs declared FP32) on ``device``, batches up to 64."""
+    model = root / "resnet18"
+    shutil.rmtree(model, ignore_errors=True)
+    (model / "1").mkdir(parents=True)
+    shutil.copy(demo / "resnet18" / "1" / "model.pt", model / "1" / "model.pt")
+    config = (demo / "resnet18" / "config.toml").read_text().split("[batching]")[0]
+    (model / "config.toml").write_text(
+        config + "[batching]\nmax_batch_size = 64\nmax_queue = 4096\n"
+        f'[instances]\ncount = {count}\ndevice = "{device}"\nprecision = "{precision}"\n'
+    )
+    return root
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The torchwire_ samples of a /metrics page, keyed by name and labels."""
+    page = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {
+        f"{s.name}{sorted(s.labels.items()) if s.labels else ''}": s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+        if s.name.startswith("torchwire_")
+    }
+
+
+def _delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
+    key = f"{name}[('model', 'resnet18')]"
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def serve_and_load(
+    repo: Path, workers: int, args: argparse.Namespace, profile: Path | None
+) -> dict:
+    """One closed-loop run against ``torchwire serve``; the server's own view of it alongside."""
+    metrics_port = free_port()
+    extra = ["--metrics-port", str(metrics_port), "--watchdog-interval-s", "1"]
+    with torchwire(repo, workers, "resnet18", extra) as (target, process):
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        config = load(
+            target, "resnet18", concurrency=args.concurrency, duration_s=args.seconds,
+            warmup_s=2.0, timeout_s=30.0, channels=8,
+        )  # fmt: skip
+        spy = _start_profile(process.pid, profile, args.seconds) if profile else None
+        before = scrape(url)
+        row = closed(config, args.load_procs, process)
+        after = scrape(url)
+        if spy is not None:
+            spy.wait(60)
+        batches = _delta(after, before, "torchwire_batch_size_count")
+        if batches:
+            row["mean_batch"] = round(
+                _delta(after, before, "torchwire_batch_size_sum") / batches, 1
+            )
+            row["compute_ms_per_batch"] = round(
+                _delta(after, before, "torchwire_compute_duration_seconds_sum") / batches * 1000, 2
+            )
+            row["queue_ms_mean"] = round(
+                _delta(after, before, "torchwire_queue_duration_seconds_sum")
+                / max(1.0, _delta(after, before, "torchwire_queue_duration_seconds_count"))
+                * 1000,
+                2,
+            )
+        row["gpu"] = {k: v for k, v in after.items() if k.startswith("torchwire_gpu_")}
+    return row
+
+
+def _start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or next(
+        (
+            str(Path(p) / "bin" / "py-spy")
+            for p in sys.path
+            if (Path(p) / "bin" / "py-spy").exists()
+        ),
+        None,
+    )
+    if spy is None:
+        console.print("py-spy not found: no profile")
+        return None
+    command = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+               "--threads", "--idle", "--format", "speedscope", "--output", str(out)]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL)
+
+
+# -- checks on the real device --------------------------------------------------------------
+
+
+class Greedy(nn.Module):
+    """Sums each item; a batch of n items first allocates (n - 1) * ``per_item`` bytes on the
+    device: one item fits, two never do (4 TiB on a GPU; 32 PiB, beyond any address space, on
+    CPU, where overcommit could otherwise grant it)."""
+
+    def __init__(self, per_item: int) -> None:
+        super().__init__()
+        self.per_item = per_item
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = int((x.shape[0] - 1) * self.per_item + 1)
+        scratch = torch.zeros(size, dtype=torch.uint8, device=x.device)
+        return x.sum(dim=1, keepdim=True) + scratch[0]
+
+
+def checks(root: Path, demo: Path, device: str, out: Path) -> dict[str, Any]:
+    """fp16 with FP32 outputs, out of memory, GPU gauges, memory back after an unload."""
+    repo = repository(root / "checks", demo, device, "fp32", 1)
+    fp16 = repo / "resnet18_fp16"
+    shutil.copytree(repo / "resnet18", fp16)
+    config = (fp16 / "config.toml").read_text()
+    (fp16 / "config.toml").write_text(config.replace('precision = "fp32"', 'precision = "fp16"'))
+    (repo / "greedy" / "1").mkdir(parents=True)
+    (repo / "greedy" / "config.toml").write_text(
+        'format = "torchscript"\n[[inputs]]\nname = "x"\ndtype = "FP32"\nshape = [3]\n'
+        f'[instances]\ndevice = "{device}"\n'
+    )
+    per_item = 2**42 if device.startswith("cuda") else 2**55
+    torch.jit.script(Greedy(per_item)).save(str(repo / "greedy" / "1" / "model.pt"))
+    metrics_port = free_port()
+    log = out / "gpu-checks-server.log"
+    found: dict[str, Any] = {}
+    extra = ["--metrics-port", str(metrics_port), "--watchdog-interval-s", "0.5",
+             "--log-level", "info"]  # fmt: skip
+    with log.open("wb") as stderr, torchwire(repo, 1, "resnet18", extra, stderr) as (target, _):
+        client = triton.InferenceServerClient(target)
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        images = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
+
+        def infer(model: str, x: np.ndarray, name: str = "image", out: str = "logits") -> Any:
+            tensor = triton.InferInput(name, list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            return client.infer(model, [tensor]).as_numpy(out)
+
+        full, half = infer("resnet18", images), infer("resnet18_fp16", images)
+        reference = torch.jit.load(str(demo / "resnet18" / "1" / "model.pt")).eval()
+        with torch.inference_mode():
+            cpu = reference(torch.from_numpy(images)).numpy()
+        found["fp32_vs_cpu_max_abs_diff"] = float(np.abs(full - cpu).max())
+        found["fp16_answer_dtype"] = str(half.dtype)
+        found["fp16_vs_fp32_max_abs_diff"] = float(np.abs(half - full).max())
+        found["fp16_vs_fp32_logit_range"] = float(full.max() - full.min())
+        found["fp16_top1_agreement"] = float((half.argmax(1) == full.argmax(1)).mean())
+        found["oom"] = _out_of_memory(client, infer)
+        time.sleep(1.5)  # two watchdog readings
+        gauges = {k: v for k, v in scrape(url).items() if k.startswith("torchwire_gpu_")}
+        found["gauges_with_three_models"] = gauges
+        for model in ("resnet18", "resnet18_fp16", "greedy"):
+            client.unload_model(model)
+        time.sleep(1.5)
+        found["gauges_after_unloading_all"] = {
+            k: v for k, v in scrape(url).items() if k.startswith("torchwire_gpu_")
+        }
+        client.close()
+    found["server_log_splits"] = log.read_text().count("splitting a batch")
+    return found
+
+
+def _out_of_memory(client: Any, infer: Callable[..., Any]) -> dict[str, Any]:
+    """Two items alone: refused. Many one-item requests at once: every one answered, whatever
+    batches they formed (the batcher splits those that run out)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    result: dict[str, Any] = {}
+    try:
+        infer("greedy", np.ones((2, 3), np.float32), "x", "output")
+        result["two_items"] = "answered (expected RESOURCE_EXHAUSTED)"
+    except Exception as exc:
+        result["two_items"] = f"{exc.status()}: {exc.message()}"  # type: ignore[attr-defined]
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(
+            pool.map(
+                lambda i: infer("greedy", np.full((1, 3), float(i), np.float32), "x", "output"),
+                range(512),
+            )
+        )
+    result["one_item_answers_right"] = sum(float(a[0, 0]) == 3.0 * i for i, a in enumerate(answers))
+    result["one_item_sent"] = 512
+    return result
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    demo = ensure_demo_repository(Path(tempfile.gettempdir()) / "torchwire-bench-cache")
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_procs": args.load_procs,
+            "concurrency": args.concurrency,
+        },
+        "in_process": {},
+        "torchwire": {},
+    }
+    for precision in args.precisions:
+        console.print(f"in-process, {precision} ...")
+        results["in_process"][precision] = in_process(
+            demo, args.device, precision, args.batches, args.batch_seconds
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers, count, precision in args.runs:
+            name = f"{precision}, {workers} worker(s) x {count} instance(s)"
+            console.print(f"torchwire {name} ...")
+            repo = repository(
+                Path(tmp) / name.replace(" ", "_"), demo, args.device, precision, count
+            )
+            profile = args.out / "gpu-profile.speedscope.json"
+            first = not results["torchwire"] and args.profile
+            try:
+                row = serve_and_load(repo, workers, args, profile if first else None)
+            except Exception as exc:  # one failed run must not cost the others
+                row = {"failed": repr(exc)}
+            row.update(workers=workers, instances=count, precision=precision)
+            results["torchwire"][name] = row
+        console.print("checks on the device ...")
+        try:
+            results["checks"] = checks(Path(tmp), demo, args.device, args.out)
+        except Exception as exc:
+            results["checks"] = {"failed": repr(exc)}
+    return results
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    batches = list(next(iter(r["in_process"].values()))["by_batch"])
+    columns = [
+        "torchwire", "images/s", "vs in-process best", "P50 ms", "P99 ms", "mean batch",
+        "compute ms/batch", "mean queue ms", "server CPU us/image", "errors",
+    ]  # fmt: skip
+    lines = [
+        "# resnet18 on one GPU: in-process vs torchwire (benchmarks/gpu.py)",
+        "",
+        f"{m['when']}, GPU {m['gpu'] or 'none'}, {m['cpus']} cores, Python {m['python']}, torch "
+        f"{m['torch']}; load: {m['load_procs']} processes, {m['concurrency']} callers, closed "
+        "loop, one image per request.",
+        "",
+        "In-process (pinned host tensor copied in, logits copied out, each call), images/s:",
+        "",
+        "| precision | " + " | ".join(f"batch {b}" for b in batches) + " | best |",
+        "|---|" + "---|" * (len(batches) + 1),
+    ]
+    for precision, row in r["in_process"].items():
+        cells = [
+            f"{v['images_per_s']:,.0f} ({v['ms_per_batch']} ms)" for v in row["by_batch"].values()
+        ]
+        lines.append(
+            f"| {precision} | " + " | ".join(cells) + f" | {row['best_images_per_s']:,.0f} |"
+        )
+    lines += ["", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for name, row in r["torchwire"].items():
+        if "failed" in row:
+            lines.append(f"| {name} | failed: {row['failed']} |||||||||")
+            continue
+        best = r["in_process"].get(row["precision"], {}).get("best_images_per_s") or float("nan")
+        lines.append(
+            f"| {name} | {row['qps']:,.0f} | {row['qps'] / best:.2f}x | {row['p50_ms']} | "
+            f"{row['p99_ms']} | {row.get('mean_batch', '')} | {row.get('compute_ms_per_batch', '')}"
+            f" | {row.get('queue_ms_mean', '')} | {row.get('server_cpu_us_per_request_upper', '')}"
+            f" | {row['errors']} |"
+        )
+    lines += ["", "Checks on the device:", "", "```", json.dumps(r.get("checks"), indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="a few seconds each (smoke test)")
+    parser.add_argument("--batches", type=ints, default=[1, 8, 16, 32, 64])
+    parser.add_argument("--batch-seconds", type=float, default=1.5)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per torchwire run")
+    parser.add_argument("--load-procs", type=int, default=6)
+    parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--profile", action="store_true", help="py-spy the first torchwire run")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    args.precisions = ["fp32", "fp16"]
+    # (workers, instances per worker, precision)
+    args.runs = [(1, 1, "fp32"), (1, 2, "fp32"), (1, 2, "fp16"), (4, 2, "fp32")]
+    if args.quick:
+        args.batches, args.batch_seconds, args.seconds = [1, 8], 0.3, 2.0
+        args.load_procs, args.concurrency = 1, 8
+        args.precisions, args.runs = ["fp32", "bf16"], [(1, 1, "fp32"), (1, 2, "bf16")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = run(args)
+    (args.out / "gpu.json").write_text(json.dumps(results, indent=2))
+    (args.out / "gpu.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The GPU path's safety nets, checked without a GPU: reduced precision answers in the declared
+dtype, a batch that runs out of memory is split so that only a request too big alone fails, and
+GPU memory reaches /metrics and health (readings faked here: no GPU; benchmarks/gpu.py checks the
+real thing on one)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
+from tritonclient.utils import InferenceServerException
+
+from support import ServerThread, health_status, write_model
+from torchwire.config import ModelConfig, TensorSpec
+from torchwire.errors import ModelOutOfMemoryError
+from torchwire.runtime import Batcher, LoadedModel
+from torchwire.runtime.gpu import GpuReading
+
+MIB = 2**20
+
+
+class Dense(nn.Module):
+    """A small dense layer: what autocast changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_answers_in_the_declared_fp32(tmp_path: Path, precision: str) -> None:
+    dense = Dense().eval()
+    write_model(
+        tmp_path / "dense",
+        dense,
+        [16],
+        extra=f'[[outputs]]\nname = "y"\ndtype = "FP32"\nshape = [8]\n'
+        f'[instances]\nprecision = "{precision}"\n',
+    )
+    x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
+    with torch.inference_mode():
+        expected = dense(torch.from_numpy(x)).numpy()
+    with ServerThread(repository=tmp_path) as server:
+        client = triton.InferenceServerClient(server.target)
+        meta = client.get_model_metadata("dense")
+        assert [(o.name, o.datatype) for o in meta.outputs] == [("y", "FP32")]
+        tensor = triton.InferInput("x", [5, 16], "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer("dense", [tensor])
+        client.close()
+    answer = result.as_numpy("y")
+    assert answer.dtype == np.float32 and answer.shape == (5, 8)
+    np.testing.assert_allclose(answer, expected, atol=0.05)  # bf16 keeps 8 bits of mantissa
+    assert not np.array_equal(answer, expected)  # it did run in reduced precision
+
+
+# -- out of memory ------------------------------------------------------------------------------
+
+
+class RunsOutAbove(nn.Module):
+    """Doubles its input, but raises CUDA's out-of-memory error on a batch of more than
+    ``limit`` items. An item of -1 holds the model until ``release`` is set."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.calls: list[int] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(int(x.shape[0]))
+        if bool((x == -1).any()):
+            self.entered.set()
+            self.release.wait(30)
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {x.shape[0]}.00 GiB. GPU 0 has a total "
+                "capacity of 79.19 GiB of which 1.50 GiB is free."
+            )
+        return x * 2
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_and_only_a_request_too_big_alone_fails() -> None:
+    model = RunsOutAbove(limit=2)
+    config = ModelConfig(inputs=[TensorSpec(name="x", dtype="FP32", shape=(1,))])
+    batcher = Batcher(LoadedModel(model, config, Path("runs-out"), torch.device("cpu")), "m", 1)
+
+    async def scenario() -> list[Any]:
+        batcher.start(asyncio.get_running_loop())
+        holder = batcher.submit([np.array([[-1.0]], np.float32)], 1)
+        await asyncio.to_thread(model.entered.wait, 30)  # the model is busy: the rest queue
+        sizes = [1, 1, 1, 1, 3]
+        futures = [
+            batcher.submit([np.full((n, 1), float(i), np.float32)], n) for i, n in enumerate(sizes)
+        ]
+        model.release.set()
+        results = await asyncio.gather(holder, *futures, return_exceptions=True)
+        await batcher.close(10)
+        return results
+
+    holder, *answers = asyncio.run(scenario())
+    assert holder[0].tolist() == [[-2.0]]
+    for i, answer in enumerate(answers[:4]):  # each its own rows, doubled
+        assert answer[0].tolist() == [[2.0 * i]]
+    refused = answers[4]
+    assert isinstance(refused, ModelOutOfMemoryError) and refused.code == "RESOURCE_EXHAUSTED"
+    assert "out of memory on cpu computing 3 items: the model asked for 3.00 GiB" in str(refused)
+    assert " free of " in str(refused)
+    # One batch of 7 items, then halves of it: [1,1] ran; [1,1,3] -> [1] ran, [1,3] -> [1], [3].
+    assert model.calls == [1, 7, 2, 5, 1, 4, 1, 3]
+    assert batcher.stats.success_count == 5 and batcher.stats.fail_count == 1
+
+
+class AllocatesPerBatch(nn.Module):
+    """Sums each item after allocating 1 byte for a batch of one item, 32 PiB for two: a real
+    allocation failure of the host allocator (no machine has that much address space)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scratch = torch.zeros(int((x.shape[0] - 1) * 2**55 + 1), dtype=torch.uint8)
+        return x.sum(dim=1, keepdim=True) + scratch[0]
+
+
+def test_a_request_that_does_not_fit_alone_is_resource_exhausted_and_the_server_serves_on(
+    tmp_path: Path,
+) -> None:
+    write_model(tmp_path / "big", AllocatesPerBatch(), [3])
+    with ServerThread(repository=tmp_path) as server:
+        client = triton.InferenceServerClient(server.target)
+
+        def infer(rows: int) -> Any:
+            tensor = triton.InferInput("x", [rows, 3], "FP32")
+            tensor.set_data_from_numpy(np.ones((rows, 3), np.float32))
+            return client.infer("big", [tensor]).as_numpy("output")
+
+        with pytest.raises(InferenceServerException) as refused:
+            infer(2)
+        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "out of memory on cpu computing 2 items: the model asked for 32.00 PiB" in (
+            refused.value.message()
+        )
+        assert infer(1).tolist() == [[3.0]]  # still serving
+        client.close()
+        assert health_status(server.target) == "SERVING"
+
+
+# -- GPU memory in metrics and health -----------------------------------------------------------
+
+
+def test_gpu_memory_reaches_metrics_and_turns_health_not_serving_when_short(
+    tmp_path: Path,
+) -> None:
+    write_model(tmp_path / "dense", Dense(), [16])
+    gpu = {"free": 10_000 * MIB}
+
+    def read_gpus() -> list[GpuReading]:  # what runtime.gpu reads from a real device
+        return [
+            GpuReading("cuda:0", 300 * MIB, 500 * MIB, 80_000 * MIB, gpu["free"], utilization=0.25)
+        ]
+
+    with ServerThread(
+        repository=tmp_path, watchdog_interval_s=0, watchdog_min_gpu_available_mb=1000
+    ) as server:
+        watchdog = server.server.watchdog
+        watchdog.read_gpus = read_gpus
+        assert server.run(watchdog.check()) is True
+        page = (
+            urllib.request.urlopen(
+                f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10
+            )
+            .read()
+            .decode()
+        )
+        samples = {
+            s.name: (s.labels, s.value)
+            for family in text_string_to_metric_families(page)
+            for s in family.samples
+            if s.name.startswith("torchwire_gpu_")
+        }
+        cuda0 = {"device": "cuda:0"}
+        assert samples == {
+            "torchwire_gpu_memory_used_bytes": (cuda0, 300 * MIB),
+            "torchwire_gpu_memory_reserved_bytes": (cuda0, 500 * MIB),
+            "torchwire_gpu_memory_total_bytes": (cuda0, 80_000 * MIB),
+            "torchwire_gpu_memory_free_bytes": (cuda0, 10_000 * MIB),
+            "torchwire_gpu_utilization_ratio": (cuda0, 0.25),
+        }
+        # 700 MiB free + 200 MiB cached unused = 900 MiB available < 1000: NOT_SERVING ...
+        gpu["free"] = 700 * MIB
+        assert server.run(watchdog.check()) is False
+        assert health_status(server.target) == "NOT_SERVING"
+        # ... and back only above 1000 + the 256 MiB margin.
+        gpu["free"] = 1000 * MIB
+        assert server.run(watchdog.check()) is False
+        gpu["free"] = 1100 * MIB
+        assert server.run(watchdog.check()) is True
+        assert health_status(server.target) == "SERVING"
+        registry = server.server.metrics.registry
+        assert (
+            registry.get_sample_value(
+                "torchwire_watchdog_transitions_total", {"state": "not_serving"}
+            )
+            == 1
+        )
