@@ -273,6 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["in_process"][precision] = in_process(
             demo, args.device, precision, args.batches, args.batch_seconds
         )
+        save(args.out, results)
     with tempfile.TemporaryDirectory() as tmp:
         for workers, count, precision in args.runs:
             name = f"{precision}, {workers} worker(s) x {count} instance(s)"
@@ -288,12 +289,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row = {"failed": repr(exc)}
             row.update(workers=workers, instances=count, precision=precision)
             results["torchwire"][name] = row
+            save(args.out, results)
         console.print("checks on the device ...")
         try:
             results["checks"] = checks(Path(tmp), demo, args.device, args.out)
         except Exception as exc:
             results["checks"] = {"failed": repr(exc)}
     return results
+
+
+def save(out: Path, results: dict[str, Any]) -> None:
+    """Write what is measured so far (a run cut short by a time limit still reports)."""
+    (out / "gpu.json").write_text(json.dumps(results, indent=2))
+    (out / "gpu.md").write_text(markdown(results))
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -360,8 +368,7 @@ def main() -> None:
         args.precisions, args.runs = ["fp32", "bf16"], [(1, 1, "fp32"), (1, 2, "bf16")]
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(args)
-    (args.out / "gpu.json").write_text(json.dumps(results, indent=2))
-    (args.out / "gpu.md").write_text(markdown(results))
+    save(args.out, results)
     print(markdown(results))
 
 
