@@ -195,6 +195,11 @@ def checks(root: Path, demo: Path, device: str, out: Path) -> dict[str, Any]:
              "--log-level", "info"]  # fmt: skip
     with log.open("wb") as stderr, torchwire(repo, 1, "resnet18", extra, stderr) as (target, _):
         client = triton.InferenceServerClient(target)
+        deadline = time.monotonic() + 120
+        while not all(client.is_model_ready(m) for m in ("resnet18_fp16", "greedy")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the check models did not load")
+            time.sleep(0.2)
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         images = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
 
@@ -294,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             results["checks"] = checks(Path(tmp), demo, args.device, args.out)
         except Exception as exc:
-            results["checks"] = {"failed": repr(exc)}
+            results["checks"] = {"failed": f"{exc!r} {exc}"}
     return results
 
 
