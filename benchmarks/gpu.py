@@ -104,18 +104,27 @@ def _delta(after: dict[str, float], before: dict[str, float], name: str) -> floa
 
 
 def serve_and_load(
-    repo: Path, workers: int, args: argparse.Namespace, profile: Path | None
+    repo: Path, workers: int, args: argparse.Namespace, profile: Path | None, switch_ms: float
 ) -> dict:
-    """One closed-loop run against ``torchwire serve``; the server's own view of it alongside."""
+    """One closed-loop run against ``torchwire serve``; the server's own view of it alongside.
+    ``switch_ms``: the interpreter's GIL switch interval in the (one-process) server, if set."""
     metrics_port = free_port()
     extra = ["--metrics-port", str(metrics_port), "--watchdog-interval-s", "1"]
-    with torchwire(repo, workers, "resnet18", extra) as (target, process):
+    launcher: tuple[str, ...] = ("-m", "torchwire")
+    if switch_ms:
+        launcher = (
+            "-c",
+            f"import sys; sys.setswitchinterval({switch_ms / 1000}); sys.argv[0] = 'torchwire'; "
+            "from torchwire.cli import main; main()",
+        )
+    with torchwire(repo, workers, "resnet18", extra, launcher=launcher) as (target, process):
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         config = load(
             target, "resnet18", concurrency=args.concurrency, duration_s=args.seconds,
             warmup_s=2.0, timeout_s=30.0, channels=8,
         )  # fmt: skip
-        spy = _start_profile(process.pid, profile, args.seconds) if profile else None
+        # Profiled once the load processes run and are past their warm-up.
+        spy = _start_profile(process.pid, profile, 5.0, 4.0) if profile else None
         before = scrape(url)
         row = closed(config, args.load_procs, process)
         after = scrape(url)
@@ -139,7 +148,9 @@ def serve_and_load(
     return row
 
 
-def _start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:
+def _start_profile(
+    pid: int, out: Path, delay_s: float, seconds: float
+) -> subprocess.Popen[bytes] | None:
     spy = shutil.which("py-spy") or next(
         (
             str(Path(p) / "bin" / "py-spy")
@@ -151,9 +162,11 @@ def _start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[byte
     if spy is None:
         console.print("py-spy not found: no profile")
         return None
-    command = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
-               "--threads", "--idle", "--format", "speedscope", "--output", str(out)]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    command = (
+        f"sleep {delay_s}; exec {spy} record --pid {pid} --duration {int(seconds)} --rate 200 "
+        f"--threads --idle --format speedscope --output {out}"
+    )
+    return subprocess.Popen(["sh", "-c", command], stdout=subprocess.DEVNULL)
 
 
 # -- checks on the real device --------------------------------------------------------------
@@ -280,8 +293,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         save(args.out, results)
     with tempfile.TemporaryDirectory() as tmp:
-        for workers, count, precision in args.runs:
+        for workers, count, precision, switch_ms in args.runs:
             name = f"{precision}, {workers} worker(s) x {count} instance(s)"
+            name += f", GIL switch {switch_ms} ms" if switch_ms else ""
             console.print(f"torchwire {name} ...")
             repo = repository(
                 Path(tmp) / name.replace(" ", "_"), demo, args.device, precision, count
@@ -289,7 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             profile = args.out / "gpu-profile.speedscope.json"
             first = not results["torchwire"] and args.profile
             try:
-                row = serve_and_load(repo, workers, args, profile if first else None)
+                row = serve_and_load(repo, workers, args, profile if first else None, switch_ms)
             except Exception as exc:  # one failed run must not cost the others
                 row = {"failed": repr(exc)}
             row.update(workers=workers, instances=count, precision=precision)
@@ -365,12 +379,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     args.precisions = ["fp32", "fp16"]
-    # (workers, instances per worker, precision)
-    args.runs = [(1, 1, "fp32"), (1, 2, "fp32"), (1, 2, "fp16"), (4, 2, "fp32")]
+    # (workers, instances per worker, precision, GIL switch interval in ms or 0: Python's 5)
+    args.runs = [
+        (1, 1, "fp32", 0), (1, 1, "fp32", 0.5), (1, 2, "fp32", 0.5), (1, 2, "fp16", 0.5),
+        (4, 2, "fp32", 0),
+    ]  # fmt: skip
     if args.quick:
         args.batches, args.batch_seconds, args.seconds = [1, 8], 0.3, 2.0
         args.load_procs, args.concurrency = 1, 8
-        args.precisions, args.runs = ["fp32", "bf16"], [(1, 1, "fp32"), (1, 2, "bf16")]
+        args.precisions, args.runs = ["fp32", "bf16"], [(1, 1, "fp32", 0), (1, 2, "bf16", 0.5)]
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(args)
     save(args.out, results)

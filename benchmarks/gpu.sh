@@ -6,7 +6,7 @@
 #
 # Here, first: ../shared/tools/gpu-wheels.sh py-spy==0.4.3 nvidia-ml-py==13.615.71  (our packages for its python3.12)
 # Then one device call from the project root, carrying .whl:   bash benchmarks/gpu.sh
-# Results go to $OUT (the device tool brings them back), else benchmarks/results/.
+# SCALEOUT_ARGS (e.g. "--sweep-workers 0") go to scaleout.py. Results go to $OUT (the device tool brings them back), else benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
@@ -15,4 +15,4 @@ export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH
 out=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 timeout 240 python3 benchmarks/gpu.py --profile --out "$out" "$@"; echo "gpu.py exit $?"
-timeout 200 python3 benchmarks/scaleout.py --gpu --out "$out"; echo "scaleout.py exit $?"
+timeout 240 python3 benchmarks/scaleout.py --gpu --out "$out" ${SCALEOUT_ARGS:-}; echo "scaleout.py exit $?"

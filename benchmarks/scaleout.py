@@ -53,13 +53,18 @@ def free_port() -> int:
 
 @contextmanager
 def torchwire(
-    repository: Path, workers: int, model: str, extra: Sequence[str] = (), stderr: Any = None
+    repository: Path,
+    workers: int,
+    model: str,
+    extra: Sequence[str] = (),
+    stderr: Any = None,
+    launcher: Sequence[str] = ("-m", "torchwire"),
 ) -> Iterator[tuple[str, psutil.Process]]:
     """``torchwire serve --workers N`` (and ``extra`` flags) on a free port; yields its target
-    and process."""
+    and process. ``launcher``: what follows ``python`` to start torchwire's command line."""
     port = free_port()
     command = [
-        sys.executable, "-m", "torchwire", "serve", "--repository", str(repository),
+        sys.executable, *launcher, "serve", "--repository", str(repository),
         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
         "--workers", str(workers), "--log-level", "warning", *extra,
     ]  # fmt: skip
@@ -165,6 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.sweep_start,
                 )  # fmt: skip
         results["recsys"][str(workers)] = row
+        save(args.out, results)
     if args.separate:
         console.print(f"recsys, {args.separate} separate processes ...")
         results["separate"] = {
@@ -172,6 +178,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **separate(demo, args.separate, args.load_procs, args.concurrency),
         }
     return results
+
+
+def save(out: Path, results: dict[str, Any]) -> None:
+    """Write what is measured so far (a run cut short by a time limit still reports)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaleout.json").write_text(json.dumps(results, indent=2))
+    (out / "scaleout.md").write_text(markdown(results))
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -234,9 +247,7 @@ def main() -> None:
         args.concurrency = min(args.concurrency, 64)
         args.sweep_start = args.sweep_start or 500.0
     results = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scaleout.json").write_text(json.dumps(results, indent=2))
-    (args.out / "scaleout.md").write_text(markdown(results))
+    save(args.out, results)
     print(markdown(results))
 
 
