@@ -58,13 +58,12 @@ def torchwire(
     model: str,
     extra: Sequence[str] = (),
     stderr: Any = None,
-    launcher: Sequence[str] = ("-m", "torchwire"),
 ) -> Iterator[tuple[str, psutil.Process]]:
     """``torchwire serve --workers N`` (and ``extra`` flags) on a free port; yields its target
-    and process. ``launcher``: what follows ``python`` to start torchwire's command line."""
+    and process."""
     port = free_port()
     command = [
-        sys.executable, *launcher, "serve", "--repository", str(repository),
+        sys.executable, "-m", "torchwire", "serve", "--repository", str(repository),
         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
         "--workers", str(workers), "--log-level", "warning", *extra,
     ]  # fmt: skip

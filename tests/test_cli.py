@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,3 +199,19 @@ def _scrape(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=10) as response:
         return str(response.read().decode())
+
+
+def test_the_server_process_runs_with_its_gil_switch_interval() -> None:
+    from torchwire.config import ServerSettings
+    from torchwire.server.lifecycle import run_in_loop
+
+    before = sys.getswitchinterval()
+
+    async def main() -> int:
+        return round(sys.getswitchinterval() * 1e6)  # microseconds
+
+    try:
+        assert run_in_loop(ServerSettings(gil_switch_interval_ms=0.25), main) == 250
+        assert run_in_loop(ServerSettings(), main) == 500  # the default: 0.5 ms, not Python's 5
+    finally:
+        sys.setswitchinterval(before)

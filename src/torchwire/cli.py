@@ -234,7 +234,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     from torchwire.server import Server
     from torchwire.server.lifecycle import run_in_loop, serve_until_stopped
 
-    return run_in_loop(settings.event_loop, lambda: serve_until_stopped(Server(settings)))
+    return run_in_loop(settings, lambda: serve_until_stopped(Server(settings)))
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

@@ -106,7 +106,7 @@ def main() -> int:
     spec = WorkerSpec.from_env()
     settings = spec.settings
     configure_logging(settings.log_level, settings.log_format, worker=spec.index)
-    return run_in_loop(settings.event_loop, lambda: serve_as_worker(spec))
+    return run_in_loop(settings, lambda: serve_as_worker(spec))
 
 
 if __name__ == "__main__":

@@ -11,18 +11,22 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from torchwire.config import ServerSettings
 from torchwire.errors import ABANDONED_CALLS, START_FAILED, ConfigError
 from torchwire.server.app import Server
 
 log = logging.getLogger("torchwire")
 
 
-def run_in_loop(choice: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run ``main()`` to completion in the event loop ``--event-loop`` chose; return its code."""
-    with asyncio.Runner(loop_factory=_loop_factory(choice)) as runner:
+def run_in_loop(settings: ServerSettings, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run ``main()`` to completion in the event loop ``--event-loop`` chose, with the GIL
+    switch interval of ``--gil-switch-interval-ms`` (process-wide); return its code."""
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
         code = runner.run(main())
     if code == ABANDONED_CALLS:
         # A thread still runs a model call: the interpreter's normal exit would wait on or
