@@ -44,7 +44,7 @@ def start_server(core: int, flags: list[str]) -> tuple[subprocess.Popen[bytes], 
     port = free_port()
     command = [
         "taskset", "-c", str(core), TORCHWIRE, "serve", "--host", "127.0.0.1", "--port",
-        str(port), "--metrics-port", "0", "--log-level", "warning", *flags,
+        str(port), "--metrics-port", "0", "--http-port", "0", "--log-level", "warning", *flags,
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
     target = f"127.0.0.1:{port}"

@@ -77,7 +77,8 @@ def run_model(model: str, reloads: int, demo: Path) -> dict[str, Any]:
     variants = [perturbed(path), path.read_bytes()]
     server = subprocess.Popen(
         [TORCHWIRE, "serve", "--repository", str(workdir), "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--watch-interval-s", "0.2",
+         "--metrics-port", "0", "--http-port", "0", "--metrics-host", "127.0.0.1",
+         "--watch-interval-s", "0.2",
          "--watch-settle-s", "0.3", "--log-level", "info"],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -63,7 +63,8 @@ def server(kind: str, demo: Path, model: str = "recsys") -> Iterator[str]:
         ],
         "torchwire": [
             TORCHWIRE, "serve", "--repository", str(demo), "--host", "127.0.0.1",
-            "--port", str(port), "--metrics-port", "0", "--log-level", "warning",
+            "--port", str(port), "--metrics-port", "0", "--http-port", "0",
+            "--log-level", "warning",
         ],
     }  # fmt: skip
     process = subprocess.Popen(commands[kind], cwd=ROOT, stdout=subprocess.DEVNULL)

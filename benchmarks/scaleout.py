@@ -64,7 +64,7 @@ def torchwire(
     port = free_port()
     command = [
         sys.executable, "-m", "torchwire", "serve", "--repository", str(repository),
-        "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+        "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--http-port", "0",
         "--workers", str(workers), "--log-level", "warning", *extra,
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)

@@ -61,6 +61,7 @@ class ServerThread:
         settings.setdefault("port", 0)
         settings.setdefault("metrics_host", "127.0.0.1")
         settings.setdefault("metrics_port", 0)
+        settings.setdefault("http_port", 0)  # off unless a test gives it a free port
         self.settings = ServerSettings(**settings)
         self.server = Server(self.settings)
         self.loop = asyncio.new_event_loop()
@@ -208,7 +209,12 @@ class CliServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "TORCHWIRE_METRICS_PORT": "0", **(env or {})},
+            env={
+                **os.environ,
+                "TORCHWIRE_METRICS_PORT": "0",
+                "TORCHWIRE_HTTP_PORT": "0",  # off unless a test asks for it
+                **(env or {}),
+            },
         )
         self.lines: list[str] = []
         self._port: int | None = None

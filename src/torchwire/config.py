@@ -72,6 +72,8 @@ class ServerSettings(_Strict):
     """Address to listen on."""
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port (0 picks a free one)."""
+    http_port: int = Field(8000, ge=0, le=65535)
+    """KServe V2 REST port on the same host; 0 turns HTTP off."""
     metrics_port: int = Field(8002, ge=0, le=65535)
     """Prometheus /metrics port (0 picks a free one)."""
     metrics_host: str = "0.0.0.0"

@@ -1,7 +1,8 @@
 """torchwire's exceptions: one tree, mapped to gRPC status codes in one place (``STATUS_NAMES``).
 
-The server raises them and sends their status; the client raises the same classes for the status
-it receives, with ``code`` set to the status's name. This module imports no gRPC::
+The server raises them and sends their status (over HTTP, the status ``HTTP_STATUS`` maps it to);
+the client raises the same classes for the status it receives, with ``code`` set to the status's
+name. This module imports no gRPC::
 
     TorchwireError
     ├── InvalidInputError       INVALID_ARGUMENT   the request does not fit the model
@@ -118,6 +119,21 @@ ERRORS_BY_STATUS: dict[str, type[TorchwireError]] = {
     code: cls for cls, code in STATUS_NAMES.items()
 }
 """The class a client raises for a status name (others: ``TorchwireError``)."""
+
+
+HTTP_STATUS: dict[str, int] = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNIMPLEMENTED": 501,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "CANCELLED": 499,
+}
+"""The HTTP status each gRPC status name travels as on the REST API (others: 500)."""
 
 
 def error_for_status(code: str, message: str) -> TorchwireError:

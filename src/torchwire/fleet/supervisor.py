@@ -100,7 +100,8 @@ class Supervisor:
         self._clean = True
         self._metrics_dir = tempfile.mkdtemp(prefix="torchwire-metrics-")
         self.metrics = FleetMetrics(self._metrics_dir, self.pids)
-        self._port_holder: socket.socket | None = None
+        self._port_holders: list[socket.socket] = []
+        self.http_port: int | None = None
 
     def pids(self) -> dict[int, int]:
         """The live workers: number to PID."""
@@ -114,7 +115,9 @@ class Supervisor:
         # Workers still starting read the disk anyway, and have no SIGHUP handler yet.
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP, True)
         try:
-            self._hold_port()
+            self.port = self._hold_port(self.settings.port, "gRPC")
+            if self.settings.http_port:
+                self.http_port = self._hold_port(self.settings.http_port, "HTTP")
             if self.settings.metrics_enabled:
                 self.metrics_port = self.metrics.serve(
                     self.settings.metrics_host, self.settings.metrics_port
@@ -138,10 +141,11 @@ class Supervisor:
 
     # -- the port ----------------------------------------------------------------------------
 
-    def _hold_port(self) -> None:
-        """Bind the gRPC port with SO_REUSEPORT (never listening) so the workers can share it
-        and nobody else can take it; a port already in use is an error, not a silent share."""
-        host, port = self.settings.host, self.settings.port
+    def _hold_port(self, port: int, api: str) -> int:
+        """Bind ``port`` with SO_REUSEPORT (never listening) so the workers can share it and
+        nobody else can take it; a port already in use is an error, not a silent share. Return
+        the port (the one picked for 0)."""
+        host = self.settings.host
         try:
             family, kind, _, _, address = socket.getaddrinfo(
                 host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -155,9 +159,10 @@ class Supervisor:
             holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             holder.bind(address)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from None
-        self._port_holder = holder
-        self.port = holder.getsockname()[1]
+            raise ConfigError(f"cannot listen on {host}:{port} ({api}): {exc}") from None
+        self._port_holders.append(holder)
+        bound: int = holder.getsockname()[1]
+        return bound
 
     # -- worker slots ------------------------------------------------------------------------
 
@@ -212,7 +217,12 @@ class Supervisor:
         parent_end, child_end = socket.socketpair()
         threads = self.settings.torch_threads or max(1, available_cores() // self.count)
         settings = self.settings.model_copy(
-            update={"port": self.port, "metrics_enabled": False, "torch_threads": threads}
+            update={
+                "port": self.port,
+                "http_port": self.http_port or 0,
+                "metrics_enabled": False,
+                "torch_threads": threads,
+            }
         )
         unloaded = frozenset(self._unloaded)
         spec = {
@@ -360,15 +370,16 @@ class Supervisor:
 
     def _cleanup(self) -> None:
         self.metrics.close()
-        if self._port_holder is not None:
-            self._port_holder.close()
+        for holder in self._port_holders:
+            holder.close()
         shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     def _log_banner(self) -> None:
         tls = " over TLS" if self.settings.tls_cert else ""
         workers = ", ".join(f"{i}: pid {pid}" for i, pid in sorted(self.pids().items()))
+        http = f", {self.settings.host}:{self.http_port} (HTTP{tls})" if self.http_port else ""
         lines = [
-            f"torchwire serving on {self.settings.host}:{self.port} (gRPC{tls}) with "
+            f"torchwire serving on {self.settings.host}:{self.port} (gRPC{tls}){http} with "
             f"{self.count} workers (supervisor pid {os.getpid()}; workers {workers})"
         ]
         if self.metrics_port is not None:

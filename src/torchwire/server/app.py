@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from torchwire.repository import (
 from torchwire.server.connections import connection_limits
 from torchwire.server.control import WorkerRole
 from torchwire.server.health import Health
+from torchwire.server.http import HttpApi, HttpFrontend
 from torchwire.server.observe import Observer
 from torchwire.server.reflection import reflection_pool
 from torchwire.server.seed import SEED_SERVICE, SeedServicer
@@ -75,6 +77,19 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
     return credentials
 
 
+def http_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
+    """The same TLS (or mutual TLS) for the REST API, or None for plaintext (the files were
+    checked by ``server_credentials``)."""
+    if not (settings.tls_cert and settings.tls_key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca:
+        context.load_verify_locations(settings.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class Server:
     """A gRPC server over a model repository.
 
@@ -89,9 +104,11 @@ class Server:
         self.settings = settings
         self.worker = worker
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self.repository: ModelRepository | None = None
         self.metrics = Metrics(process_metrics=worker is None)
+        self.observer = Observer(self.metrics, access_log=settings.access_log)
         self.health = Health([SEED_SERVICE, V2_SERVICE])
         self.watchdog = MemoryWatchdog(
             self.health.memory,
@@ -104,6 +121,7 @@ class Server:
         )
         self.watcher: RepositoryWatcher | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._http: HttpFrontend | None = None
         self._metrics_http: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -129,11 +147,11 @@ class Server:
             await self.watchdog.check()  # the first reading decides before SERVING is reported
             self._spawn(self.watchdog.run())
         if self.worker is None:  # a lone server answers probes (NOT_SERVING) while it loads
-            await self._serve_grpc(repository)
+            await self._serve(repository)
         try:
             await repository.load()
             if self.worker is not None:  # a worker takes connections only once it can answer
-                await self._serve_grpc(repository)
+                await self._serve(repository)
         except BaseException:
             await self.stop(grace_s=0)
             raise
@@ -155,9 +173,20 @@ class Server:
         self._log_banner()
         return self.port or 0
 
-    async def _serve_grpc(self, repository: ModelRepository) -> None:
+    async def _serve(self, repository: ModelRepository) -> None:
+        """Take calls: gRPC, and HTTP unless ``--http-port 0``."""
         self._grpc = self._build_grpc(repository)
         await self._grpc.start()
+        if self.settings.http_port:
+            control = self.worker.control if self.worker else None
+            api = HttpApi(repository, self.observer, self.health, control)
+            self._http = HttpFrontend(api, self.settings.max_message_bytes)
+            self.http_port = await self._http.start(
+                self.settings.host,
+                self.settings.http_port,
+                reuse_port=self.worker is not None,
+                ssl_context=http_ssl_context(self.settings),
+            )
 
     def _build_grpc(self, repository: ModelRepository) -> grpc.aio.Server:
         server = grpc.aio.server(
@@ -174,7 +203,7 @@ class Server:
                 *connection_limits(self.settings),
             ]
         )
-        observer = Observer(self.metrics, access_log=self.settings.access_log)
+        observer = self.observer
         server.add_generic_rpc_handlers((SeedServicer(repository, observer).handler(),))
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             V2Servicer(
@@ -238,7 +267,10 @@ class Server:
             await asyncio.sleep(delay)
         if self._grpc is not None:
             log.info("shutting down: finishing in-flight requests (grace period %.1f s)", grace)
-            await self._grpc.stop(grace)
+            stops = [self._grpc.stop(grace)]
+            if self._http is not None:
+                stops.append(self._http.stop(grace))
+            await asyncio.gather(*stops)
         self.watchdog.stop()
         if self.watcher is not None:
             self.watcher.stop()
@@ -255,6 +287,8 @@ class Server:
         assert self.repository is not None
         tls = " over TLS" if self.settings.tls_cert else ""
         where = f"{self.settings.host}:{self.port} (gRPC{tls})"
+        if self.http_port:
+            where += f", {self.settings.host}:{self.http_port} (HTTP{tls})"
         if self.worker is not None:  # the supervisor says "serving" once every worker is ready
             log.info("worker %d (pid %d) ready on %s", self.worker.index, os.getpid(), where)
             if self.worker.index != 0:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -42,7 +43,7 @@ class Call:
 
     __slots__ = ("_observer", "_peer", "_request_id", "api", "items", "model", "started", "version")
 
-    def __init__(self, observer: Observer, api: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, observer: Observer, api: str, origin: Callable[[], tuple[str, str]]) -> None:
         self._observer = observer
         self.api = api
         self.started = time.perf_counter()
@@ -52,9 +53,7 @@ class Call:
         self._peer: str | None = None
         self._request_id: str | None = None
         if observer.access_log:
-            self._peer = context.peer()
-            metadata = dict(context.invocation_metadata() or ())
-            given = metadata.get("x-request-id") or ""
+            self._peer, given = origin()
             # One access-log line per request: no CR/LF (or other control characters) from the
             # client, and a bounded length.
             clean = "".join(c for c in given[:REQUEST_ID_MAX] if c.isprintable())
@@ -116,4 +115,14 @@ class Observer:
         return found
 
     def call(self, api: str, context: grpc.aio.ServicerContext) -> Call:
-        return Call(self, api, context)
+        """A gRPC call: its peer and ``x-request-id`` metadata (read only for the access log)."""
+
+        def origin() -> tuple[str, str]:
+            metadata = dict(context.invocation_metadata() or ())
+            return context.peer(), metadata.get("x-request-id") or ""
+
+        return Call(self, api, origin)
+
+    def http_call(self, api: str, peer: str | None, headers: Mapping[str, str]) -> Call:
+        """An HTTP request: its peer and ``X-Request-Id`` header."""
+        return Call(self, api, lambda: (peer or "", headers.get("x-request-id") or ""))

@@ -12,15 +12,15 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from tritonclient.grpc import model_config_pb2 as mc
+from google.protobuf.json_format import ParseDict
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from torchwire import __version__
-from torchwire.errors import InvalidInputError, ModelNotFoundError, TorchwireError
+from torchwire.errors import TorchwireError
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher
 from torchwire.runtime.model import Arrays
+from torchwire.server import kserve
 from torchwire.server.control import ModelControl
 from torchwire.server.health import Health
 from torchwire.server.observe import Call, Observer
@@ -29,21 +29,6 @@ from torchwire.server.status import unary_errors
 from torchwire.server.v2_codec import decode_infer, encode_infer, requested_outputs
 
 V2_SERVICE = "inference.GRPCInferenceService"
-PLATFORMS = {"torchscript": "pytorch_libtorch", "exported": "pytorch_exported"}
-EXTENSIONS = ["model_repository", "model_repository(unload_dependents)", "statistics"]
-
-
-def check_model_name(name: str) -> str:
-    """Refuse names that could point outside the repository."""
-    if not name or "/" in name or "\\" in name or ".." in name or "\0" in name:
-        raise InvalidInputError(
-            f"invalid model name {name!r}: no '/', '\\\\', '..' or NUL, and not empty"
-        )
-    return name
-
-
-def _duration(count: int, ns: int) -> pb.StatisticDuration:
-    return pb.StatisticDuration(count=count, ns=ns)
 
 
 @dataclass(slots=True)
@@ -70,10 +55,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         self._health = health
 
     def _model(self, name: str, version: str) -> Batcher:
-        """The version a V2 request names; V2 has no default model, so a name is required."""
-        if not name:
-            raise ModelNotFoundError("no model name given; V2 requests must name their model")
-        return self._repository.get(name, version or None)
+        return kserve.find(self._repository, name, version)
 
     # -- server and model state ----------------------------------------------------------------
 
@@ -99,85 +81,29 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: object
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name="torchwire", version=__version__, extensions=EXTENSIONS
-        )
+        return ParseDict(kserve.server_metadata(), pb.ServerMetadataResponse())
 
     @unary_errors
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         batcher = self._model(request.name, request.version)
-        model = batcher.model
-        served = self._repository.models[batcher.name]
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=batcher.name,
-            versions=[str(v) for v in sorted(served.versions)],
-            platform=PLATFORMS[model.config.format],
-            inputs=[
-                tensor(name=s.name, datatype=s.dtype, shape=[-1, *s.shape]) for s in model.inputs
-            ],
-            outputs=[
-                tensor(name=s.name, datatype=s.dtype, shape=[-1, *s.shape]) for s in model.outputs
-            ],
-        )
+        view = kserve.model_metadata(self._repository, batcher)
+        return ParseDict(view, pb.ModelMetadataResponse())
 
     @unary_errors
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        batcher = self._model(request.name, request.version)
-        model = batcher.model
-        config = model.config
-
-        def dtype(name: str) -> int:
-            return int(mc.DataType.Value(f"TYPE_{name}"))
-
-        return pb.ModelConfigResponse(
-            config=mc.ModelConfig(
-                name=batcher.name,
-                platform=PLATFORMS[config.format],
-                max_batch_size=config.batching.max_batch_size,
-                input=[mc.ModelInput(name=s.name, data_type=dtype(s.dtype), dims=list(s.shape))
-                       for s in model.inputs],
-                output=[mc.ModelOutput(name=s.name, data_type=dtype(s.dtype), dims=list(s.shape))
-                        for s in model.outputs],
-                dynamic_batching=mc.ModelDynamicBatching(
-                    max_queue_delay_microseconds=int(config.batching.max_delay_ms * 1000)
-                ),
-                instance_group=[mc.ModelInstanceGroup(count=config.instances.count)],
-            )
-        )  # fmt: skip
+        view = kserve.model_config(self._model(request.name, request.version))
+        return ParseDict({"config": view}, pb.ModelConfigResponse())
 
     @unary_errors
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        if request.name:
-            self._repository.get(request.name, request.version or None)  # NOT_FOUND if absent
-        response = pb.ModelStatisticsResponse()
-        for name, served in sorted(self._repository.models.items()):
-            if request.name and name != request.name:
-                continue
-            for version, batcher in sorted(served.versions.items()):
-                if request.version and str(version) != request.version:
-                    continue
-                s = batcher.stats
-                response.model_stats.add(
-                    name=name,
-                    version=str(version),
-                    last_inference=s.last_inference_ms,
-                    inference_count=s.inference_count,
-                    execution_count=s.execution_count,
-                    inference_stats=pb.InferStatistics(
-                        success=_duration(s.success_count, s.success_ns),
-                        fail=_duration(s.fail_count, s.fail_ns),
-                        queue=_duration(s.queue_count, s.queue_ns),
-                        compute_infer=_duration(s.compute_count, s.compute_ns),
-                    ),
-                )
-        return response
+        view = kserve.model_statistics(self._repository, request.name, request.version)
+        return ParseDict(view, pb.ModelStatisticsResponse())
 
     # -- repository ------------------------------------------------------------------------------
 
@@ -185,28 +111,21 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        index = pb.RepositoryIndexResponse.ModelIndex
-        rows = await self._repository.index()
-        return pb.RepositoryIndexResponse(
-            models=[
-                index(name=name, version=version, state=state, reason=reason)
-                for name, version, state, reason in rows
-                if not request.ready or state == "READY"
-            ]
-        )
+        rows = await kserve.repository_index(self._repository, request.ready)
+        return ParseDict({"models": rows}, pb.RepositoryIndexResponse())
 
     @unary_errors
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        await self._control.load_model(check_model_name(request.model_name))
+        await self._control.load_model(kserve.check_model_name(request.model_name))
         return pb.RepositoryModelLoadResponse()
 
     @unary_errors
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._control.unload(check_model_name(request.model_name))
+        await self._control.unload(kserve.check_model_name(request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference -------------------------------------------------------------------------------
@@ -215,7 +134,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         batcher = self._model(request.model_name, request.model_version)
         call.target(batcher)
         arrays, call.items = decode_infer(request, batcher.model)
-        selected = requested_outputs(request, batcher.model)
+        selected = requested_outputs([o.name for o in request.outputs], batcher.model)
         return _Queued(
             request, call, batcher, selected, batcher.submit(arrays, call.items, deadline)
         )

@@ -8,6 +8,8 @@ bfloat16): the model's device casts it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ml_dtypes
@@ -41,9 +43,51 @@ def wire_dtype(datatype: str) -> np.dtype[Any]:
     return found
 
 
-def _tensor(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, model: LoadedModel
-) -> np.ndarray[Any, Any]:
+@dataclass(frozen=True, slots=True)
+class WireTensor:
+    """One input tensor as a V2 request carries it, whatever the transport: little-endian
+    ``raw`` bytes, or ``values`` (typed contents, JSON data; nested lists allowed)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw: bytes | memoryview | None = None
+    values: Any = None
+
+
+_KINDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
+
+
+def _from_values(values: Any, dtype: np.dtype[Any], datatype: str, where: str) -> np.ndarray:
+    """``values`` as a flat array of ``dtype``, refusing what would change them silently:
+    strings, ragged lists, floats for an integer type, integers out of its range."""
+    try:
+        given = np.asarray(values)
+    except ValueError:
+        raise InvalidInputError(
+            f"{where}: data is a ragged list; send one number per element"
+        ) from None
+    if given.dtype.kind not in "biuf":
+        raise InvalidInputError(
+            f"{where}: data holds {given.dtype.kind!r}-kind values, not numbers"
+        )
+    want = dtype.kind if dtype.kind != "V" else "f"  # bfloat16 is a float
+    allowed = {"b": "b", "i": "biu", "u": "biu", "f": "biuf"}[want]
+    if given.dtype.kind not in allowed:
+        raise InvalidInputError(
+            f"{where}: {datatype} takes {_KINDS[want]}, got {_KINDS[given.dtype.kind]}"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = given.astype(dtype).reshape(-1)
+    if want in "iu" and not np.array_equal(array, given.reshape(-1)):
+        info = np.iinfo(dtype)
+        raise InvalidInputError(
+            f"{where}: values out of range for {datatype} ({info.min} to {info.max})"
+        )
+    return array
+
+
+def _tensor(tensor: WireTensor, model: LoadedModel) -> np.ndarray[Any, Any]:
     spec = next(s for s in model.inputs if s.name == tensor.name)
     where = f"input '{tensor.name}'"
     if tensor.datatype not in SUPPORTED:
@@ -53,7 +97,7 @@ def _tensor(
         )
     if tensor.datatype != spec.dtype:
         raise InvalidInputError(f"{where}: expected datatype {spec.dtype}, got {tensor.datatype}")
-    shape = tuple(int(d) for d in tensor.shape)
+    shape = tensor.shape
     if len(shape) < 1 or shape[0] < 1 or not shape_matches(shape[1:], spec.shape):
         raise InvalidInputError(
             f"{where}: expected shape [N, {', '.join(map(str, spec.shape))}] (N >= 1), "
@@ -61,35 +105,32 @@ def _tensor(
         )
     count = int(np.prod(shape, dtype=np.int64))
     dtype = wire_dtype(spec.dtype)
-    if raw is not None:
-        if len(raw) != count * dtype.itemsize:
+    if tensor.raw is not None:
+        if len(tensor.raw) != count * dtype.itemsize:
             raise InvalidInputError(
-                f"{where}: raw content holds {len(raw)} bytes; shape {list(shape)} of "
+                f"{where}: raw content holds {len(tensor.raw)} bytes; shape {list(shape)} of "
                 f"{spec.dtype} needs {count * dtype.itemsize}"
             )
-        array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        array = np.frombuffer(tensor.raw, dtype=dtype).reshape(shape)
     else:
-        field = CONTENTS_FIELDS.get(spec.dtype)
-        if field is None:
-            raise InvalidInputError(f"{where}: {spec.dtype} must be sent in raw_input_contents")
-        values = getattr(tensor.contents, field)
-        if len(values) != count:
+        array = _from_values(tensor.values, dtype, spec.dtype, where)
+        if array.size != count:
             raise InvalidInputError(
-                f"{where}: contents hold {len(values)} values; shape {list(shape)} needs {count}"
+                f"{where}: data holds {array.size} values; shape {list(shape)} needs {count}"
             )
-        array = np.array(values, dtype=dtype).reshape(shape)
+        array = array.reshape(shape)
     carrier = numpy_dtype(spec.dtype)
     return array if array.dtype == carrier else array.astype(carrier)
 
 
-def decode_infer(request: pb.ModelInferRequest, model: LoadedModel) -> tuple[Arrays, int]:
-    """The request's tensors, in the model's input order, and its item count.
+def decode_tensors(tensors: Sequence[WireTensor], model: LoadedModel) -> tuple[Arrays, int]:
+    """The tensors, in the model's input order, and the request's item count.
 
     Raises:
         InvalidInputError: naming the input and what was expected and received.
     """
     names = [spec.name for spec in model.inputs]
-    given = [tensor.name for tensor in request.inputs]
+    given = [tensor.name for tensor in tensors]
     unknown = sorted(set(given) - set(names))
     missing = [name for name in names if name not in given]
     if unknown or missing or len(given) != len(set(given)):
@@ -98,25 +139,45 @@ def decode_infer(request: pb.ModelInferRequest, model: LoadedModel) -> tuple[Arr
             + (f" (unknown: {unknown})" if unknown else "")
             + (f" (missing: {missing})" if missing else "")
         )
+    by_name = {tensor.name: tensor for tensor in tensors}
+    arrays = [_tensor(by_name[name], model) for name in names]
+    return arrays, model.check_inputs(arrays)
+
+
+def decode_infer(request: pb.ModelInferRequest, model: LoadedModel) -> tuple[Arrays, int]:
+    """A gRPC ``ModelInferRequest``'s tensors (see ``decode_tensors``)."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidInputError(
             f"raw_input_contents holds {len(raw)} buffers for {len(request.inputs)} inputs"
         )
-    by_name = {tensor.name: i for i, tensor in enumerate(request.inputs)}
-    arrays = [
-        _tensor(request.inputs[by_name[name]], raw[by_name[name]] if raw else None, model)
-        for name in names
-    ]
-    return arrays, model.check_inputs(arrays)
+    tensors = []
+    for i, tensor in enumerate(request.inputs):
+        values = None
+        if not raw:
+            field = CONTENTS_FIELDS.get(tensor.datatype)
+            if field is None:
+                raise InvalidInputError(
+                    f"input '{tensor.name}': {tensor.datatype} must be sent in raw_input_contents"
+                )
+            values = getattr(tensor.contents, field)
+        tensors.append(
+            WireTensor(
+                tensor.name,
+                tensor.datatype,
+                tuple(int(d) for d in tensor.shape),
+                raw[i] if raw else None,
+                values,
+            )
+        )
+    return decode_tensors(tensors, model)
 
 
-def requested_outputs(request: pb.ModelInferRequest, model: LoadedModel) -> list[int]:
-    """Indexes of the outputs to send: those requested, or all."""
+def requested_outputs(wanted: Sequence[str], model: LoadedModel) -> list[int]:
+    """Indexes of the outputs to send: those named in ``wanted``, or all."""
     names = [spec.name for spec in model.outputs]
-    if not request.outputs:
+    if not wanted:
         return list(range(len(names)))
-    wanted = [output.name for output in request.outputs]
     unknown = [name for name in wanted if name not in names]
     if unknown:
         raise InvalidInputError(f"unknown outputs {unknown}; the model has {names}")

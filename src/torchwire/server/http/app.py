@@ -1,0 +1,226 @@
+"""The KServe V2 REST API on aiohttp, on the server's own event loop.
+
+Protocol adapter only, like the gRPC servicers: the same repository, batchers, model control,
+health, metrics (``api="v2_http"``) and error table (``errors.HTTP_STATUS``). Every error is a
+JSON body ``{"error": "..."}`` with the status its cause maps to; an unexpected one is logged and
+answered 500 without details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from torchwire.errors import HTTP_STATUS, ConfigError, TorchwireError
+from torchwire.repository import ModelRepository
+from torchwire.server import kserve
+from torchwire.server.control import ModelControl
+from torchwire.server.health import Health
+from torchwire.server.http.codec import HEADER_LENGTH, decode, encode, parse_body
+from torchwire.server.observe import Observer
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(value, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """torchwire errors and aiohttp's own (no route, body too large) as JSON; bugs as 500."""
+    try:
+        return await handler(request)
+    except TorchwireError as exc:
+        return error_response(HTTP_STATUS.get(exc.code, 500), str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text or exc.reason
+        if isinstance(exc, web.HTTPNotFound):
+            message = f"no such endpoint: {request.method} {request.path} (see /v2)"
+        elif isinstance(exc, web.HTTPMethodNotAllowed):
+            message = (
+                f"{request.method} is not allowed on {request.path}; use {exc.allowed_methods}"
+            )
+        elif isinstance(exc, web.HTTPRequestEntityTooLarge):
+            message = f"the request body is too large: {exc.text} (--max-message-bytes)"
+        return error_response(exc.status, message)
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return error_response(500, "internal server error (see server log)")
+
+
+class HttpApi:
+    """The routes, bound to the served models."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        observer: Observer,
+        health: Health,
+        control: ModelControl | None = None,
+    ) -> None:
+        self._repository = repository
+        self._control: ModelControl = control or repository
+        self._observer = observer
+        self._health = health
+
+    def routes(self) -> list[web.RouteDef]:
+        model = "/v2/models/{model}"
+        version = model + "/versions/{version}"
+        return [
+            web.get("/v2", self.server_metadata),
+            web.get("/v2/health/live", self.live),
+            web.get("/v2/health/ready", self.ready),
+            web.get("/v2/models/stats", self.statistics),
+            *[
+                route
+                for base in (model, version)
+                for route in (
+                    web.get(base, self.model_metadata),
+                    web.get(base + "/ready", self.model_ready),
+                    web.get(base + "/config", self.model_config),
+                    web.get(base + "/stats", self.statistics),
+                    web.post(base + "/infer", self.infer),
+                )
+            ],
+            web.post("/v2/repository/index", self.repository_index),
+            web.post("/v2/repository/models/{model}/load", self.load),
+            web.post("/v2/repository/models/{model}/unload", self.unload),
+        ]
+
+    # -- server and model state ------------------------------------------------------------
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _json(kserve.server_metadata())
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self._health.ready_to_serve:
+            return web.Response(status=200)
+        return error_response(503, "not ready: models loading, shutting down or memory short")
+
+    def _batcher(self, request: web.Request) -> Any:
+        info = request.match_info
+        return kserve.find(self._repository, info["model"], info.get("version", ""))
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        return _json(kserve.model_metadata(self._repository, self._batcher(request)))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        self._batcher(request)  # 404 unless loaded
+        return web.Response(status=200)
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        return _json(kserve.model_config(self._batcher(request)))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        view = kserve.model_statistics(
+            self._repository, info.get("model", ""), info.get("version", "")
+        )
+        return _json(view)
+
+    # -- repository ------------------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        if not raw.strip():
+            return {}
+        return parse_body(raw, None)[0]
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        ready = (await self._body(request)).get("ready") is True
+        return _json(await kserve.repository_index(self._repository, ready))
+
+    async def load(self, request: web.Request) -> web.Response:
+        await self._body(request)  # checked, parameters unused
+        await self._control.load_model(kserve.check_model_name(request.match_info["model"]))
+        return _json({})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await self._body(request)
+        await self._control.unload(kserve.check_model_name(request.match_info["model"]))
+        return _json({})
+
+    # -- inference ---------------------------------------------------------------------------
+
+    async def infer(self, request: web.Request) -> web.Response:
+        with self._observer.http_call("v2_http", request.remote, request.headers) as call:
+            batcher = self._batcher(request)
+            call.target(batcher)
+            body = await request.read()
+            header, binary = parse_body(body, request.headers.get(HEADER_LENGTH))
+            decoded = decode(header, binary, batcher.model)
+            call.items = decoded.items
+            deadline = None
+            if decoded.timeout_us is not None:
+                deadline = time.monotonic() + decoded.timeout_us / 1e6
+            outputs = await batcher.submit(decoded.arrays, decoded.items, deadline)
+            answer, header_length = encode(
+                decoded, batcher.model, batcher.name, batcher.version, outputs
+            )
+        if header_length is None:
+            return web.Response(body=answer, content_type="application/json")
+        return web.Response(
+            body=answer,
+            content_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(header_length)},
+        )
+
+
+class HttpFrontend:
+    """The REST API served on a port until ``stop``."""
+
+    def __init__(self, api: HttpApi, max_body_bytes: int) -> None:
+        app = web.Application(middlewares=[_errors], client_max_size=max_body_bytes)
+        app.add_routes(api.routes())
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self.port: int | None = None
+
+    async def start(
+        self, host: str, port: int, reuse_port: bool, ssl_context: ssl.SSLContext | None = None
+    ) -> int:
+        """Listen on ``host:port`` (shared with other workers when ``reuse_port``), over TLS
+        with ``ssl_context``."""
+        await self._runner.setup()
+        family = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host.strip("[]"), port))
+        except OSError as exc:
+            sock.close()
+            await self._runner.cleanup()
+            raise ConfigError(f"cannot listen on {host}:{port} (HTTP): {exc}") from None
+        site = web.SockSite(self._runner, sock, backlog=1024, ssl_context=ssl_context)
+        await site.start()
+        self.port = sock.getsockname()[1]
+        return self.port
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop listening; requests in flight get ``grace_s`` to finish."""
+        self._runner._shutdown_timeout = grace_s  # aiohttp takes it at construction only
+        await asyncio.wait_for(self._runner.cleanup(), grace_s + 5)

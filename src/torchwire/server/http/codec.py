@@ -1,0 +1,176 @@
+"""KServe V2 REST inference bodies: JSON tensors, and Triton's binary tensor extension.
+
+A request body is JSON, or (with an ``Inference-Header-Content-Length: N`` header) N bytes of JSON
+followed by the binary data of the inputs whose ``parameters.binary_data_size`` says how many
+bytes each takes, in input order. An output goes back as binary data when the request asks
+(``parameters.binary_data`` on the output, or ``parameters.binary_data_output`` on the request),
+else as a flat JSON ``data`` list in row-major order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from torchwire.errors import InvalidInputError
+from torchwire.runtime import LoadedModel
+from torchwire.runtime.model import Arrays
+from torchwire.server.v2_codec import WireTensor, decode_tensors, requested_outputs, wire_dtype
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass(slots=True)
+class HttpInfer:
+    """A decoded inference request."""
+
+    id: str | None
+    arrays: Arrays
+    items: int
+    selected: list[int]
+    binary: list[bool]  # per selected output
+    timeout_us: int | None
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{where} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _parameters(value: dict[str, Any], where: str) -> dict[str, Any]:
+    return _object(value.get("parameters", {}), f"{where} 'parameters'")
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in value
+    ):
+        raise InvalidInputError(f"{where}: 'shape' must be a list of integers, got {value!r:.80}")
+    return tuple(value)
+
+
+def parse_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header and the binary data after it."""
+    length = len(body)
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidInputError(
+                f"{HEADER_LENGTH} is {header_length!r}; it must be the JSON header's length in "
+                f"bytes, at most the body's {len(body)}"
+            )
+        length = int(header_length)
+    try:
+        header = json.loads(body[:length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"the request body is not valid JSON: {exc}") from None
+    return _object(header, "the request body"), memoryview(body)[length:]
+
+
+def decode(header: dict[str, Any], binary: memoryview, model: LoadedModel) -> HttpInfer:
+    """A request's tensors for ``model``, and what it asks back.
+
+    Raises:
+        InvalidInputError: saying which field is wrong and what was expected.
+    """
+    arrays, items = decode_tensors(_inputs(header, binary), model)
+    selected, binary_outputs = _outputs(header, model)
+    parameters = _parameters(header, "the request")
+    timeout = parameters.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int) or timeout <= 0):
+        raise InvalidInputError(f"parameters.timeout is in microseconds, > 0; got {timeout!r}")
+    request_id = header.get("id")
+    return HttpInfer(
+        id=request_id if isinstance(request_id, str) else None,
+        arrays=arrays,
+        items=items,
+        selected=selected,
+        binary=binary_outputs,
+        timeout_us=timeout,
+    )
+
+
+def _inputs(header: dict[str, Any], binary: memoryview) -> list[WireTensor]:
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInputError("the request needs 'inputs': a non-empty list of tensors")
+    tensors, offset = [], 0
+    for index, value in enumerate(inputs):
+        tensor = _object(value, f"inputs[{index}]")
+        name, datatype = tensor.get("name"), tensor.get("datatype")
+        if not isinstance(name, str):
+            raise InvalidInputError(f"inputs[{index}] needs a 'name' string")
+        where = f"input '{name}'"
+        if not isinstance(datatype, str):
+            raise InvalidInputError(f"{where} needs a 'datatype' string, e.g. \"FP32\"")
+        shape = _shape(tensor.get("shape"), where)
+        size = _parameters(tensor, where).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidInputError(
+                    f"{where}: binary_data_size {size!r} does not fit the {len(binary) - offset}"
+                    " bytes of binary data left"
+                )
+            tensors.append(WireTensor(name, datatype, shape, raw=binary[offset : offset + size]))
+            offset += size
+        elif "data" in tensor:
+            tensors.append(WireTensor(name, datatype, shape, values=tensor["data"]))
+        else:
+            raise InvalidInputError(f"{where} has neither 'data' nor parameters.binary_data_size")
+    if offset != len(binary):
+        raise InvalidInputError(
+            f"{len(binary) - offset} bytes of binary data follow the JSON header that no input "
+            "claims (binary_data_size)"
+        )
+    return tensors
+
+
+def _outputs(header: dict[str, Any], model: LoadedModel) -> tuple[list[int], list[bool]]:
+    """The outputs to send (indexes) and whether each goes as binary data."""
+    binary_all = _parameters(header, "the request").get("binary_data_output") is True
+    outputs = header.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise InvalidInputError("'outputs' must be a list of {\"name\": ...} objects")
+    wanted, binary = [], {}
+    for index, value in enumerate(outputs):
+        output = _object(value, f"outputs[{index}]")
+        name = output.get("name")
+        if not isinstance(name, str):
+            raise InvalidInputError(f"outputs[{index}] needs a 'name' string")
+        wanted.append(name)
+        flag = _parameters(output, f"output '{name}'").get("binary_data")
+        binary[name] = binary_all if flag is None else flag is True
+    selected = requested_outputs(wanted, model)
+    return selected, [binary.get(model.outputs[i].name, binary_all) for i in selected]
+
+
+def encode(
+    request: HttpInfer, model: LoadedModel, name: str, version: int, outputs: Arrays
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary data follows it."""
+    described, blobs = [], []
+    for index, binary in zip(request.selected, request.binary, strict=True):
+        spec, array = model.outputs[index], outputs[index]
+        entry: dict[str, Any] = {
+            "name": spec.name,
+            "datatype": spec.dtype,
+            "shape": list(array.shape),
+        }
+        if binary:
+            blob = np.ascontiguousarray(array, dtype=wire_dtype(spec.dtype)).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        described.append(entry)
+    answer: dict[str, Any] = {"model_name": name, "model_version": str(version)}
+    if request.id is not None:
+        answer["id"] = request.id
+    answer["outputs"] = described
+    header = json.dumps(answer, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

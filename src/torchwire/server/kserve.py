@@ -1,0 +1,119 @@
+"""The KServe V2 answers that do not depend on the transport, as plain data: server and model
+metadata, model config, statistics, the repository index. The gRPC servicer parses them into
+``tritonclient``'s protobuf messages; the HTTP front-end sends them as JSON. Field names are the
+protocol's (and Triton's model configuration's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchwire import __version__
+from torchwire.errors import InvalidInputError, ModelNotFoundError
+from torchwire.repository import ModelRepository
+from torchwire.runtime import Batcher
+
+PLATFORMS = {"torchscript": "pytorch_libtorch", "exported": "pytorch_exported"}
+EXTENSIONS = [
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "statistics",
+    "binary_tensor_data",
+]
+
+View = dict[str, Any]
+
+
+def check_model_name(name: str) -> str:
+    """Refuse names that could point outside the repository."""
+    if not name or "/" in name or "\\" in name or ".." in name or "\0" in name:
+        raise InvalidInputError(
+            f"invalid model name {name!r}: no '/', '\\\\', '..' or NUL, and not empty"
+        )
+    return name
+
+
+def find(repository: ModelRepository, name: str, version: str = "") -> Batcher:
+    """The version a V2 request names; V2 has no default model, so a name is required."""
+    if not name:
+        raise ModelNotFoundError("no model name given; V2 requests must name their model")
+    return repository.get(name, version or None)
+
+
+def server_metadata() -> View:
+    return {"name": "torchwire", "version": __version__, "extensions": EXTENSIONS}
+
+
+def model_metadata(repository: ModelRepository, batcher: Batcher) -> View:
+    model = batcher.model
+
+    def tensors(specs: Any) -> list[View]:
+        return [{"name": s.name, "datatype": s.dtype, "shape": [-1, *s.shape]} for s in specs]
+
+    return {
+        "name": batcher.name,
+        "versions": [str(v) for v in sorted(repository.models[batcher.name].versions)],
+        "platform": PLATFORMS[model.config.format],
+        "inputs": tensors(model.inputs),
+        "outputs": tensors(model.outputs),
+    }
+
+
+def model_config(batcher: Batcher) -> View:
+    """Triton's model configuration (``model_config.proto``) of the version."""
+    model, config = batcher.model, batcher.model.config
+
+    def tensors(specs: Any) -> list[View]:
+        return [
+            {"name": s.name, "data_type": f"TYPE_{s.dtype}", "dims": list(s.shape)} for s in specs
+        ]
+
+    return {
+        "name": batcher.name,
+        "platform": PLATFORMS[config.format],
+        "max_batch_size": config.batching.max_batch_size,
+        "input": tensors(model.inputs),
+        "output": tensors(model.outputs),
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": int(config.batching.max_delay_ms * 1000)
+        },
+        "instance_group": [{"count": config.instances.count}],
+    }
+
+
+def model_statistics(repository: ModelRepository, name: str = "", version: str = "") -> View:
+    """Statistics of every version, or of those ``name`` (and ``version``) select."""
+    if name:
+        repository.get(name, version or None)  # NOT_FOUND if absent
+    rows = []
+    for model, served in sorted(repository.models.items()):
+        if name and model != name:
+            continue
+        for number, batcher in sorted(served.versions.items()):
+            if version and str(number) != version:
+                continue
+            s = batcher.stats
+            rows.append(
+                {
+                    "name": model,
+                    "version": str(number),
+                    "last_inference": s.last_inference_ms,
+                    "inference_count": s.inference_count,
+                    "execution_count": s.execution_count,
+                    "inference_stats": {
+                        "success": {"count": s.success_count, "ns": s.success_ns},
+                        "fail": {"count": s.fail_count, "ns": s.fail_ns},
+                        "queue": {"count": s.queue_count, "ns": s.queue_ns},
+                        "compute_infer": {"count": s.compute_count, "ns": s.compute_ns},
+                    },
+                }
+            )
+    return {"model_stats": rows}
+
+
+async def repository_index(repository: ModelRepository, ready_only: bool = False) -> list[View]:
+    return [
+        {"name": name, "version": version, "state": state, "reason": reason}
+        for name, version, state, reason in await repository.index()
+        if not ready_only or state == "READY"
+    ]
