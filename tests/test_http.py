@@ -1,0 +1,253 @@
+"""The KServe V2 REST API: Triton's own ``tritonclient.http`` unchanged, plain JSON as curl would
+send it, and every client mistake answered with a 4xx status and a JSON error."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from support import Busy, CliServer, ServerThread, free_port, in_process, write_model
+
+
+@pytest.fixture(scope="module")
+def server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """The demo models and a busy one (queue of 1 item, 2 MB body limit), HTTP on a free port."""
+    root = tmp_path_factory.mktemp("http-repo")
+    for name in ("recsys", "resnet18"):
+        (root / name).symlink_to(demo_repo / name)
+    write_model(root / "busy", Busy(), [4], extra="[batching]\nmax_queue = 1\n")
+    with ServerThread(
+        repository=root, http_port=free_port(), max_message_bytes=2 * 2**20, watch="off"
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[Any]:
+    http = triton_http.InferenceServerClient(f"127.0.0.1:{server.server.http_port}")
+    yield http
+    http.close()
+
+
+def _post(server: ServerThread, path: str, body: bytes | None = None, method: str = "POST") -> Any:
+    """(status, parsed JSON body) of a plain HTTP request, as curl would send it."""
+    url = f"http://127.0.0.1:{server.server.http_port}{path}"
+    request = urllib.request.Request(url, data=body, method=method)
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _recsys(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, 256)).astype(np.float32)
+
+
+def test_tritonclient_http_works_unchanged(
+    server: ServerThread, client: Any, demo_repo: Path
+) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("recsys") and not client.is_model_ready("nope")
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    assert client.get_model_metadata("recsys") == {
+        "name": "recsys",
+        "versions": ["1"],
+        "platform": "pytorch_libtorch",
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 256]}],
+        "outputs": [{"name": "score", "datatype": "FP32", "shape": [-1, 1]}],
+    }
+    config = client.get_model_config("resnet18")
+    assert config["input"] == [{"name": "image", "data_type": "TYPE_FP32", "dims": [3, 224, 224]}]
+    index = client.get_model_repository_index()
+    assert {(m["name"], m["state"]) for m in index} >= {("recsys", "READY"), ("busy", "READY")}
+    x = _recsys(5)
+    expected = in_process(demo_repo / "recsys" / "1" / "model.pt")(x)
+    answers = {}
+    for binary in (True, False):
+        tensor = triton_http.InferInput("features", [5, 256], "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        wanted = triton_http.InferRequestedOutput("score", binary_data=binary)
+        result = client.infer("recsys", [tensor], outputs=[wanted], request_id="r-1")
+        assert result.get_response()["id"] == "r-1"
+        answers[binary] = result.as_numpy("score")
+    grpc_client = triton_grpc.InferenceServerClient(server.target)
+    tensor = triton_grpc.InferInput("features", [5, 256], "FP32")
+    tensor.set_data_from_numpy(x)
+    over_grpc = grpc_client.infer("recsys", [tensor]).as_numpy("score")
+    grpc_client.close()
+    # The same numbers over gRPC, HTTP binary and HTTP JSON (JSON floats round-trip exactly).
+    np.testing.assert_array_equal(answers[True], over_grpc)
+    np.testing.assert_array_equal(answers[False], over_grpc)
+    np.testing.assert_allclose(over_grpc, expected, rtol=1e-6)
+    stats = client.get_inference_statistics("recsys")["model_stats"][0]
+    assert stats["name"] == "recsys" and stats["inference_count"] >= 15
+    registry = server.server.metrics.registry
+    labels = {"model": "recsys", "version": "1", "api": "v2_http", "code": "OK"}
+    assert registry.get_sample_value("torchwire_requests_total", labels) >= 2
+
+
+def test_plain_json_as_curl_sends_it(server: ServerThread) -> None:
+    rows = _recsys(2).tolist()  # nested lists, as a person writes them
+    body = {"id": "q", "inputs": [{"name": "features", "shape": [2, 256], "datatype": "FP32",
+                                   "data": rows}]}  # fmt: skip
+    status, answer = _post(server, "/v2/models/recsys/versions/1/infer", json.dumps(body).encode())
+    assert status == 200
+    assert answer["model_name"] == "recsys" and answer["model_version"] == "1"
+    assert answer["id"] == "q"
+    (output,) = answer["outputs"]
+    assert output["name"] == "score" and output["datatype"] == "FP32" and output["shape"] == [2, 1]
+    assert len(output["data"]) == 2 and all(0 < v < 1 for v in output["data"])
+
+
+def test_load_and_unload_over_http(server: ServerThread, client: Any) -> None:
+    client.unload_model("resnet18")
+    assert not client.is_model_ready("resnet18")
+    status, answer = _post(server, "/v2/models/resnet18")
+    assert status == 405 and "use" in answer["error"]  # metadata is GET: the route exists
+    with pytest.raises(InferenceServerException) as gone:
+        client.get_model_metadata("resnet18")
+    assert gone.value.status() == "404"
+    client.load_model("resnet18")
+    assert client.is_model_ready("resnet18")
+    status, answer = _post(server, "/v2/repository/models/..%2Fetc/load", b"")
+    assert (status, answer) == (
+        400,
+        {"error": "invalid model name '../etc': no '/', '\\\\', '..' or NUL, and not empty"},
+    )
+
+
+def _body(**changes: Any) -> bytes:
+    tensor = {"name": "features", "shape": [1, 256], "datatype": "FP32", "data": [0.0] * 256}
+    tensor.update(changes)
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+INFER = "/v2/models/recsys/infer"
+NO_DATA = {"inputs": [{"name": "features", "shape": [1, 256], "datatype": "FP32"}]}
+UNKNOWN_OUTPUT = {**json.loads(_body()), "outputs": [{"name": "y"}]}
+BAD_TIMEOUT = {**json.loads(_body()), "parameters": {"timeout": -1}}
+MISTAKES: dict[str, tuple[str, bytes | None, int, str]] = {
+    "not JSON": (INFER, b"{bad", 400, "not valid JSON"),
+    "not an object": (INFER, b"[1, 2]", 400, "must be a JSON object"),
+    "no inputs": (INFER, b"{}", 400, "needs 'inputs'"),
+    "unknown model": ("/v2/models/nope/infer", _body(), 404, "model 'nope' not found"),
+    "unknown version": (
+        "/v2/models/recsys/versions/7/infer", _body(), 404,
+        "version '7' of model 'recsys' not found",
+    ),
+    "wrong shape": (INFER, _body(shape=[1, 3]), 400, "expected shape [N, 256]"),
+    "wrong datatype": (INFER, _body(datatype="INT32"), 400, "expected datatype FP32"),
+    "unknown datatype": (INFER, _body(datatype="FP8"), 400, "not supported"),
+    "too few values": (INFER, _body(data=[1.0] * 3), 400, "data holds 3 values"),
+    "strings": (INFER, _body(data=["a"] * 256), 400, "not numbers"),
+    "ragged": (INFER, _body(data=[[1.0], [1.0, 2.0]]), 400, "ragged"),
+    "shape not ints": (INFER, _body(shape=[1, "256"]), 400, "list of integers"),
+    "no data": (INFER, json.dumps(NO_DATA).encode(), 400, "neither 'data'"),
+    "unknown input": (INFER, _body(name="x"), 400, "unknown: ['x']"),
+    "unknown output": (INFER, json.dumps(UNKNOWN_OUTPUT).encode(), 400, "unknown outputs ['y']"),
+    "bad timeout": (INFER, json.dumps(BAD_TIMEOUT).encode(), 400, "microseconds"),
+    "no endpoint": ("/v2/nothing", None, 404, "no such endpoint: GET /v2/nothing"),
+    "too large": (INFER, b" " * (3 * 2**20), 413, "too large"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_client_mistakes_get_a_4xx_and_a_json_error_saying_what_was_wrong(
+    server: ServerThread, mistake: str
+) -> None:
+    path, body, status, says = MISTAKES[mistake]
+    got, answer = _post(server, path, body, "POST" if body is not None else "GET")
+    assert got == status, answer
+    assert says in answer["error"]
+
+
+def test_binary_data_that_does_not_add_up_is_refused(server: ServerThread) -> None:
+    tensor = {"name": "features", "shape": [1, 256], "datatype": "FP32"}
+    tensor["parameters"] = {"binary_data_size": 1024}
+    header = json.dumps({"inputs": [tensor]}).encode()
+    url = f"http://127.0.0.1:{server.server.http_port}/v2/models/recsys/infer"
+
+    def send(blob: bytes, length: str) -> tuple[int, str]:
+        request = urllib.request.Request(url, data=header + blob, method="POST")
+        request.add_header("Inference-Header-Content-Length", length)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, ""
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())["error"]
+
+    assert send(bytes(1024), str(len(header)))[0] == 200
+    assert send(bytes(1000), str(len(header))) == (
+        400,
+        "input 'features': binary_data_size 1024 does not fit the 1000 bytes of binary data left",
+    )
+    status, error = send(bytes(1030), str(len(header)))
+    assert status == 400 and "6 bytes of binary data follow the JSON header" in error
+    status, error = send(bytes(1024), "999999")
+    assert status == 400 and "Inference-Header-Content-Length" in error
+
+
+def _wait_until(condition: Callable[[], bool]) -> None:
+    """Gate on the server's state (no fixed sleep)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "the server never reached the state"
+        time.sleep(0.005)
+
+
+def test_queue_full_is_429_and_a_passed_timeout_is_504(server: ServerThread) -> None:
+    busy = server.server.repository.get("busy")  # type: ignore[union-attr]
+    url = f"http://127.0.0.1:{server.server.http_port}/v2/models/busy/infer"
+    from concurrent.futures import ThreadPoolExecutor
+
+    def infer(rounds: float, parameters: dict[str, Any] | None = None) -> tuple[int, Any]:
+        tensor = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [rounds, 1, 0, 0]}
+        body = {"inputs": [tensor], "parameters": parameters or {}}
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    with ThreadPoolExecutor(2) as pool:
+        occupying = pool.submit(infer, 3000)  # about a second of model time
+        _wait_until(lambda: busy._computing == 1)
+        expiring = pool.submit(infer, 0, {"timeout": 1000})  # 1 ms: expires while queued
+        _wait_until(lambda: busy._queued_items == 1)
+        status, answer = infer(0)  # the queue (1 item) is full
+        assert status == 429 and "queue full (1 of 1 items waiting" in answer["error"]
+        assert occupying.result()[0] == 200
+        status, answer = expiring.result()
+        assert status == 504 and "deadline passed" in answer["error"]
+
+
+def test_workers_share_the_http_port(tmp_path: Path) -> None:
+    port = free_port()
+    server = CliServer("--workers", "2", "--port", "0", "--http-port", str(port),
+                       env={"TORCHWIRE_HTTP_PORT": str(port)})  # fmt: skip
+    try:
+        server.wait_ready()
+        assert f"127.0.0.1:{port} (HTTP) with 2 workers" in server.output
+        client = triton_http.InferenceServerClient(f"127.0.0.1:{port}", concurrency=8)
+        tensor = triton_http.InferInput("features", [1, 256], "FP32")
+        tensor.set_data_from_numpy(_recsys(1))
+        pending = [client.async_infer("recsys", [tensor]) for _ in range(64)]
+        assert all(p.get_result().as_numpy("score").shape == (1, 1) for p in pending)
+        client.close()
+    finally:
+        server.close()
