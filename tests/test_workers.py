@@ -267,7 +267,9 @@ def test_a_busy_port_is_refused_not_shared() -> None:
         server = CliServer("--port", str(port), "--workers", "2")
         try:
             assert server.process.wait(60) == 2
-            server.wait_for(rf"cannot listen on 127\.0\.0\.1:{port}: .*Address already in use")
+            server.wait_for(
+                rf"cannot listen on 127\.0\.0\.1:{port} \(gRPC\): .*Address already in use"
+            )
         finally:
             server.close()
 

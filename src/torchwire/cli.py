@@ -87,7 +87,13 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--target", required=True, help="HOST:PORT of the server")
     bench.add_argument("--model", required=True, help="model name")
     bench.add_argument("--version", help="model version (default: the server's)")
-    bench.add_argument("--protocol", choices=["seed", "v2"], default="seed")
+    bench.add_argument(
+        "--protocol",
+        choices=["seed", "v2", "http", "http_json"],
+        default="seed",
+        help="seed API, KServe V2 over gRPC, or V2 over HTTP (--target is then the HTTP port) "
+        "with binary tensors or JSON",
+    )
     mode = bench.add_mutually_exclusive_group()
     mode.add_argument("--concurrency", type=int, help="closed loop: callers (default 8)")
     mode.add_argument("--rate", type=float, help="open loop: requests per second")
@@ -115,6 +121,22 @@ def _add_bench(commands: Any) -> None:
     bench.set_defaults(func=_bench_command)
 
 
+def _http_spec(target: str, model: str, version: str | None) -> tuple[str, str, tuple[int, ...]]:
+    """The first input's name, datatype and item shape, from the REST model metadata."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
+    try:
+        with urllib.request.urlopen(f"http://{target}{path}", timeout=10) as response:
+            meta = json.loads(response.read())
+    except (OSError, ValueError) as exc:
+        raise TorchwireError(f"GET {path}: {exc}") from None
+    first = meta["inputs"][0]
+    return first["name"], first["datatype"], tuple(first["shape"][1:])
+
+
 def _bench_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -132,13 +154,17 @@ def _bench_command(args: argparse.Namespace) -> int:
     out = Console() if sys.stdout.isatty() else Console(width=120)
     shape, input_name, datatype = args.shape, "", "FP32"
     try:
-        with Client(args.target, timeout=10, protocol=args.protocol) as client:
-            if args.protocol == "v2":
-                spec = client.spec(args.model, args.version)
-                input_name, datatype = spec.input_name, spec.datatype
-                shape = shape or spec.item_shape
-            elif shape is None:
-                shape = client.item_shape(args.model)
+        if args.protocol.startswith("http"):
+            input_name, datatype, item_shape = _http_spec(args.target, args.model, args.version)
+            shape = shape or item_shape
+        else:
+            with Client(args.target, timeout=10, protocol=args.protocol) as client:
+                if args.protocol == "v2":
+                    spec = client.spec(args.model, args.version)
+                    input_name, datatype = spec.input_name, spec.datatype
+                    shape = shape or spec.item_shape
+                elif shape is None:
+                    shape = client.item_shape(args.model)
     except TorchwireError as exc:
         console.print(f"torchwire bench: cannot ask {args.target} about {args.model}: {exc}")
         return 2

@@ -1,4 +1,5 @@
-"""One load process: sends pre-serialized seed requests, closed or open loop, unary or stream.
+"""One load process: sends pre-serialized requests (the seed API, KServe V2 over gRPC, or V2
+over HTTP with binary tensors or JSON), closed or open loop, unary or stream (gRPC only).
 
 Closed loop: ``concurrency`` callers, each sending its next request when the last is answered.
 Open loop: requests leave at scheduled instants (constant spacing or Poisson arrivals) whatever
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import random
 import time
@@ -28,6 +30,7 @@ from torchwire.client._seed import PREDICT, PREDICT_STREAM, encode_request
 from torchwire.errors import TorchwireError
 
 MAX_OUTSTANDING = 50_000  # open loop: beyond this many unanswered requests, count an overflow
+HTTP_PROTOCOLS = ("http", "http_json")  # binary tensors (as tritonclient.http sends) or JSON
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class LoadConfig:
     channels: int = 1
     raw: bool = True
     seed: int = 0
-    protocol: str = "seed"  # or "v2": ModelInfer / ModelStreamInfer
+    protocol: str = "seed"  # "v2": ModelInfer / ModelStreamInfer; "http", "http_json": REST
     input_name: str = ""  # v2: the model's first input
     datatype: str = "FP32"  # v2: its datatype
 
@@ -66,10 +69,32 @@ def make_requests(config: LoadConfig, variants: int = 8) -> list[bytes]:
         rng.standard_normal((config.batch, *config.shape), dtype=np.float32)
         for _ in range(variants)
     ]
+    if config.protocol in HTTP_PROTOCOLS:
+        return [http_body(config, a) for a in arrays]
     if config.protocol == "v2":
         spec = v2.Spec(config.input_name, config.datatype, config.shape)
         return [v2.encode_infer(config.model, a, config.version, spec) for a in arrays]
     return [encode_request(config.model, a, config.version, config.raw) for a in arrays]
+
+
+def http_body(config: LoadConfig, array: np.ndarray[Any, Any]) -> bytes:
+    """A V2 REST request: JSON data, or a JSON header and the raw tensor after it."""
+    tensor: dict[str, Any] = {
+        "name": config.input_name,
+        "shape": list(array.shape),
+        "datatype": config.datatype,
+    }
+    if config.protocol == "http_json":
+        tensor["data"] = array.reshape(-1).tolist()
+        return json.dumps({"inputs": [tensor]}).encode()
+    raw = np.ascontiguousarray(array, dtype="<f4").tobytes()
+    tensor["parameters"] = {"binary_data_size": len(raw)}
+    header = {"inputs": [tensor], "parameters": {"binary_data_output": True}}
+    return json.dumps(header).encode() + raw
+
+
+class _HttpStatus(Exception):
+    """A REST answer other than 200."""
 
 
 def stream_error(config: LoadConfig, answer: bytes) -> str | None:
@@ -95,10 +120,12 @@ class LoadProcess:
             (PREDICT, PREDICT_STREAM) if config.protocol == "seed" else (v2.INFER, v2.STREAM)
         )
         options = channel_options(0, 0, None)
+        self.http = config.protocol in HTTP_PROTOCOLS
         self.channels = [
             grpc.aio.insecure_channel(config.target, options)
-            for _ in range(max(1, config.channels))
+            for _ in range(0 if self.http else max(1, config.channels))
         ]
+        self._session: Any = None  # aiohttp, opened on the running loop
         self._turn = 0
 
     def _request(self) -> tuple[bytes, bool]:
@@ -125,9 +152,43 @@ class LoadProcess:
             self._done(intended, None, counted)
         except grpc.aio.AioRpcError as exc:
             self._done(intended, exc.code().name, counted)
+        except _HttpStatus as exc:
+            self._done(intended, str(exc), counted)
+        except TimeoutError:
+            self._done(intended, "DEADLINE_EXCEEDED", counted)
+        except OSError as exc:  # aiohttp's connection errors
+            self._done(intended, f"HTTP_{type(exc).__name__}", counted)
+
+    def _predict(self, index: int) -> Any:
+        """What sends one unary request: a gRPC callable, or a REST POST."""
+        if not self.http:
+            return self.channels[index % len(self.channels)].unary_unary(self.unary_path)
+        import aiohttp
+
+        config = self.config
+        version = f"/versions/{config.version}" if config.version else ""
+        url = f"http://{config.target}/v2/models/{config.model}{version}/infer"
+        headers = {"Content-Type": "application/json"}
+        if config.protocol == "http":  # the JSON header, then FP32 data
+            header_end = len(self.requests[0]) - config.batch * int(np.prod(config.shape)) * 4
+            headers = {"Inference-Header-Content-Length": str(header_end)}
+
+        async def post(body: bytes, timeout: float) -> None:
+            if self._session is None:
+                self._session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0, force_close=False)
+                )
+            async with self._session.post(
+                url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                await response.read()
+                if response.status != 200:
+                    raise _HttpStatus(f"HTTP_{response.status}")
+
+        return post
 
     async def _closed_caller(self, index: int, until: float) -> None:
-        predict = self.channels[index % len(self.channels)].unary_unary(self.unary_path)
+        predict = self._predict(index)
         while time.perf_counter() < until:
             await self._unary(predict, time.perf_counter())
 
@@ -161,7 +222,7 @@ class LoadProcess:
         spacing = 1.0 / config.rate
         tasks: set[asyncio.Task[None]] = set()
         lanes = [_StreamLane(self, ch) for ch in self.channels] if config.stream else []
-        predicts = [ch.unary_unary(self.unary_path) for ch in self.channels]
+        predicts = [self._predict(i) for i in range(max(1, len(self.channels)))]
         intended = time.perf_counter()
         count = 0
         while intended < until:
@@ -228,6 +289,8 @@ class LoadProcess:
             last = max(0, math.ceil(config.duration_s) - 1)
             self.report(("tick", min(int(elapsed_measured), last), *self.recorder.take()))
             await asyncio.gather(*(ch.close() for ch in self.channels))
+            if self._session is not None:
+                await self._session.close()
             cpu = time.process_time() - cpu_started
             self.report(("done", cpu, time.perf_counter() - started, self.sent))
 
