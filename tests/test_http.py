@@ -4,6 +4,7 @@ send it, and every client mistake answered with a 4xx status and a JSON error.""
 from __future__ import annotations
 
 import json
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from support import Busy, CliServer, ServerThread, free_port, in_process, write_model
+from support import TORCHWIRE, Busy, CliServer, ServerThread, free_port, in_process, write_model
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +252,34 @@ def test_workers_share_the_http_port(tmp_path: Path) -> None:
         client.close()
     finally:
         server.close()
+
+
+def test_ready_is_503_while_the_server_cannot_serve(server: ServerThread) -> None:
+    assert _post(server, "/v2/health/ready", None, "GET") == (200, {})
+    server.run(server.server.health.memory(False))  # what the memory watchdog does
+    try:
+        status, answer = _post(server, "/v2/health/ready", None, "GET")
+        assert status == 503 and "not ready" in answer["error"]
+        assert _post(server, "/v2/health/live", None, "GET") == (200, {})
+    finally:
+        server.run(server.server.health.memory(True))
+
+
+@pytest.mark.parametrize("protocol", ["http", "http_json"])
+def test_bench_loads_the_http_api(server: ServerThread, tmp_path: Path, protocol: str) -> None:
+    out = tmp_path / "run.json"
+    target = f"127.0.0.1:{server.server.http_port}"
+    for mode in (["--concurrency", "4"], ["--rate", "200"]):
+        result = subprocess.run(
+            [TORCHWIRE, "bench", "--target", target, "--model", "recsys", "--protocol", protocol,
+             "--duration", "1", "--warmup", "0.2", "--quiet", "--json", str(out), *mode],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(out.read_text())["summary"]
+        assert summary["errors"] == 0 and summary["ok"] == summary["requests"] > 50
+    refused = subprocess.run(
+        [TORCHWIRE, "bench", "--target", target, "--model", "recsys", "--protocol", protocol,
+         "--stream"], capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--stream needs a gRPC protocol" in refused.stderr

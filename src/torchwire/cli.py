@@ -153,6 +153,9 @@ def _bench_command(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     out = Console() if sys.stdout.isatty() else Console(width=120)
     shape, input_name, datatype = args.shape, "", "FP32"
+    if args.stream and args.protocol.startswith("http"):
+        console.print("torchwire bench: --stream needs a gRPC protocol (seed or v2), not HTTP")
+        return 2
     try:
         if args.protocol.startswith("http"):
             input_name, datatype, item_shape = _http_spec(args.target, args.model, args.version)

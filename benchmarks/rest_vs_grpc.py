@@ -5,7 +5,7 @@ open-loop rate under P99 < 50 ms (recsys), bytes on the wire per request (loopba
 directions, TCP/IP headers included), server CPU per request. Then gRPC alone with the HTTP port
 on and off, to show that serving HTTP costs gRPC nothing.
 
-    .venv/bin/python benchmarks/http.py          # writes benchmarks/results/http.{json,md}
+    .venv/bin/python benchmarks/rest_vs_grpc.py   # writes benchmarks/results/rest_vs_grpc.{json,md}
 
 One server process at a time, the load generator (``torchwire bench``'s) on the same machine.
 """
@@ -95,6 +95,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "http_on_off": {},
     }
     with server(demo, http=True) as (grpc_target, http_target, process):
+        for model in INPUTS:  # the model's first batches of each size are slower: not measured
+            run_load(
+                config(grpc_target, model, "v2", concurrency=32, duration_s=3.0), 1, progress=False
+            )
         for name, protocol in PROTOCOLS.items():
             target = grpc_target if protocol == "v2" else http_target
             row: dict[str, Any] = {}
@@ -115,6 +119,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(name, json.dumps(row), file=sys.stderr)
         on = measured(config(grpc_target, "recsys", "v2", concurrency=32), process)
     with server(demo, http=False) as (grpc_target, _, process):
+        run_load(
+            config(grpc_target, "recsys", "v2", concurrency=32, duration_s=3.0), 1, progress=False
+        )
         off = measured(config(grpc_target, "recsys", "v2", concurrency=32), process)
     results["http_on_off"] = {"on": on, "off": off}
     return results
@@ -123,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [
-        "# gRPC vs HTTP/REST (benchmarks/http.py)",
+        "# gRPC vs HTTP/REST (benchmarks/rest_vs_grpc.py)",
         "",
         f"{m['when']}, {m['cpus']} cores, Python {m['python']}, torch {m['torch']}; one server, "
         "the load generator on the same host (1 process).",
@@ -158,8 +165,8 @@ def main() -> None:
     args = parser.parse_args()
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "http.json").write_text(json.dumps(results, indent=2))
-    (args.out / "http.md").write_text(markdown(results))
+    (args.out / "rest_vs_grpc.json").write_text(json.dumps(results, indent=2))
+    (args.out / "rest_vs_grpc.md").write_text(markdown(results))
     print(markdown(results))
 
 
