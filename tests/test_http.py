@@ -28,7 +28,11 @@ def server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         (root / name).symlink_to(demo_repo / name)
     write_model(root / "busy", Busy(), [4], extra="[batching]\nmax_queue = 1\n")
     with ServerThread(
-        repository=root, http_port=free_port(), max_message_bytes=2 * 2**20, watch="off"
+        repository=root,
+        http_port=free_port(),
+        max_message_bytes=2 * 2**20,
+        watch="off",
+        model_control="open",
     ) as server:
         yield server
 

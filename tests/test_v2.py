@@ -76,7 +76,9 @@ def v2_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def v2_server(v2_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(repository=v2_repo, default_model="scale", watch="off") as server:
+    with ServerThread(
+        repository=v2_repo, default_model="scale", watch="off", model_control="open"
+    ) as server:
         yield server
 
 
@@ -320,7 +322,7 @@ def test_variable_dimensions_batch_only_with_their_own_shape(tmp_path: Path) -> 
 
 def test_unload_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     write_model(tmp_path / "busy", Busy(), [4])
-    with ServerThread(repository=tmp_path, watch="off") as server:
+    with ServerThread(repository=tmp_path, watch="off", model_control="open") as server:
         client = triton.InferenceServerClient(url=server.target)
         try:
             done: queue.Queue[Any] = queue.Queue()

@@ -103,7 +103,7 @@ def test_two_workers_answer_on_one_port_and_metrics_count_each_request_once(
 def test_unload_on_one_connection_holds_on_every_worker_even_one_restarted_after(
     servers: list[CliServer], seed: SimpleNamespace, test_repo: Path
 ) -> None:
-    server = serve(servers, "--repository", str(test_repo))
+    server = serve(servers, "--repository", str(test_repo), "--model-control", "open")
     target = server.wait_ready()
     control = triton.InferenceServerClient(target)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,10 +119,35 @@ def _add_bench(commands: Any) -> None:
     )
     bench.add_argument("--sweep-max-rate", type=float, default=float("inf"), help="stop here")
     bench.add_argument("--quiet", action="store_true", help="no live progress")
+    _token_flag(bench)
     bench.set_defaults(func=_bench_command)
 
 
-def _http_spec(target: str, model: str, version: str | None) -> tuple[str, str, tuple[int, ...]]:
+def _token_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        help="file whose first line is the bearer token to send (default: $TORCHWIRE_TOKEN)",
+    )
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The token of --token-file, else $TORCHWIRE_TOKEN, else None."""
+    if args.token_file is None:
+        return os.environ.get("TORCHWIRE_TOKEN") or None
+    try:
+        lines = args.token_file.read_text().split()
+    except OSError as exc:
+        raise SystemExit(f"torchwire: --token-file {args.token_file}: {exc}") from None
+    if not lines:
+        raise SystemExit(f"torchwire: --token-file {args.token_file} is empty")
+    token: str = lines[0]
+    return token
+
+
+def _http_spec(
+    target: str, model: str, version: str | None, token: str | None
+) -> tuple[str, str, tuple[int, ...]]:
     """The first input's name, datatype and item shape, from the REST model metadata."""
     import json
     import urllib.error
@@ -129,7 +155,10 @@ def _http_spec(target: str, model: str, version: str | None) -> tuple[str, str, 
 
     path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
     try:
-        with urllib.request.urlopen(f"http://{target}{path}", timeout=10) as response:
+        request = urllib.request.Request(f"http://{target}{path}")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=10) as response:
             meta = json.loads(response.read())
     except (OSError, ValueError) as exc:
         raise TorchwireError(f"GET {path}: {exc}") from None
@@ -158,10 +187,14 @@ def _bench_command(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.protocol.startswith("http"):
-            input_name, datatype, item_shape = _http_spec(args.target, args.model, args.version)
+            input_name, datatype, item_shape = _http_spec(
+                args.target, args.model, args.version, _token(args)
+            )
             shape = shape or item_shape
         else:
-            with Client(args.target, timeout=10, protocol=args.protocol) as client:
+            with Client(
+                args.target, timeout=10, protocol=args.protocol, token=_token(args)
+            ) as client:
                 if args.protocol == "v2":
                     spec = client.spec(args.model, args.version)
                     input_name, datatype = spec.input_name, spec.datatype
@@ -189,6 +222,7 @@ def _bench_command(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         input_name=input_name,
         datatype=datatype,
+        token=_token(args) or "",
     )
     console.print(f"{args.model} at {args.target}: item shape {list(shape)}", highlight=False)
     if args.sweep:
@@ -219,6 +253,7 @@ def _add_predict(commands: Any) -> None:
     predict.add_argument("--output", type=Path, help="FILE.npy for the answer")
     predict.add_argument("--timeout", type=float, default=30.0, help="deadline, s (30)")
     predict.add_argument("--protocol", choices=["seed", "v2"], default="seed")
+    _token_flag(predict)
     predict.set_defaults(func=_predict_command)
 
 
@@ -233,7 +268,9 @@ def _predict_command(args: argparse.Namespace) -> int:
         print(f"torchwire predict: cannot read {args.input}: {exc}", file=sys.stderr)
         return 2
     try:
-        with Client(args.target, timeout=args.timeout, protocol=args.protocol) as client:
+        with Client(
+            args.target, timeout=args.timeout, protocol=args.protocol, token=_token(args)
+        ) as client:
             answer = client.predict(args.model, array, args.version)
     except TorchwireError as exc:
         print(f"torchwire predict: {exc.code}: {exc}", file=sys.stderr)

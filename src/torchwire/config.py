@@ -94,6 +94,16 @@ class ServerSettings(_Strict):
     """Intra-op threads shared by a model's inference threads; 0 means the number of cores."""
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     """Where the built-in demo repository is built, once."""
+    auth_token_file: Path | None = None
+    """Bearer tokens, one a line ('#' comments): every call must send ``authorization: Bearer
+    <token>`` (gRPC metadata or HTTP header); re-read when the file changes. None: no tokens."""
+    auth_health: bool = False
+    """Also require a token for health checks and reflection (open by default, for probes)."""
+    model_control: Literal["off", "open", "token"] = "off"
+    """Loading and unloading models over the APIs: off (PERMISSION_DENIED), open (any caller
+    that may call), or token (a token from --admin-token-file)."""
+    admin_token_file: Path | None = None
+    """Tokens allowed to load and unload models under ``--model-control token``."""
     tls_cert: Path | None = None
     """PEM certificate chain of the server; with --tls-key, serve TLS instead of plaintext."""
     tls_key: Path | None = None

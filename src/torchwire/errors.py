@@ -10,6 +10,8 @@ name. This module imports no gRPC::
     ├── QueueFullError          RESOURCE_EXHAUSTED the model's queue is full; retry later
     ├── DeadlineExceededError   DEADLINE_EXCEEDED  the caller's deadline passed while queued
     ├── UnavailableError        UNAVAILABLE        the server or model version is shutting down
+    ├── UnauthenticatedError    UNAUTHENTICATED    no valid bearer token (--auth-token-file)
+    ├── PermissionDeniedError   PERMISSION_DENIED  repository control not allowed (--model-control)
     ├── ModelExecutionError     INTERNAL           the model raised; its message is passed on
     │   └── ModelOutOfMemoryError RESOURCE_EXHAUSTED the request does not fit in memory alone
     └── ConfigError             (start-up)         a config file, flag or model file is wrong
@@ -71,6 +73,18 @@ class UnavailableError(TorchwireError):
     code = "UNAVAILABLE"
 
 
+class UnauthenticatedError(TorchwireError):
+    """The call carries no valid ``authorization: Bearer <token>``."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(TorchwireError):
+    """The caller may not do this (loading or unloading models, under ``--model-control``)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class ModelExecutionError(TorchwireError):
     """The model raised while computing; the message is the model's own."""
 
@@ -111,6 +125,8 @@ _CLASSES: tuple[type[TorchwireError], ...] = (  # for a shared status, the last 
     QueueFullError,
     DeadlineExceededError,
     UnavailableError,
+    UnauthenticatedError,
+    PermissionDeniedError,
     ModelExecutionError,
 )
 STATUS_NAMES: dict[type[TorchwireError], str] = {cls: cls.code for cls in _CLASSES}

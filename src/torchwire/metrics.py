@@ -93,6 +93,13 @@ class Metrics:
             ["model", "reason"],
             registry=registry,
         )
+        self.denied = Counter(
+            "torchwire_denied_requests",
+            "Calls refused by access control, by API and reason (unauthenticated, "
+            "permission_denied).",
+            ["api", "reason"],
+            registry=registry,
+        )
         self.inflight = Gauge(
             "torchwire_inflight_requests",
             "Requests being served (queued, computing or being answered), summed over workers.",

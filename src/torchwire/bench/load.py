@@ -55,6 +55,7 @@ class LoadConfig:
     protocol: str = "seed"  # "v2": ModelInfer / ModelStreamInfer; "http", "http_json": REST
     input_name: str = ""  # v2: the model's first input
     datatype: str = "FP32"  # v2: its datatype
+    token: str = ""  # sent as "authorization: Bearer <token>" when set
 
 
 # What a process reports: ("tick", second, ok, errors, histogram) each second of the measured
@@ -126,6 +127,7 @@ class LoadProcess:
             for _ in range(0 if self.http else max(1, config.channels))
         ]
         self._session: Any = None  # aiohttp, opened on the running loop
+        self.auth = (("authorization", f"Bearer {config.token}"),) if config.token else None
         self._turn = 0
 
     def _request(self) -> tuple[bytes, bool]:
@@ -148,7 +150,7 @@ class LoadProcess:
     async def _unary(self, predict: Any, intended: float) -> None:
         request, counted = self._request()
         try:
-            await predict(request, timeout=self.config.timeout_s)
+            await predict(request, timeout=self.config.timeout_s, metadata=self.auth)
             self._done(intended, None, counted)
         except grpc.aio.AioRpcError as exc:
             self._done(intended, exc.code().name, counted)
@@ -172,8 +174,10 @@ class LoadProcess:
         if config.protocol == "http":  # the JSON header, then FP32 data
             header_end = len(self.requests[0]) - config.batch * int(np.prod(config.shape)) * 4
             headers = {"Inference-Header-Content-Length": str(header_end)}
+        if config.token:
+            headers["Authorization"] = f"Bearer {config.token}"
 
-        async def post(body: bytes, timeout: float) -> None:
+        async def post(body: bytes, timeout: float, metadata: Any = None) -> None:
             if self._session is None:
                 self._session = aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(limit=0, force_close=False)
@@ -197,7 +201,7 @@ class LoadProcess:
     async def _closed_streamer(self, index: int, until: float) -> None:
         open_stream = self.channels[index % len(self.channels)].stream_stream(self.stream_path)
         while time.perf_counter() < until:
-            call = open_stream()
+            call = open_stream(metadata=self.auth)
             intended, counted = time.perf_counter(), False
             try:
                 while time.perf_counter() < until:
@@ -302,7 +306,7 @@ class _StreamLane:
         self.load = load
         self.pending: deque[tuple[float, bool]] = deque()
         self._outbox: asyncio.Queue[float | None] = asyncio.Queue()
-        self._call = channel.stream_stream(load.stream_path)()
+        self._call = channel.stream_stream(load.stream_path)(metadata=load.auth)
         self._writer = asyncio.create_task(self._write())
         self._reader = asyncio.create_task(self._read())
 

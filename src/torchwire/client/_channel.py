@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,9 @@ class ClientBase:
         retries: retries of UNAVAILABLE with exponential backoff (0: none).
         keepalive_s: HTTP/2 keepalive ping interval while calls are active (0: off).
         tls: TLS settings; ``None`` for plaintext.
+        token: sent as ``authorization: Bearer <token>`` on every call (a server started with
+            ``--auth-token-file``); ``None``: the ``TORCHWIRE_TOKEN`` environment variable, if
+            set.
 
     Raises (from each call): ``InvalidInputError``, ``ModelNotFoundError``, ``QueueFullError``,
     ``DeadlineExceededError``, ``UnavailableError``, ``ModelExecutionError``, or
@@ -129,10 +133,13 @@ class ClientBase:
         retries: int = 3,
         keepalive_s: float = 30.0,
         tls: TLS | None = None,
+        token: str | None = None,
     ) -> None:
         if protocol not in ("seed", "v2"):
             raise ValueError(f"protocol must be 'seed' or 'v2', got {protocol!r}")
         self.protocol = protocol
+        token = token if token is not None else os.environ.get("TORCHWIRE_TOKEN")
+        self._auth = (("authorization", f"Bearer {token}"),) if token else None
         self._specs: dict[tuple[str, str], v2.Spec] = {}
         options = channel_options(retries, keepalive_s, tls)
         self.timeout = timeout

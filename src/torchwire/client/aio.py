@@ -26,7 +26,9 @@ class AsyncClient(ClientBase):
         if self._needs_spec(model, version):
             call = self._metadata[self._next()]
             try:
-                data = await call(v2.metadata_request(model, version), timeout=timeout)
+                data = await call(
+                    v2.metadata_request(model, version), timeout=timeout, metadata=self._auth
+                )
             except grpc.RpcError as exc:
                 raise error_from(exc) from None
             self._keep_spec(model, version, data)
@@ -45,7 +47,7 @@ class AsyncClient(ClientBase):
         await self._spec(model, version, timeout)
         body = self._encode(model, array, version)
         try:
-            data = await self._predict[self._next()](body, timeout=timeout)
+            data = await self._predict[self._next()](body, timeout=timeout, metadata=self._auth)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
         return self._decode(data, array)
@@ -74,7 +76,7 @@ class AsyncClient(ClientBase):
                 for item in arrays:
                     yield request(item)
 
-        call = self._streams[self._next()](requests(), timeout=timeout)
+        call = self._streams[self._next()](requests(), timeout=timeout, metadata=self._auth)
         try:
             async for data in call:
                 yield self._decode(data, sent.popleft(), stream=True)

@@ -24,7 +24,9 @@ class Client(ClientBase):
         if self._needs_spec(model, version):
             call = self._metadata[self._next()]
             try:
-                data = call(v2.metadata_request(model, version), timeout=timeout)
+                data = call(
+                    v2.metadata_request(model, version), timeout=timeout, metadata=self._auth
+                )
             except grpc.RpcError as exc:
                 raise error_from(exc) from None
             self._keep_spec(model, version, data)
@@ -43,7 +45,7 @@ class Client(ClientBase):
         self._spec(model, version, timeout)
         body = self._encode(model, array, version)
         try:
-            data = self._predict[self._next()](body, timeout=timeout)
+            data = self._predict[self._next()](body, timeout=timeout, metadata=self._auth)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
         return self._decode(data, array)
@@ -65,7 +67,7 @@ class Client(ClientBase):
                 sent.append(array)
                 yield self._encode(model, array, version)
 
-        call = self._streams[self._next()](requests(), timeout=timeout)
+        call = self._streams[self._next()](requests(), timeout=timeout, metadata=self._auth)
         try:
             for data in call:
                 yield self._decode(data, sent.popleft(), stream=True)

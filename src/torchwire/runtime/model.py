@@ -35,6 +35,7 @@ from torchwire.errors import (
     ModelOutOfMemoryError,
 )
 from torchwire.runtime.dtypes import DTYPE_BY_TORCH, TORCH_DTYPES, numpy_dtype
+from torchwire.runtime.exported import check_archive
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +154,13 @@ class LoadedModel:
             device = torch.device("cuda", torch.cuda.current_device())
         try:
             if config.format == "exported":
+                check_archive(path)  # ConfigError if it would unpickle objects
                 module = torch.export.load(str(path)).module().to(device)
             else:
                 module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
                 module.eval()
+        except ConfigError:
+            raise
         except Exception as exc:  # corrupt, truncated, wrong format: all say why
             raise ConfigError(f"{path}: cannot load {config.format} model: {exc}") from exc
         return cls(module, config, path, device)

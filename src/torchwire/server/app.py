@@ -30,6 +30,7 @@ from torchwire.repository import (
     Scanner,
     ensure_demo_repository,
 )
+from torchwire.server.auth import Access, TokenInterceptor
 from torchwire.server.connections import connection_limits
 from torchwire.server.control import WorkerRole
 from torchwire.server.health import Health
@@ -122,6 +123,7 @@ class Server:
         self.watcher: RepositoryWatcher | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: HttpFrontend | None = None
+        self.access = Access(settings)
         self._metrics_http: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -132,6 +134,7 @@ class Server:
             ConfigError: a bad repository, model file or flag, or a port that cannot be bound.
         """
         await self.health.starting()
+        self.access.load()  # ConfigError: a token file missing or empty
         scanner = await asyncio.to_thread(scanner_for, self.settings)
         repository = ModelRepository(
             scanner,
@@ -179,7 +182,7 @@ class Server:
         await self._grpc.start()
         if self.settings.http_port:
             control = self.worker.control if self.worker else None
-            api = HttpApi(repository, self.observer, self.health, control)
+            api = HttpApi(repository, self.observer, self.health, self.access, control)
             self._http = HttpFrontend(api, self.settings.max_message_bytes)
             self.http_port = await self._http.start(
                 self.settings.host,
@@ -189,7 +192,14 @@ class Server:
             )
 
     def _build_grpc(self, repository: ModelRepository) -> grpc.aio.Server:
+        denied = self.metrics.denied
+        interceptors = (
+            [TokenInterceptor(self.access, lambda why: denied.labels("grpc", why).inc())]
+            if self.access.tokens is not None
+            else []
+        )
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", self.settings.max_message_bytes),
                 ("grpc.max_send_message_length", self.settings.max_message_bytes),
@@ -201,13 +211,17 @@ class Server:
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
                 ("grpc.http2.max_ping_strikes", 0),
                 *connection_limits(self.settings),
-            ]
+            ],
         )
         observer = self.observer
         server.add_generic_rpc_handlers((SeedServicer(repository, observer).handler(),))
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             V2Servicer(
-                repository, observer, self.health, self.worker.control if self.worker else None
+                repository,
+                observer,
+                self.health,
+                self.access,
+                self.worker.control if self.worker else None,
             ),
             server,
         )

@@ -21,6 +21,7 @@ from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher
 from torchwire.runtime.model import Arrays
 from torchwire.server import kserve
+from torchwire.server.auth import Access
 from torchwire.server.control import ModelControl
 from torchwire.server.health import Health
 from torchwire.server.observe import Call, Observer
@@ -47,12 +48,22 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         repository: ModelRepository,
         observer: Observer,
         health: Health,
+        access: Access,
         control: ModelControl | None = None,
     ) -> None:
         self._repository = repository
+        self._access = access
         self._control: ModelControl = control or repository
         self._observer = observer
         self._health = health
+
+    def _check_control(self, context: grpc.aio.ServicerContext) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            self._access.check_control(metadata.get("authorization"))
+        except TorchwireError as exc:
+            self._observer.metrics.denied.labels("grpc", exc.code.lower()).inc()
+            raise
 
     def _model(self, name: str, version: str) -> Batcher:
         return kserve.find(self._repository, name, version)
@@ -118,6 +129,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
+        self._check_control(context)
         await self._control.load_model(kserve.check_model_name(request.model_name))
         return pb.RepositoryModelLoadResponse()
 
@@ -125,6 +137,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
+        self._check_control(context)
         await self._control.unload(kserve.check_model_name(request.model_name))
         return pb.RepositoryModelUnloadResponse()
 

@@ -19,9 +19,10 @@ from typing import Any
 
 from aiohttp import web
 
-from torchwire.errors import HTTP_STATUS, ConfigError, TorchwireError
+from torchwire.errors import HTTP_STATUS, ConfigError, TorchwireError, UnauthenticatedError
 from torchwire.repository import ModelRepository
 from torchwire.server import kserve
+from torchwire.server.auth import Access
 from torchwire.server.control import ModelControl
 from torchwire.server.health import Health
 from torchwire.server.http.codec import HEADER_LENGTH, decode, encode, parse_body
@@ -49,7 +50,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except TorchwireError as exc:
-        return error_response(HTTP_STATUS.get(exc.code, 500), str(exc))
+        response = error_response(HTTP_STATUS.get(exc.code, 500), str(exc))
+        if exc.code == "UNAUTHENTICATED":
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -76,12 +80,36 @@ class HttpApi:
         repository: ModelRepository,
         observer: Observer,
         health: Health,
+        access: Access,
         control: ModelControl | None = None,
     ) -> None:
         self._repository = repository
+        self._access = access
         self._control: ModelControl = control or repository
         self._observer = observer
         self._health = health
+
+    @property
+    def needs_tokens(self) -> bool:
+        return self._access.tokens is not None
+
+    @web.middleware
+    async def tokens(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every request but health checks (unless --auth-health) needs a valid token."""
+        if self._access.auth_health or not request.path.startswith("/v2/health/"):
+            try:
+                self._access.check_call(request.headers.get("Authorization"))
+            except UnauthenticatedError:
+                self._observer.metrics.denied.labels("v2_http", "unauthenticated").inc()
+                raise
+        return await handler(request)
+
+    def _check_control(self, request: web.Request) -> None:
+        try:
+            self._access.check_control(request.headers.get("Authorization"))
+        except TorchwireError as exc:
+            self._observer.metrics.denied.labels("v2_http", exc.code.lower()).inc()
+            raise
 
     def routes(self) -> list[web.RouteDef]:
         model = "/v2/models/{model}"
@@ -154,11 +182,13 @@ class HttpApi:
         return _json(await kserve.repository_index(self._repository, ready))
 
     async def load(self, request: web.Request) -> web.Response:
+        self._check_control(request)
         await self._body(request)  # checked, parameters unused
         await self._control.load_model(kserve.check_model_name(request.match_info["model"]))
         return _json({})
 
     async def unload(self, request: web.Request) -> web.Response:
+        self._check_control(request)
         await self._body(request)
         await self._control.unload(kserve.check_model_name(request.match_info["model"]))
         return _json({})
@@ -193,7 +223,8 @@ class HttpFrontend:
     """The REST API served on a port until ``stop``."""
 
     def __init__(self, api: HttpApi, max_body_bytes: int) -> None:
-        app = web.Application(middlewares=[_errors], client_max_size=max_body_bytes)
+        middlewares = [_errors, api.tokens] if api.needs_tokens else [_errors]
+        app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
         app.add_routes(api.routes())
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         self.port: int | None = None

@@ -1,0 +1,64 @@
+"""``torch.export`` archives (``.pt2``) checked before torch loads them: torch unpickles some parts
+of an archive with ``weights_only=False`` (weights and constants stored as pickles, custom and
+opaque objects, sample inputs that fail the safe loader) and loads AOTInductor libraries, any of
+which runs code chosen by whoever wrote the file. An archive that would need any of them is
+refused with a message saying which part; plain tensors and the JSON program load as usual.
+
+TorchScript files are another matter: ``torch.jit.load`` runs the model's own code (``__setstate__``
+and then ``forward``) by design. See the README's "Security": who may write the repository may run
+code in the server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+from torch.export.pt2_archive import PT2ArchiveReader
+from torch.export.pt2_archive.constants import (
+    AOTINDUCTOR_DIR,
+    ARCHIVE_FORMAT_PATH,
+    CUSTOM_OBJ_FILENAME_PREFIX,
+    OPAQUE_OBJ_FILENAME_PREFIX,
+    SAMPLE_INPUTS_DIR,
+)
+
+from torchwire.errors import ConfigError
+
+_PICKLED_OBJECTS = (CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX)
+
+
+def check_archive(path: Path) -> None:
+    """Raise ``ConfigError`` if loading the archive at ``path`` could run code from it."""
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(
+            f"{path}: refused: {why}; torch would unpickle or load it as code when loading. "
+            "Re-export the model with plain tensors (torch.export.save from torch "
+            f"{torch.__version__.split('+')[0]}), or serve it as TorchScript"
+        )
+
+    try:
+        reader = PT2ArchiveReader(str(path))
+        names = reader.get_file_names()
+    except Exception as exc:  # not a zip, truncated: torch.export.load would say the same
+        raise ConfigError(f"{path}: cannot read exported model: {exc}") from None
+    if ARCHIVE_FORMAT_PATH not in names:
+        raise refuse("it is in the older .pt2 layout (before torch 2.8), which is all pickles")
+    for name in names:
+        if name.endswith("_config.json") and name.startswith("data/"):
+            payloads = json.loads(reader.read_string(name)).get("config", {})
+            for fqn, meta in payloads.items():
+                if meta.get("use_pickle"):
+                    raise refuse(f"'{fqn}' is stored as a pickle ({name})")
+                if str(meta.get("path_name", "")).startswith(_PICKLED_OBJECTS):
+                    raise refuse(f"constant '{fqn}' is a pickled object ({name})")
+        elif name.startswith(AOTINDUCTOR_DIR):
+            raise refuse(f"it holds AOTInductor compiled code ({name})")
+        elif name.startswith(SAMPLE_INPUTS_DIR):
+            try:
+                torch.load(io.BytesIO(reader.read_bytes(name)), weights_only=True)
+            except Exception:
+                raise refuse(f"its sample inputs ({name}) hold more than tensors") from None
