@@ -62,6 +62,12 @@ def _signature(batcher: Batcher) -> list[tuple[str, str, tuple[int, ...]]]:
     return [(o.name, o.dtype, o.shape) for o in batcher.model.outputs]
 
 
+def _shown(text: str) -> str:
+    """A client's name for an error message: quoted, and cut at 80 characters (a 100 kB name
+    must not become a 100 kB status that gRPC refuses to send)."""
+    return repr(text) if len(text) <= 80 else repr(text[:80]) + f"... ({len(text)} characters)"
+
+
 class ModelRepository:
     """The served models; owns their batchers from load to close.
 
@@ -242,14 +248,16 @@ class ModelRepository:
         if served is None:
             if not self._loaded:
                 raise UnavailableError(f"models are still loading; {name!r} is not ready yet")
-            raise ModelNotFoundError(f"model {name!r} not found; served: {sorted(self.models)}")
+            raise ModelNotFoundError(
+                f"model {_shown(name)} not found; served: {sorted(self.models)}"
+            )
         if not version:
             return served.versions[served.default_version]
         is_number = version.isascii() and version.isdigit()  # isdigit alone takes superscripts
         batcher = served.versions.get(int(version)) if is_number else None
         if batcher is None:
             raise ModelNotFoundError(
-                f"version {version!r} of model {name!r} not found; versions: "
+                f"version {_shown(version)} of model {_shown(name)} not found; versions: "
                 f"{sorted(served.versions)}"
             )
         return batcher
@@ -258,7 +266,9 @@ class ModelRepository:
         """Stop serving ``name`` until asked again (the watcher leaves it alone meanwhile)."""
         async with self._lock:
             if name not in self.models:
-                raise ModelNotFoundError(f"model {name!r} not found; served: {sorted(self.models)}")
+                raise ModelNotFoundError(
+                    f"model {_shown(name)} not found; served: {sorted(self.models)}"
+                )
             self._unloaded.add(name)
             await self._remove(name)
         log.info("unloaded %s", name)

@@ -72,6 +72,15 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
         client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
     except OSError as exc:
         raise ConfigError(f"cannot read TLS files: {exc}") from None
+    try:  # gRPC would only say "Failed to bind to address"
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.tls_cert, settings.tls_key
+        )
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"--tls-key {settings.tls_key} does not go with --tls-cert {settings.tls_cert} "
+            f"(both PEM, the key the certificate's): {exc.reason or exc}"
+        ) from None
     credentials: grpc.ServerCredentials = grpc.ssl_server_credentials(
         [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
     )

@@ -6,6 +6,7 @@ protocol's (and Triton's model configuration's).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from torchwire import __version__
@@ -27,10 +28,24 @@ View = dict[str, Any]
 def check_model_name(name: str) -> str:
     """Refuse names that could point outside the repository."""
     if not name or "/" in name or "\\" in name or ".." in name or "\0" in name:
+        shown = repr(name) if len(name) <= 80 else repr(name[:80]) + "..."
         raise InvalidInputError(
-            f"invalid model name {name!r}: no '/', '\\\\', '..' or NUL, and not empty"
+            f"invalid model name {shown}: no '/', '\\\\', '..' or NUL, and not empty"
         )
     return name
+
+
+def check_load_parameters(names: Iterable[str]) -> None:
+    """Triton's load parameters (``config``, ``file:...``) would replace the model's files;
+    torchwire loads the repository's directory as it is, so it refuses them rather than answer
+    OK having ignored them."""
+    given = sorted(names)
+    if given:
+        raise InvalidInputError(
+            f"load parameters {given[:8]} are not supported: torchwire loads the model's "
+            "directory in the repository as it is (write config.toml and the version "
+            "directories there, then load)"
+        )
 
 
 def find(repository: ModelRepository, name: str, version: str = "") -> Batcher:

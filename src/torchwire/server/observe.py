@@ -41,7 +41,10 @@ def outcome_code(exc: BaseException | None) -> grpc.StatusCode:
 class Call:
     """One request being served; use as a context manager or call ``finish`` yourself."""
 
-    __slots__ = ("_observer", "_peer", "_request_id", "api", "items", "model", "started", "version")
+    __slots__ = (
+        "_finished", "_observer", "_peer", "_request_id", "api", "items", "model", "started",
+        "version",
+    )  # fmt: skip
 
     def __init__(self, observer: Observer, api: str, origin: Callable[[], tuple[str, str]]) -> None:
         self._observer = observer
@@ -50,6 +53,7 @@ class Call:
         self.model = ""
         self.version = ""
         self.items = 0
+        self._finished = False
         self._peer: str | None = None
         self._request_id: str | None = None
         if observer.access_log:
@@ -65,8 +69,12 @@ class Call:
         self._observer.child(self._observer.metrics.inflight, self.model).inc()
 
     def finish(self, exc: BaseException | None = None) -> float:
-        """Count the request with the code its outcome maps to; return its duration (s)."""
+        """Count the request with the code its outcome maps to; return its duration (s). Only
+        the first call counts: a stream's clean-up may finish what was finished already."""
         elapsed = time.perf_counter() - self.started
+        if self._finished:
+            return elapsed
+        self._finished = True
         code = outcome_code(exc)
         observer = self._observer
         metrics = observer.metrics

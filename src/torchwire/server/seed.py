@@ -95,6 +95,7 @@ class SeedServicer:
     ) -> AsyncIterator[bytes]:
         pending: asyncio.Queue[_Queued | _Failed | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
         reader = asyncio.create_task(self._read_stream(requests, context, pending))
+        entry: _Queued | _Failed | None = None
         try:
             while (entry := await pending.get()) is not None:
                 prefix = f"request {entry.index} of the stream: "
@@ -112,12 +113,16 @@ class SeedServicer:
                 yield response
         finally:
             reader.cancel()
-            while not pending.empty():  # abandon what nobody will read: the batcher skips it
-                entry = pending.get_nowait()
-                if entry is not None:
-                    entry.call.finish(asyncio.CancelledError())
-                if isinstance(entry, _Queued):
-                    entry.answer.cancel()
+            # Whatever was not answered (the caller went away, or an error ended the stream)
+            # is counted as cancelled, and dropped from its batch.
+            abandoned: list[_Queued | _Failed | None] = [entry]
+            while not pending.empty():
+                abandoned.append(pending.get_nowait())
+            for left in abandoned:
+                if left is not None:
+                    left.call.finish(asyncio.CancelledError())
+                    if isinstance(left, _Queued):
+                        left.answer.cancel()
 
     async def _read_stream(
         self,
@@ -138,7 +143,13 @@ class SeedServicer:
                 except TorchwireError as exc:
                     await pending.put(_Failed(index, call, exc))
                     return
-                await pending.put(_Queued(index, call, answer, bool(request.raw)))
+                queued = _Queued(index, call, answer, bool(request.raw))
+                try:
+                    await pending.put(queued)
+                except asyncio.CancelledError:  # the stream ended while the window was full
+                    call.finish(asyncio.CancelledError())
+                    answer.cancel()
+                    raise
                 index += 1
         except Exception as exc:  # the request stream itself broke
             await pending.put(_Failed(index, self._observer.call("seed_stream", context), exc))

@@ -56,8 +56,26 @@ def decode_request(request: SeedRequest, model: LoadedModel) -> tuple[Arrays, in
     array = flat.reshape(items, *spec.shape)
     wanted = numpy_dtype(spec.dtype)
     if array.dtype != wanted:
+        if wanted.kind in "biu":
+            _check_exact(array, wanted, spec.name, spec.dtype)
         array = array.astype(wanted)
     return [array], items
+
+
+def _check_exact(
+    array: np.ndarray[Any, Any], dtype: np.dtype[Any], name: str, datatype: str
+) -> None:
+    """The seed API carries floats: those for an integer (or BOOL) input must be whole numbers
+    within its range, not cast silently (1000 -> -24 for INT8, NaN -> 0)."""
+    low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(array) | (array != np.trunc(array)) | (array < low) | (array > high)
+    if bad.any():
+        value = array.reshape(-1)[int(np.argmax(bad.reshape(-1)))]
+        raise InvalidInputError(
+            f"input '{name}' is {datatype}: every value must be a whole number from {low} to "
+            f"{high}; got {value!r}"
+        )
 
 
 def _flatten(outputs: Arrays) -> np.ndarray[Any, Any]:

@@ -8,6 +8,7 @@ error table as the seed API. Shared-memory, trace and log-settings RPCs answer U
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from google.protobuf.json_format import ParseDict
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from torchwire.errors import TorchwireError
+from torchwire.errors import ModelExecutionError, TorchwireError
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher
 from torchwire.runtime.model import Arrays
@@ -29,6 +30,7 @@ from torchwire.server.seed import STREAM_WINDOW, call_deadline
 from torchwire.server.status import unary_errors
 from torchwire.server.v2_codec import decode_infer, encode_infer, requested_outputs
 
+log = logging.getLogger(__name__)
 V2_SERVICE = "inference.GRPCInferenceService"
 
 
@@ -130,6 +132,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         self._check_control(context)
+        kserve.check_load_parameters(request.parameters)
         await self._control.load_model(kserve.check_model_name(request.model_name))
         return pb.RepositoryModelLoadResponse()
 
@@ -174,6 +177,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         """Answers in request order; a bad request gets ``error_message``, the stream goes on."""
         pending: asyncio.Queue[_Queued | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
         reader = asyncio.create_task(self._read_stream(requests, context, pending))
+        queued: _Queued | None = None
         try:
             while (queued := await pending.get()) is not None:
                 try:
@@ -195,10 +199,16 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
             await reader
         finally:
             reader.cancel()
+            # What was not answered (the caller cancelled, the stream broke) counts as
+            # cancelled and is dropped from its batch.
+            abandoned: list[_Queued | None] = [queued]
             while not pending.empty():
-                entry = pending.get_nowait()
-                if entry is not None and entry.answer is not None:
-                    entry.answer.cancel()
+                abandoned.append(pending.get_nowait())
+            for entry in abandoned:
+                if entry is not None:
+                    entry.call.finish(asyncio.CancelledError())
+                    if entry.answer is not None:
+                        entry.answer.cancel()
 
     async def _read_stream(
         self,
@@ -206,12 +216,29 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         context: grpc.aio.ServicerContext,
         pending: asyncio.Queue[_Queued | None],
     ) -> None:
+        """Queue each request as it arrives; a request that cannot be queued gets its error in
+        the stream, which goes on; the end (or a broken request stream) puts None."""
         deadline = call_deadline(context)
-        async for request in requests:
-            call = self._observer.call("v2_stream", context)
-            try:
-                queued = self._queue(request, call, deadline)
-            except TorchwireError as exc:
-                queued = _Queued(request, call, None, [], None, exc)
-            await pending.put(queued)
+        try:
+            async for request in requests:
+                call = self._observer.call("v2_stream", context)
+                try:
+                    queued = self._queue(request, call, deadline)
+                except TorchwireError as exc:
+                    queued = _Queued(request, call, None, [], None, exc)
+                except Exception as exc:  # a bug: this request fails, the stream goes on
+                    log.error("unexpected error queueing a stream request", exc_info=exc)
+                    error = ModelExecutionError("internal server error (see server log)")
+                    queued = _Queued(request, call, None, [], None, error)
+                try:
+                    await pending.put(queued)
+                except asyncio.CancelledError:  # the stream ended while the window was full
+                    call.finish(asyncio.CancelledError())
+                    if queued.answer is not None:
+                        queued.answer.cancel()
+                    raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the request stream itself broke: end the answers
+            log.warning("V2 request stream broke: %s", exc)
         await pending.put(None)

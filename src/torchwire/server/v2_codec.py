@@ -8,6 +8,7 @@ bfloat16): the model's device casts it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from torchwire.runtime import LoadedModel
 from torchwire.runtime.dtypes import SUPPORTED, numpy_dtype
 from torchwire.runtime.model import Arrays, shape_matches
 
+MAX_ELEMENTS = 2**31
+"""More elements than a gRPC message (2 GiB at most) can carry, whatever the datatype."""
 CONTENTS_FIELDS = {
     "BOOL": "bool_contents",
     "INT8": "int_contents",
@@ -98,12 +101,17 @@ def _tensor(tensor: WireTensor, model: LoadedModel) -> np.ndarray[Any, Any]:
     if tensor.datatype != spec.dtype:
         raise InvalidInputError(f"{where}: expected datatype {spec.dtype}, got {tensor.datatype}")
     shape = tensor.shape
-    if len(shape) < 1 or shape[0] < 1 or not shape_matches(shape[1:], spec.shape):
+    if len(shape) < 1 or any(d < 1 for d in shape) or not shape_matches(shape[1:], spec.shape):
         raise InvalidInputError(
-            f"{where}: expected shape [N, {', '.join(map(str, spec.shape))}] (N >= 1), "
-            f"got {list(shape)}"
+            f"{where}: expected shape [N, {', '.join(map(str, spec.shape))}] (N >= 1, every "
+            f"dimension >= 1), got {list(shape)[:8]}"
         )
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: no overflow
+    if count > MAX_ELEMENTS:
+        raise InvalidInputError(
+            f"{where}: shape {list(shape)[:8]} holds {count} elements, more than any request "
+            f"can carry ({MAX_ELEMENTS})"
+        )
     dtype = wire_dtype(spec.dtype)
     if tensor.raw is not None:
         if len(tensor.raw) != count * dtype.itemsize:
@@ -154,6 +162,11 @@ def decode_infer(request: pb.ModelInferRequest, model: LoadedModel) -> tuple[Arr
     tensors = []
     for i, tensor in enumerate(request.inputs):
         values = None
+        if raw and tensor.HasField("contents"):
+            raise InvalidInputError(
+                f"input '{tensor.name}' has typed contents while the request carries "
+                "raw_input_contents: send one or the other"
+            )
         if not raw:
             field = CONTENTS_FIELDS.get(tensor.datatype)
             if field is None:

@@ -183,7 +183,9 @@ class HttpApi:
 
     async def load(self, request: web.Request) -> web.Response:
         self._check_control(request)
-        await self._body(request)  # checked, parameters unused
+        body = await self._body(request)
+        parameters = body.get("parameters", {})
+        kserve.check_load_parameters(parameters if isinstance(parameters, dict) else ["?"])
         await self._control.load_model(kserve.check_model_name(request.match_info["model"]))
         return _json({})
 
