@@ -222,7 +222,10 @@ def test_errors_name_what_was_wrong(
     assert missing.status() == "StatusCode.NOT_FOUND" and "'nope' not found" in missing.message()
     shape = fails("scale", [_input("x", np.ones((2, 5), np.float32))])
     assert shape.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "input 'x': expected shape [N, 4] (N >= 1), got [2, 5]" in shape.message()
+    assert (
+        "input 'x': expected shape [N, 4] (N >= 1, every dimension >= 1), got [2, 5]"
+        in shape.message()
+    )
     dtype = fails("scale", [_input("x", np.ones((1, 4), np.float64), "FP64")])
     assert "input 'x': expected datatype FP32, got FP64" in dtype.message()
     version = fails("scale", [_input("x", np.ones((1, 4), np.float32))], model_version="7")

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2
 
 from torchwire.config import ServerSettings
 from torchwire.errors import ConfigError
@@ -224,16 +224,14 @@ class Server:
         )
         observer = self.observer
         server.add_generic_rpc_handlers((SeedServicer(repository, observer).handler(),))
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            V2Servicer(
-                repository,
-                observer,
-                self.health,
-                self.access,
-                self.worker.control if self.worker else None,
-            ),
-            server,
+        v2 = V2Servicer(
+            repository,
+            observer,
+            self.health,
+            self.access,
+            self.worker.control if self.worker else None,
         )
+        server.add_generic_rpc_handlers((v2.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         services = [SEED_SERVICE, V2_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
         pool = reflection_pool(

@@ -11,13 +11,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf.json_format import ParseDict
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from torchwire.errors import ModelExecutionError, TorchwireError
+from torchwire.errors import InvalidInputError, ModelExecutionError, TorchwireError
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher
 from torchwire.runtime.model import Arrays
@@ -27,7 +29,7 @@ from torchwire.server.control import ModelControl
 from torchwire.server.health import Health
 from torchwire.server.observe import Call, Observer
 from torchwire.server.seed import STREAM_WINDOW, call_deadline
-from torchwire.server.status import unary_errors
+from torchwire.server.status import abort_with, unary_errors
 from torchwire.server.v2_codec import decode_infer, encode_infer, requested_outputs
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,29 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         self._control: ModelControl = control or repository
         self._observer = observer
         self._health = health
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Every method of the service, taking raw bytes that it parses itself: a malformed
+        message is INVALID_ARGUMENT naming its type (gRPC's own parsing would answer UNKNOWN
+        with a Python exception class). Methods torchwire does not implement answer
+        UNIMPLEMENTED."""
+        service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+        base = service_pb2_grpc.GRPCInferenceServiceServicer
+        handlers = {}
+        for method in service.methods:
+            parse = getattr(pb, method.input_type.name).FromString
+            serialize = getattr(pb, method.output_type.name).SerializeToString
+            implemented = getattr(type(self), method.name) is not getattr(base, method.name)
+            implementation = getattr(self, method.name) if implemented else _unimplemented
+            if method.client_streaming:
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    _parsing_stream(implementation, parse), response_serializer=serialize
+                )
+            else:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    _parsing(implementation, parse), response_serializer=serialize
+                )
+        return grpc.method_handlers_generic_handler(V2_SERVICE, handlers)
 
     def _check_control(self, context: grpc.aio.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())
@@ -239,6 +264,44 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
                     raise
         except asyncio.CancelledError:
             raise
+        except TorchwireError as exc:  # a malformed message: say so in the stream, then end
+            call = self._observer.call("v2_stream", context)
+            await pending.put(_Queued(pb.ModelInferRequest(), call, None, [], None, exc))
         except Exception as exc:  # the request stream itself broke: end the answers
             log.warning("V2 request stream broke: %s", exc)
         await pending.put(None)
+
+
+def _malformed(parse: Any, exc: Exception) -> InvalidInputError:
+    name = parse.__self__.DESCRIPTOR.name if hasattr(parse, "__self__") else "message"
+    return InvalidInputError(f"malformed {name}: {exc}")
+
+
+def _parsing(implementation: Any, parse: Any) -> Any:
+    async def call(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            request = parse(data)
+        except DecodeError as exc:
+            await abort_with(context, _malformed(parse, exc))
+        return await implementation(request, context)
+
+    return call
+
+
+def _parsing_stream(implementation: Any, parse: Any) -> Any:
+    async def call(requests: AsyncIterable[bytes], context: grpc.aio.ServicerContext) -> Any:
+        async def parsed() -> AsyncIterator[Any]:
+            async for data in requests:
+                try:
+                    yield parse(data)
+                except DecodeError as exc:
+                    raise _malformed(parse, exc) from None
+
+        async for response in implementation(parsed(), context):
+            yield response
+
+    return call
+
+
+async def _unimplemented(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not implemented by torchwire")
