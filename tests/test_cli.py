@@ -215,3 +215,32 @@ def test_the_server_process_runs_with_its_gil_switch_interval() -> None:
         assert run_in_loop(ServerSettings(), main) == 500  # the default: 0.5 ms, not Python's 5
     finally:
         sys.setswitchinterval(before)
+
+
+def test_a_sighup_while_the_server_starts_does_not_kill_it(
+    cli_servers: list[CliServer], tmp_path: Path, seed: SimpleNamespace
+) -> None:
+    from support import write_model
+
+    write_model(tmp_path / "scale", Scale(2.0), [4])
+    server = CliServer("--repository", str(tmp_path), "--port", "0")
+    cli_servers.append(server)
+    status = Path(f"/proc/{server.process.pid}/status")
+
+    def sighup_ignored() -> bool:  # the earliest moment the server can take a SIGHUP
+        fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+        return bool(int(fields["SigIgn"].strip(), 16) & (1 << (signal.SIGHUP - 1)))
+
+    deadline = time.monotonic() + 60
+    while not sighup_ignored():
+        assert server.process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    hups = 0
+    while not server.lines or "torchwire serving on" not in server.output:
+        assert server.process.poll() is None, f"killed by SIGHUP number {hups}:\n{server.output}"
+        server.process.send_signal(signal.SIGHUP)  # all through start-up: torch, models, bind
+        hups += 1
+        time.sleep(0.05)
+    target = server.wait_ready()
+    assert hups >= 3
+    assert list(_predict(target, seed, [1, 2, 3, 4], model="scale").outputs) == [2, 4, 6, 8]

@@ -216,3 +216,27 @@ def test_finding_7_a_tls_key_that_does_not_match_its_certificate_says_so(
     )  # fmt: skip
     assert result.returncode == 2
     assert f"--tls-key {key_a} does not go with --tls-cert {cert_b}" in result.stderr
+
+
+def test_no_status_is_sent_after_the_deadline_ended_the_call() -> None:
+    """Past its deadline gRPC has ended the call (the caller has DEADLINE_EXCEEDED); sending a
+    status then fails and gRPC logs an ExecuteBatchError traceback (seen in benchmarks/soak.py
+    once per few hundred missed deadlines). The handler stops quietly instead."""
+    import asyncio
+
+    from torchwire.errors import DeadlineExceededError
+    from torchwire.server.status import abort_with
+
+    class PastDeadline:  # the two methods of grpc.aio.ServicerContext that abort_with uses
+        aborted = False
+
+        def time_remaining(self) -> float:
+            return -0.001
+
+        async def abort(self, *args: Any) -> None:
+            self.aborted = True
+
+    context = PastDeadline()
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(abort_with(context, DeadlineExceededError("deadline passed")))  # type: ignore[arg-type]
+    assert not context.aborted

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -285,6 +286,9 @@ def _predict_command(args: argparse.Namespace) -> int:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
+    # SIGHUP means "rescan the models" once serving; until its handler is installed (after
+    # torch is imported, seconds from now) its default action would kill the server.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     try:
         settings = load_settings(flags)

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -103,6 +104,7 @@ async def serve_as_worker(spec: WorkerSpec) -> int:
 
 
 def main() -> int:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serving: the supervisor's rescan
     spec = WorkerSpec.from_env()
     settings = spec.settings
     configure_logging(settings.log_level, settings.log_format, worker=spec.index)

@@ -7,6 +7,7 @@ sent as INTERNAL with a generic message, never ``str(exc)``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,7 +35,12 @@ def status_code(exc: errors.TorchwireError) -> grpc.StatusCode:
 async def abort_with(
     context: grpc.aio.ServicerContext, exc: BaseException, prefix: str = ""
 ) -> NoReturn:
-    """End the call with the status that ``exc`` maps to."""
+    """End the call with the status that ``exc`` maps to. Past the call's deadline gRPC has
+    ended it already (the caller got DEADLINE_EXCEEDED): sending a status then fails, and gRPC
+    logs that failure as an error with a traceback, so the handler just stops."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise asyncio.CancelledError
     if isinstance(exc, errors.TorchwireError):
         if exc.metadata:
             context.set_trailing_metadata(tuple(exc.metadata.items()))
