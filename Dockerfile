@@ -59,7 +59,7 @@ ENV PATH=/opt/torchwire/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/torchwire
 # gRPC (ModelService, inference.GRPCInferenceService, grpc.health.v1.Health) and /metrics.
-EXPOSE 50051 8002
+EXPOSE 50051 8000 8002
 # For `docker run` / compose only: Kubernetes ignores HEALTHCHECK and uses its own gRPC probes.
 # The slim image has no grpc_health_probe, but grpcio-health-checking is a torchwire dependency,
 # so a Python one-liner asks grpc.health.v1 for "" (SERVING only once the models are loaded, and

@@ -74,7 +74,11 @@ def test_the_deployment_agrees_with_its_torchwire_settings(tmp_path: Path) -> No
     pod = manifest("Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert ports == {
+        "grpc": settings.port,
+        "http": settings.http_port,
+        "metrics": settings.metrics_port,
+    }
     probes = [container[p]["grpc"] for p in ("startupProbe", "readinessProbe", "livenessProbe")]
     assert all(probe["port"] == settings.port for probe in probes)
     # Readiness follows "" (loading, draining, memory watchdog); liveness does not restart a pod
@@ -226,6 +230,6 @@ def test_the_dockerfile_lints_clean_and_matches_the_manifests() -> None:
     assert 'ENTRYPOINT ["torchwire", "serve"]' in text
     user = manifest("Deployment")["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
     assert f"USER {user}:{user}" in text
-    assert "EXPOSE 50051 8002" in text
+    assert "EXPOSE 50051 8000 8002" in text
     constraints = (ROOT / "constraints.txt").read_text()
     assert "torch==2.13.0" in constraints and "grep -E '^torch==' constraints.txt" in text
