@@ -240,3 +240,24 @@ def test_no_status_is_sent_after_the_deadline_ended_the_call() -> None:
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(abort_with(context, DeadlineExceededError("deadline passed")))  # type: ignore[arg-type]
     assert not context.aborted
+
+
+def test_finding_7_load_errors_name_files_relative_to_the_repository(
+    server: ServerThread,
+) -> None:
+    root = Path(server.server.settings.repository)  # type: ignore[arg-type]
+    broken = root / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.toml").write_text(
+        'format = "torchscript"\n[[inputs]]\nname = "x"\ndtype = "FP32"\nshape = [4]\n'
+    )
+    (broken / "1" / "model.pt").write_bytes(b"not a model")
+    client = triton.InferenceServerClient(server.target)
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            client.load_model("broken")
+        message = refused.value.message()
+        assert "broken/1/model.pt: cannot load torchscript model" in message
+        assert str(root) not in message and "\n" not in message
+    finally:
+        client.close()

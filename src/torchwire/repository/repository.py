@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -283,7 +284,7 @@ class ModelRepository:
         async with self._lock:
             scan = await asyncio.to_thread(self.scanner.scan)
             if name in scan.errors:
-                raise scan.errors[name]
+                raise ConfigError(self.for_clients(str(scan.errors[name])))
             source = scan.sources.get(name)
             if source is None:
                 raise ModelNotFoundError(
@@ -299,7 +300,15 @@ class ModelRepository:
                     for (model, v), (_, reason) in sorted(self._failed.items())
                     if model == name
                 ]
-                raise ConfigError(f"model {name!r} failed to load: {'; '.join(reasons)}")
+                raise ConfigError(
+                    self.for_clients(f"model {name!r} failed to load: {'; '.join(reasons)}")
+                )
+
+    def for_clients(self, message: str) -> str:
+        """``message`` with the repository's absolute path taken out: clients see paths
+        relative to the repository, not where the server keeps it."""
+        root = self.scanner.root
+        return message.replace(f"{root}{os.sep}", "").replace(str(root), ".") if root else message
 
     async def index(self) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) of every model on disk or served."""
@@ -312,7 +321,7 @@ class ModelRepository:
             elif name in self._unloaded:
                 rows.append((name, "", "UNAVAILABLE", "unloaded"))
             elif name in scan.errors:
-                rows.append((name, "", "UNAVAILABLE", str(scan.errors[name])))
+                rows.append((name, "", "UNAVAILABLE", self.for_clients(str(scan.errors[name]))))
             elif name:
                 rows.append((name, "", "UNAVAILABLE", "not loaded"))
         return rows

@@ -162,7 +162,8 @@ class LoadedModel:
         except ConfigError:
             raise
         except Exception as exc:  # corrupt, truncated, wrong format: all say why
-            raise ConfigError(f"{path}: cannot load {config.format} model: {exc}") from exc
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{path}: cannot load {config.format} model: {first}") from exc
         return cls(module, config, path, device)
 
     def item_size(self, index: int = 0) -> int:
