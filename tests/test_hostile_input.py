@@ -261,3 +261,13 @@ def test_finding_7_load_errors_name_files_relative_to_the_repository(
         assert str(root) not in message and "\n" not in message
     finally:
         client.close()
+
+
+def test_finding_7_a_variable_shape_model_reports_variable_output_dimensions(
+    server: ServerThread,
+) -> None:
+    client = triton.InferenceServerClient(server.target)
+    meta = client.get_model_metadata("var")  # y = 2 x, x of any length
+    client.close()
+    assert list(meta.inputs[0].shape) == [-1, -1]
+    assert list(meta.outputs[0].shape) == [-1, -1]  # was [-1, 1]: the warm-up's size

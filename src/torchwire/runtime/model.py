@@ -238,9 +238,40 @@ class LoadedModel:
             torch.cuda.empty_cache()
 
     def warm_up(self) -> None:
-        """Run one item of zeros; check the outputs against the config, or take them from it."""
+        """Run one item of zeros; check the outputs against the config, or take them from it.
+        A model with variable input dimensions runs again with those dimensions at 2: an output
+        dimension that follows them is variable (-1) too, not the first run's size."""
+        found = self._warm_run(1)
+        if any(-1 in spec.shape for spec in self.inputs):
+            again = self._warm_run(2)
+            found = [
+                TensorSpec(
+                    name=one.name,
+                    dtype=one.dtype,
+                    shape=tuple(
+                        d if d == e else -1 for d, e in zip(one.shape, two.shape, strict=True)
+                    ),
+                )
+                if len(one.shape) == len(two.shape)
+                else one
+                for one, two in zip(found, again, strict=True)
+            ]
+        if not self.outputs:
+            self.outputs = found
+            return
+        for want, got in zip(self.outputs, found, strict=True):
+            if want.dtype != got.dtype or not shape_matches(got.shape, want.shape):
+                raise ConfigError(
+                    f"{self.path}: output '{want.name}' should be {want.dtype}"
+                    f"{list(want.shape)} per item, the model gives {got.dtype}{list(got.shape)}"
+                )
+
+    def _warm_run(self, size: int) -> list[TensorSpec]:
+        """One item of zeros, variable dimensions at ``size``: the outputs the client gets."""
         arrays = [
-            np.zeros((1, *(1 if d == -1 else d for d in spec.shape)), dtype=numpy_dtype(spec.dtype))
+            np.zeros(
+                (1, *(size if d == -1 else d for d in spec.shape)), dtype=numpy_dtype(spec.dtype)
+            )
             for spec in self.inputs
         ]
         try:
@@ -253,19 +284,10 @@ class LoadedModel:
         except ModelExecutionError as exc:
             raise ConfigError(f"{self.path}: warm-up run failed: {exc}") from exc
         # What the client will receive: under reduced precision, outputs in their declared dtype.
-        found = [
+        return [
             TensorSpec(name=name, dtype=self._answer_dtype(i, t.dtype), shape=tuple(t.shape[1:]))
             for i, (name, t) in enumerate(outputs)
         ]
-        if not self.outputs:
-            self.outputs = found
-            return
-        for want, got in zip(self.outputs, found, strict=True):
-            if want.dtype != got.dtype or not shape_matches(got.shape, want.shape):
-                raise ConfigError(
-                    f"{self.path}: output '{want.name}' should be {want.dtype}"
-                    f"{list(want.shape)} per item, the model gives {got.dtype}{list(got.shape)}"
-                )
 
     # -- internals ---------------------------------------------------------------------------
 
