@@ -120,8 +120,8 @@ def test_a_call_retries_until_a_restarted_server_answers(test_repo: Path) -> Non
     assert answer.tolist() == [[3.0] * 4]
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+def _self_signed(tmp_path: Path, name: str = "") -> tuple[Path, Path]:
+    key, cert = tmp_path / f"key{name}.pem", tmp_path / f"cert{name}.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
          "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
@@ -139,6 +139,48 @@ def test_tls_server_and_client(test_repo: Path, tmp_path: Path) -> None:
         with Client(server.target, timeout=2, retries=0) as plaintext:
             with pytest.raises(torchwire.UnavailableError):
                 plaintext.predict("scale", np.ones((1, 4)))
+
+
+def test_a_renewed_certificate_takes_effect_without_a_restart(
+    test_repo: Path, tmp_path: Path
+) -> None:
+    import ssl
+    import urllib.request
+
+    from support import free_port
+
+    key, cert = _self_signed(tmp_path)
+    new_key, new_cert = _self_signed(tmp_path, "-new")
+    http_port = free_port()
+    with ServerThread(
+        repository=test_repo, tls_cert=cert, tls_key=key, http_port=http_port
+    ) as server:
+
+        def https_ok(ca: Path) -> bool:
+            context = ssl.create_default_context(cafile=str(ca))
+            url = f"https://127.0.0.1:{http_port}/v2/health/live"
+            try:
+                with urllib.request.urlopen(url, context=context, timeout=10) as response:
+                    return bool(response.status == 200)
+            except urllib.error.URLError:
+                return False
+
+        def grpc_ok(ca: Path) -> bool:
+            with Client(server.target, tls=TLS.from_files(ca=ca), timeout=5, retries=0) as c:
+                try:
+                    return bool(c.predict("scale", np.ones((1, 4))).tolist() == [[3.0] * 4])
+                except torchwire.UnavailableError:
+                    return False
+
+        assert grpc_ok(cert) and https_ok(cert) and not grpc_ok(new_cert)
+        old = tmp_path / "old-cert.pem"
+        old.write_bytes(cert.read_bytes())
+        # Renewed in place, as cert-manager does: the key, then the certificate (in between,
+        # the files do not match: the server keeps the old pair).
+        key.write_bytes(new_key.read_bytes())
+        cert.write_bytes(new_cert.read_bytes())
+        assert grpc_ok(new_cert) and https_ok(new_cert)
+        assert not grpc_ok(old) and not https_ok(old)
 
 
 def test_the_v2_protocol_round_trips_and_streams(

@@ -12,7 +12,6 @@ import asyncio
 import gc
 import logging
 import os
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from torchwire.server.http import HttpApi, HttpFrontend
 from torchwire.server.observe import Observer
 from torchwire.server.reflection import reflection_pool
 from torchwire.server.seed import SEED_SERVICE, SeedServicer
+from torchwire.server.tls import TlsFiles
 from torchwire.server.v2 import V2_SERVICE, V2Servicer
 from torchwire.server.watchdog import MIB, MemoryWatchdog
 
@@ -57,47 +57,6 @@ def scanner_for(settings: ServerSettings) -> Scanner:
 
 THREAD_STOP_S = 2.0
 """After the grace period, how long inference threads get to finish before they are abandoned."""
-
-
-def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
-    """TLS (or mutual TLS) credentials from the settings' PEM files, or None for plaintext."""
-    if not settings.tls_cert and not settings.tls_key:
-        if settings.tls_client_ca:
-            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
-        return None
-    if not (settings.tls_cert and settings.tls_key):
-        raise ConfigError("TLS needs both --tls-cert and --tls-key")
-    try:
-        pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
-        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-    except OSError as exc:
-        raise ConfigError(f"cannot read TLS files: {exc}") from None
-    try:  # gRPC would only say "Failed to bind to address"
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-            settings.tls_cert, settings.tls_key
-        )
-    except ssl.SSLError as exc:
-        raise ConfigError(
-            f"--tls-key {settings.tls_key} does not go with --tls-cert {settings.tls_cert} "
-            f"(both PEM, the key the certificate's): {exc.reason or exc}"
-        ) from None
-    credentials: grpc.ServerCredentials = grpc.ssl_server_credentials(
-        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
-    return credentials
-
-
-def http_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
-    """The same TLS (or mutual TLS) for the REST API, or None for plaintext (the files were
-    checked by ``server_credentials``)."""
-    if not (settings.tls_cert and settings.tls_key):
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    if settings.tls_client_ca:
-        context.load_verify_locations(settings.tls_client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 class Server:
@@ -144,6 +103,7 @@ class Server:
         """
         await self.health.starting()
         self.access.load()  # ConfigError: a token file missing or empty
+        self.tls = TlsFiles(self.settings)  # ConfigError: TLS files missing or not a pair
         scanner = await asyncio.to_thread(scanner_for, self.settings)
         repository = ModelRepository(
             scanner,
@@ -197,7 +157,7 @@ class Server:
                 self.settings.host,
                 self.settings.http_port,
                 reuse_port=self.worker is not None,
-                ssl_context=http_ssl_context(self.settings),
+                ssl_context=self.tls.http_context(),
             )
 
     def _build_grpc(self, repository: ModelRepository) -> grpc.aio.Server:
@@ -240,7 +200,7 @@ class Server:
         reflection.enable_server_reflection(services, server, pool=pool)
         address = f"{self.settings.host}:{self.settings.port}"
         try:
-            credentials = server_credentials(self.settings)
+            credentials = self.tls.grpc_credentials()
             if credentials is None:
                 self.port = server.add_insecure_port(address)
             else:
