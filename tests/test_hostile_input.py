@@ -271,3 +271,29 @@ def test_finding_7_a_variable_shape_model_reports_variable_output_dimensions(
     client.close()
     assert list(meta.inputs[0].shape) == [-1, -1]
     assert list(meta.outputs[0].shape) == [-1, -1]  # was [-1, 1]: the warm-up's size
+
+
+def test_finding_3_an_unreadable_repository_is_a_precise_error_not_internal(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = Path(server.server.settings.repository)  # type: ignore[arg-type]
+    real = Path.iterdir
+
+    def iterdir(self: Path) -> Any:  # root reads anything: permissions cannot be tried here
+        if self == root:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    client = triton.InferenceServerClient(server.target)
+    try:
+        index = client.get_model_repository_index()
+        assert any("cannot read the repository" in m.reason for m in index.models)
+        with pytest.raises(InferenceServerException) as refused:
+            client.load_model("scale")
+        assert refused.value.status() == "StatusCode.FAILED_PRECONDITION"
+        assert "cannot read the repository: [Errno 13] Permission denied" in (
+            refused.value.message()
+        )
+    finally:
+        client.close()

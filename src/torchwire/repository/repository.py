@@ -283,8 +283,9 @@ class ModelRepository:
         """
         async with self._lock:
             scan = await asyncio.to_thread(self.scanner.scan)
-            if name in scan.errors:
-                raise ConfigError(self.for_clients(str(scan.errors[name])))
+            for broken in (name, ""):  # the model's directory, or the whole repository
+                if broken in scan.errors:
+                    raise ConfigError(self.for_clients(str(scan.errors[broken])))
             source = scan.sources.get(name)
             if source is None:
                 raise ModelNotFoundError(

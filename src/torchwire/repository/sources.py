@@ -143,7 +143,12 @@ class Scanner:
         if not self.root.is_dir():
             result.errors[""] = ConfigError(f"{self.root}: model repository is not a directory")
             return result
-        for child in sorted(self.root.iterdir()):
+        try:
+            children = sorted(self.root.iterdir())
+        except OSError as exc:  # unreadable (permissions, a vanished mount): say so, not INTERNAL
+            result.errors[""] = ConfigError(f"{self.root}: cannot read the repository: {exc}")
+            return result
+        for child in children:
             if child.is_dir() and not child.name.startswith("."):
                 try:
                     result.sources[child.name] = scan_model_dir(child)
