@@ -244,3 +244,12 @@ def test_a_sighup_while_the_server_starts_does_not_kill_it(
     target = server.wait_ready()
     assert hups >= 3
     assert list(_predict(target, seed, [1, 2, 3, 4], model="scale").outputs) == [2, 4, 6, 8]
+
+
+def test_malloc_arenas_are_capped_where_glibc_allows() -> None:
+    from torchwire.config import ServerSettings
+    from torchwire.native import cap_malloc_arenas
+
+    assert ServerSettings().malloc_arenas == 2  # what `serve` applies before its threads start
+    assert cap_malloc_arenas(2) is True  # this machine's libc is glibc: mallopt took it
+    assert cap_malloc_arenas(0) is False  # 0: glibc's own default, nothing called

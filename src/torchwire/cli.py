@@ -15,6 +15,7 @@ from typing import Any
 from torchwire.config import ENV_PREFIX, ServerSettings, load_settings, parse_shape
 from torchwire.errors import START_FAILED, ConfigError, TorchwireError
 from torchwire.logs import configure_logging
+from torchwire.native import cap_malloc_arenas
 
 log = logging.getLogger("torchwire")
 
@@ -296,6 +297,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         print(f"torchwire: {exc}", file=sys.stderr)
         return START_FAILED
     configure_logging(settings.log_level, settings.log_format)
+    cap_malloc_arenas(settings.malloc_arenas)  # before any thread of ours starts
     if settings.worker_count() > 1:  # child processes under a supervisor, which loads no torch
         from torchwire.fleet import Supervisor
 

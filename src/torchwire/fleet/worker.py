@@ -22,6 +22,7 @@ from torchwire.errors import TorchwireError, UnavailableError
 from torchwire.fleet.link import Link, Message
 from torchwire.fleet.supervisor import WORKER_SPEC_ENV
 from torchwire.logs import configure_logging
+from torchwire.native import cap_malloc_arenas
 from torchwire.server import Server
 from torchwire.server.control import WorkerRole
 from torchwire.server.lifecycle import run_in_loop, serve_until_stopped
@@ -108,6 +109,7 @@ def main() -> int:
     spec = WorkerSpec.from_env()
     settings = spec.settings
     configure_logging(settings.log_level, settings.log_format, worker=spec.index)
+    cap_malloc_arenas(settings.malloc_arenas)
     return run_in_loop(settings, lambda: serve_as_worker(spec))
 
 
