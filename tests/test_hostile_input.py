@@ -297,3 +297,20 @@ def test_finding_3_an_unreadable_repository_is_a_precise_error_not_internal(
         )
     finally:
         client.close()
+
+
+def test_finding_7_cr_lf_in_a_request_id_cannot_forge_access_log_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """gRPC and aiohttp refuse CR/LF in headers, but other stacks in front may pass them on:
+    the access log keeps only printable characters of a client's id, 128 at most."""
+    from torchwire.metrics import Metrics
+    from torchwire.server.observe import Observer
+
+    observer = Observer(Metrics(process_metrics=False), access_log=True)
+    forged = "abc\r\n2026-11-27 INFO torchwire.access: peer=evil code=OK"
+    with caplog.at_level("INFO", logger="torchwire.access"):
+        observer.http_call("v2_http", "10.0.0.1", {"x-request-id": forged}).finish()
+    (record,) = [r for r in caplog.records if r.name == "torchwire.access"]
+    assert "\n" not in record.getMessage() and "\r" not in record.getMessage()
+    assert record.request_id == forged.replace("\r", "").replace("\n", "")  # type: ignore[attr-defined]
