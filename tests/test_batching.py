@@ -106,7 +106,9 @@ def test_a_full_queue_answers_resource_exhausted_then_recovers(
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue full (3 of 3 items waiting, this request adds 1)" in refused.value.details()
         # When to come back, as trailing metadata, and the refusal counted.
-        hint = dict(refused.value.trailing_metadata() or ())["torchwire-retry-after-ms"]
+        trailers = dict(refused.value.trailing_metadata() or ())
+        hint = trailers["torchwire-retry-after-ms"]
+        assert trailers["grpc-retry-pushback-ms"] == hint  # gRPC's own retry policy reads it
         assert f"retry in about {hint} ms" in refused.value.details()
         assert int(hint) >= 1
         registry = slow_server.server.metrics.registry

@@ -202,3 +202,47 @@ def test_the_v2_protocol_round_trips_and_streams(
 
     np.testing.assert_allclose(asyncio.run(main()), expected, 1e-5, 1e-6)
     np.testing.assert_allclose(np.concatenate(streamed), expected, 1e-5, 1e-6)
+
+
+def test_retries_of_a_full_queue_are_throttled_and_cannot_amplify_an_overload(
+    tmp_path: Path,
+) -> None:
+    """A full queue is retried (after the server's pushback), but under gRPC retry throttling:
+    while every attempt is refused, a client stops retrying after a few failures, so refused
+    calls do not multiply the load."""
+    import concurrent.futures
+
+    from support import Busy, write_model
+
+    write_model(tmp_path / "busy", Busy(), [4], extra="[batching]\nmax_queue = 1\n")
+    with ServerThread(repository=tmp_path, watch="off") as server:
+        batcher = server.server.repository.get("busy")  # type: ignore[union-attr]
+        registry = server.server.metrics.registry
+        labels = {"model": "busy", "reason": "queue_full"}
+
+        def refusals() -> float:
+            return registry.get_sample_value("torchwire_rejected_requests_total", labels) or 0.0
+
+        slow = np.array([[6000, 0, 0, 0]], np.float32)  # seconds of model time each
+        with Client(server.target, timeout=60, retries=4) as client:  # 4 channels
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                running = pool.submit(client.predict, "busy", slow)
+                deadline = time.monotonic() + 30
+                while batcher._computing == 0:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.005)
+                queued = pool.submit(client.predict, "busy", slow)
+                while batcher._queued_items == 0:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.005)
+                # The queue stays full for seconds: every attempt now is refused.
+                for _ in range(8):
+                    with pytest.raises(torchwire.QueueFullError):
+                        client.predict("busy", np.ones((1, 4), np.float32))
+                assert batcher._queued_items == 1  # still full: the refusals were real
+                # Each channel has 10 tokens: its first call retries until half are gone (5
+                # attempts), its later calls get one attempt each. 4 channels x 5 + 4 x 1 = 24
+                # attempts for 8 calls, where 8 x 5 = 40 without throttling.
+                assert refusals() == 24
+                running.result()
+                queued.result()

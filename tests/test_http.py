@@ -227,7 +227,7 @@ def test_queue_full_is_429_and_a_passed_timeout_is_504(server: ServerThread) -> 
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+            return error.code, {**json.loads(error.read()), **dict(error.headers)}
 
     with ThreadPoolExecutor(2) as pool:
         occupying = pool.submit(infer, 3000)  # about a second of model time
@@ -236,6 +236,7 @@ def test_queue_full_is_429_and_a_passed_timeout_is_504(server: ServerThread) -> 
         _wait_until(lambda: busy._queued_items == 1)
         status, answer = infer(0)  # the queue (1 item) is full
         assert status == 429 and "queue full (1 of 1 items waiting" in answer["error"]
+        assert int(answer["Retry-After"]) >= 1  # seconds: the queue's drain estimate
         assert occupying.result()[0] == 200
         status, answer = expiring.result()
         assert status == 504 and "deadline passed" in answer["error"]

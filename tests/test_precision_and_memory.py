@@ -117,6 +117,7 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_only_a_request_too_big_alo
         assert answer[0].tolist() == [[2.0 * i]]
     refused = answers[4]
     assert isinstance(refused, ModelOutOfMemoryError) and refused.code == "RESOURCE_EXHAUSTED"
+    assert refused.metadata == {"grpc-retry-pushback-ms": "-1"}  # gRPC clients: do not retry
     assert "out of memory on cpu computing 3 items: the model asked for 3.00 GiB" in str(refused)
     assert " free of " in str(refused)
     # One batch of 7 items, then halves of it: [1,1] ran; [1,1,3] -> [1] ran, [1,3] -> [1], [3].

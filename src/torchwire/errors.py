@@ -108,6 +108,10 @@ class ConfigError(TorchwireError):
 RETRY_AFTER_METADATA = "torchwire-retry-after-ms"
 """Trailing metadata of a refusal for load (RESOURCE_EXHAUSTED): milliseconds after which the
 same request can expect to be taken, as the server estimates it."""
+RETRY_PUSHBACK_METADATA = "grpc-retry-pushback-ms"
+"""gRPC's own retry hint (gRFC A6), sent beside ``RETRY_AFTER_METADATA``: a client whose retry
+policy covers the status waits that long before its retry; ``-1`` tells it not to retry (a
+request too big for memory will not fit next time either)."""
 START_FAILED = 2
 """Exit code of a server (or worker) that could not start: a bad flag, model file or port.
 Retrying will not help, so a supervisor gives up on it."""

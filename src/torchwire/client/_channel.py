@@ -24,6 +24,7 @@ from torchwire.client._seed import (
 )
 
 SEED_SERVICE = "ModelService"
+V2_SERVICE = "inference.GRPCInferenceService"
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,17 @@ class TLS:
         )
 
 
+RETRY_TOKENS = 10
+"""gRPC retry throttling (gRFC A6): each failed attempt costs a token, each success gives back a
+tenth, and retries stop while half or fewer are left; so under a lasting overload a client
+retries about once per ten successes, never multiplying the load it was refused for."""
+
+
 def service_config(retries: int) -> str:
-    """Retry UNAVAILABLE (server restarting, connection refused) with exponential backoff."""
+    """Retry UNAVAILABLE (server restarting, connection refused) and RESOURCE_EXHAUSTED (a full
+    queue) with exponential backoff, after the server's ``grpc-retry-pushback-ms`` when it sends
+    one (the queue's drain estimate; ``-1``, never, for a request too big for memory), under
+    retry throttling."""
     if retries <= 0:
         return json.dumps({})
     policy = {
@@ -70,10 +80,14 @@ def service_config(retries: int) -> str:
         "initialBackoff": "0.1s",
         "maxBackoff": "2s",
         "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
     }
+    services = [{"service": SEED_SERVICE}, {"service": V2_SERVICE}]
     return json.dumps(
-        {"methodConfig": [{"name": [{"service": SEED_SERVICE}], "retryPolicy": policy}]}
+        {
+            "methodConfig": [{"name": services, "retryPolicy": policy}],
+            "retryThrottling": {"maxTokens": RETRY_TOKENS, "tokenRatio": 0.1},
+        }
     )
 
 

@@ -32,6 +32,7 @@ import torch
 
 from torchwire.errors import (
     RETRY_AFTER_METADATA,
+    RETRY_PUSHBACK_METADATA,
     DeadlineExceededError,
     InvalidInputError,
     ModelExecutionError,
@@ -162,7 +163,10 @@ class Batcher:
                 raise QueueFullError(
                     f"model {self.label}: queue full ({self._queued_items} of {self.max_queue}"
                     f" items waiting, this request adds {items}); retry in about {wait_ms} ms",
-                    metadata={RETRY_AFTER_METADATA: str(wait_ms)},
+                    metadata={
+                        RETRY_AFTER_METADATA: str(wait_ms),
+                        RETRY_PUSHBACK_METADATA: str(wait_ms),
+                    },
                 )
             key = tuple(a.shape[1:] for a in arrays)
             self._queue.append(_Request(arrays, items, future, deadline, shape_key=key))

@@ -29,6 +29,7 @@ import torch
 
 from torchwire.config import DType, ModelConfig, TensorSpec
 from torchwire.errors import (
+    RETRY_PUSHBACK_METADATA,
     ConfigError,
     InvalidInputError,
     ModelExecutionError,
@@ -383,7 +384,8 @@ class LoadedModel:
         log.warning("%s ran out of memory on %d items: %s", self.path, items, first)
         return ModelOutOfMemoryError(
             f"out of memory on {self.device} computing {items} items: the model asked for "
-            f"{_asked(exc)}, {_bytes(free)} free of {_bytes(total)}"
+            f"{_asked(exc)}, {_bytes(free)} free of {_bytes(total)}",
+            metadata={RETRY_PUSHBACK_METADATA: "-1"},  # retrying would not make it fit
         )
 
     def _named(self, result: Any) -> list[tuple[str, torch.Tensor]]:

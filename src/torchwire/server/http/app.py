@@ -19,7 +19,13 @@ from typing import Any
 
 from aiohttp import web
 
-from torchwire.errors import HTTP_STATUS, ConfigError, TorchwireError, UnauthenticatedError
+from torchwire.errors import (
+    HTTP_STATUS,
+    RETRY_AFTER_METADATA,
+    ConfigError,
+    TorchwireError,
+    UnauthenticatedError,
+)
 from torchwire.repository import ModelRepository
 from torchwire.server import kserve
 from torchwire.server.auth import Access
@@ -53,6 +59,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error_response(HTTP_STATUS.get(exc.code, 500), str(exc))
         if exc.code == "UNAUTHENTICATED":
             response.headers["WWW-Authenticate"] = "Bearer"
+        if RETRY_AFTER_METADATA in exc.metadata:  # seconds, at least 1 (RFC 9110)
+            wait_ms = int(exc.metadata[RETRY_AFTER_METADATA])
+            response.headers["Retry-After"] = str(max(1, -(-wait_ms // 1000)))
         return response
     except web.HTTPException as exc:
         if exc.status < 400:
