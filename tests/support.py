@@ -176,21 +176,6 @@ def in_process(path: Path) -> Callable[[Any], Any]:
     return call
 
 
-class SlowStart(nn.Module):
-    """Sums each item after a fixed 3000 rounds of matrix products (about a second here), so
-    that loading it (whose warm-up runs it) is slow enough to watch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.eye(256) * 0.5, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ones(256, 256)
-        for _ in range(3000):
-            y = torch.tanh(y @ self.weight) + 1.0
-        return x.sum(dim=1, keepdim=True) + y[0, 0] * 0.0
-
-
 def free_port() -> int:
     import socket
 

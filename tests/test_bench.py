@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,23 @@ def test_the_v2_protocol_closed_loop_and_stream(repo_server: ServerThread, tmp_p
         report = json.loads(out.read_text())
         _check_counts_and_order(report)
         assert report["summary"]["errors"] == 0 and report["config"]["input_name"] == "x"
+
+
+def test_plot_without_matplotlib_says_so_before_sending_anything(
+    repo_server: ServerThread, tmp_path: Path
+) -> None:
+    # A Python where matplotlib cannot be imported: a module of that name that is not there.
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['matplotlib'] = None  # import fails, find_spec says None\n"
+    )
+    result = subprocess.run(
+        [TORCHWIRE, "bench", "--target", repo_server.target, "--model", "scale", "--duration",
+         "30", "--plot", str(tmp_path / "run.png")],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": str(blocker)},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'torchwire[plot]'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run.png").exists()

@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import CliServer, Scale, ServerThread, SlowStart, free_port, health_status, write_model
+from support import CliServer, Scale, ServerThread, free_port, health_status, write_model
+from torchwire.runtime import LoadedModel
 
 GIB = 1024**3
 
@@ -110,29 +111,40 @@ def test_health_watch_keeps_no_state_for_names_it_does_not_know(
 
 
 def test_health_is_not_serving_while_models_load(
-    tmp_path: Path, seed: SimpleNamespace, watchers: list[Watcher]
+    tmp_path: Path, seed: SimpleNamespace, watchers: list[Watcher], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_model(tmp_path / "slow", SlowStart(), [2])
+    write_model(tmp_path / "slow", Scale(1.0), [2])
+    loading, release = threading.Event(), threading.Event()
+    warm_up = LoadedModel.warm_up
+
+    def held(self: LoadedModel) -> None:  # the model loads only when the test says so
+        loading.set()
+        assert release.wait(60)
+        warm_up(self)
+
+    monkeypatch.setattr(LoadedModel, "warm_up", held)
     port = free_port()
     server = ServerThread(repository=tmp_path, port=port)
     starting = server.begin()
     try:
+        assert loading.wait(60)
         target = f"127.0.0.1:{port}"
         with grpc.insecure_channel(target) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             watcher = Watcher(target)
             watchers.append(watcher)
             assert watcher.next_status() == "NOT_SERVING"  # bound, still loading
-            if not starting.done():
-                with pytest.raises(grpc.RpcError) as early:
-                    seed.grpc.ModelServiceStub(channel).Predict(
-                        seed.pb2.PredictRequest(inputs=[1, 2]), timeout=10
-                    )
-                assert early.value.code() == grpc.StatusCode.UNAVAILABLE
-                assert "still loading" in early.value.details()
+            with pytest.raises(grpc.RpcError) as early:
+                seed.grpc.ModelServiceStub(channel).Predict(
+                    seed.pb2.PredictRequest(inputs=[1, 2]), timeout=10
+                )
+            assert early.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "still loading" in early.value.details()
+            release.set()
             assert watcher.next_status(timeout=60) == "SERVING"
         starting.result(timeout=60)
     finally:
+        release.set()
         server.stop()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -184,6 +185,14 @@ def _bench_command(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     out = Console() if sys.stdout.isatty() else Console(width=120)
     shape, input_name, datatype = args.shape, "", "FP32"
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        console.print(
+            "torchwire bench: --plot needs matplotlib: pip install 'torchwire[plot]' "
+            "(nothing was sent)",
+            markup=False,
+            soft_wrap=True,
+        )
+        return 2
     if args.stream and args.protocol.startswith("http"):
         console.print("torchwire bench: --stream needs a gRPC protocol (seed or v2), not HTTP")
         return 2
