@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,7 +32,7 @@ import torch
 import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
-from scaleout import ROOT, closed, free_port, load, torchwire
+from scaleout import ROOT, closed, free_port, load, machine, torchwire
 from torch import nn
 
 from torchwire.repository import ensure_demo_repository
@@ -268,15 +266,7 @@ def _out_of_memory(client: Any, infer: Callable[..., Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     demo = ensure_demo_repository(Path(tempfile.gettempdir()) / "torchwire-bench-cache")
     results: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "load_procs": args.load_procs,
-            "concurrency": args.concurrency,
-        },
+        "machine": machine(args),
         "in_process": {},
         "torchwire": {},
     }

@@ -141,18 +141,23 @@ def separate(repository: Path, count: int, procs: int, concurrency: int) -> dict
     }
 
 
+def machine(args: argparse.Namespace) -> dict[str, Any]:
+    """Where and how a benchmark ran (``args``: its load processes and callers)."""
+    return {
+        "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_procs": args.load_procs,
+        "concurrency": args.concurrency,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     demo = ensure_demo_repository(Path(tempfile.gettempdir()) / "torchwire-bench-cache")
     results: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "load_procs": args.load_procs,
-            "concurrency": args.concurrency,
-        },
+        "machine": machine(args),
         "recsys": {},
     }
     for workers in args.workers:
