@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +15,8 @@ import grpc
 import numpy as np
 import pytest
 
-from support import Busy, ServerThread, in_process, write_model
+from support import Busy, Scale, ServerThread, in_process, write_model
+from torchwire.runtime.batcher import DEFAULT_TORCH_THREADS
 
 
 def _batch_stats(server: ServerThread, model: str) -> tuple[float, float]:
@@ -152,3 +155,32 @@ def test_instances_share_the_load_and_batches_still_form(
         items, calls = _batch_stats(server, "busy")
     assert items == 40 and calls < 40
     assert not any(t.is_alive() for t in inference_threads)  # stopping the server ended them
+
+
+@pytest.mark.skipif(DEFAULT_TORCH_THREADS < 2, reason="one core: every model gets one thread")
+def test_a_model_without_a_threads_setting_gets_every_core_after_another_model_set_one(
+    tmp_path: Path, seed: SimpleNamespace
+) -> None:
+    # `light` sets one intra-op thread in its inference thread; `heavy` is loaded afterwards (in
+    # a worker thread, which then reads torch's thread count as 1) and must still get them all.
+    write_model(tmp_path / "light", Scale(2.0), [4], extra="[instances]\nthreads = 1\n")
+    with ServerThread(repository=tmp_path, default_model="light") as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = seed.grpc.ModelServiceStub(channel)
+            assert list(stub.Predict(seed.pb2.PredictRequest(inputs=[1, 2, 3, 4])).outputs) == [
+                2, 4, 6, 8
+            ]  # fmt: skip
+            write_model(tmp_path / "heavy", Scale(3.0), [4])
+            server.run(server.server.repository.load_model("heavy"))
+            answer = stub.Predict(
+                seed.pb2.PredictRequest(inputs=[1, 2, 3, 4], metadata={"model": "heavy"})
+            )
+            assert list(answer.outputs) == [3, 6, 9, 12]
+        repository = server.server.repository
+        assert repository.get("light").intra_op_threads == 1
+        assert repository.get("heavy").intra_op_threads == DEFAULT_TORCH_THREADS
+    fresh = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert int(fresh.stdout) == DEFAULT_TORCH_THREADS  # torch's own default, not a thread's

@@ -46,6 +46,12 @@ from torchwire.runtime.model import Arrays, LoadedModel
 
 log = logging.getLogger(__name__)
 
+DEFAULT_TORCH_THREADS = torch.get_num_threads()
+"""torch's intra-op threads before any inference thread sets its own, read once at import. Read
+later it would not do: ``torch.set_num_threads`` in one thread becomes what every thread started
+after it reads (models are loaded in worker threads, after another model's inference thread may
+have set 1), and resnet18 ran on one core of two because of it."""
+
 
 @dataclass(slots=True, eq=False)
 class _Request:
@@ -106,13 +112,14 @@ class Batcher:
         self.max_queue = batching.max_queue
         self.max_delay_s = batching.max_delay_ms / 1000
         self.instances = model.config.instances.count
-        total = torch_threads or torch.get_num_threads()
+        total = torch_threads or DEFAULT_TORCH_THREADS
         # A model on a GPU computes there: intra-op threads would only spin beside the event
         # loop (16 of them cost 10 ms of CPU per image on an H200).
         on_gpu = model.device.type == "cuda"
-        self._threads_each = model.config.instances.threads or (
+        self.intra_op_threads = model.config.instances.threads or (
             1 if on_gpu else max(1, total // self.instances)
         )
+        """Intra-op (torch) threads of each of this model's inference threads."""
         self._queue: deque[_Request] = deque()
         self._queued_items = 0
         self._computing = 0  # instance threads inside a model call
@@ -206,7 +213,7 @@ class Batcher:
     # -- inference threads -------------------------------------------------------------------
 
     def _run(self) -> None:
-        torch.set_num_threads(self._threads_each)
+        torch.set_num_threads(self.intra_op_threads)
         while (batch := self._take()) is not None:
             try:
                 outcomes = self._compute(batch)

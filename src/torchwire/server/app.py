@@ -285,7 +285,8 @@ class Server:
             sig_out = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in model.outputs)
             lines.append(
                 f"  {name} v{sorted(served.versions)} on {model.device}: {sig_in} -> {sig_out}"
-                f"  batch<={batcher.max_batch_size}{default}"
+                f"  batch<={batcher.max_batch_size}  threads {batcher.instances}x"
+                f"{batcher.intra_op_threads}{default}"
             )
         lines.append(
             "  APIs: /ModelService/Predict, /ModelService/PredictStream, "
