@@ -16,22 +16,24 @@ import json
 from pathlib import Path
 
 import torch
-from torch.export.pt2_archive import PT2ArchiveReader
-from torch.export.pt2_archive.constants import (
-    AOTINDUCTOR_DIR,
-    ARCHIVE_FORMAT_PATH,
-    CUSTOM_OBJ_FILENAME_PREFIX,
-    OPAQUE_OBJ_FILENAME_PREFIX,
-    SAMPLE_INPUTS_DIR,
-)
 
 from torchwire.errors import ConfigError
-
-_PICKLED_OBJECTS = (CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX)
 
 
 def check_archive(path: Path) -> None:
     """Raise ``ConfigError`` if loading the archive at ``path`` could run code from it."""
+    # Imported here: torch.export.pt2_archive pulls in torch._dynamo, 1.4 s of every server's
+    # start-up (two thirds of it) when imported with this module, and most models are not .pt2.
+    from torch.export.pt2_archive import PT2ArchiveReader
+    from torch.export.pt2_archive.constants import (
+        AOTINDUCTOR_DIR,
+        ARCHIVE_FORMAT_PATH,
+        CUSTOM_OBJ_FILENAME_PREFIX,
+        OPAQUE_OBJ_FILENAME_PREFIX,
+        SAMPLE_INPUTS_DIR,
+    )
+
+    pickled_objects = (CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX)
 
     def refuse(why: str) -> ConfigError:
         return ConfigError(
@@ -53,7 +55,7 @@ def check_archive(path: Path) -> None:
             for fqn, meta in payloads.items():
                 if meta.get("use_pickle"):
                     raise refuse(f"'{fqn}' is stored as a pickle ({name})")
-                if str(meta.get("path_name", "")).startswith(_PICKLED_OBJECTS):
+                if str(meta.get("path_name", "")).startswith(pickled_objects):
                     raise refuse(f"constant '{fqn}' is a pickled object ({name})")
         elif name.startswith(AOTINDUCTOR_DIR):
             raise refuse(f"it holds AOTInductor compiled code ({name})")
