@@ -21,13 +21,14 @@ and with the same largest batch and delay as torchwire's demo configs:
 
 The load generator is ``torchwire bench``'s, KServe V2 over gRPC with raw tensors, for all three;
 a closed loop driven by ``tritonclient.grpc.aio`` cross-checks it once per server. Per server:
-recsys highest open-loop QPS at P99 < 50 ms (the best of two sweeps), recsys P50/P99 at
+recsys highest open-loop QPS at P99 < 50 ms, recsys P50/P99 at
 concurrency 1, resnet18 images/s at concurrency 8 and 32, server CPU seconds per 1,000 answers
 (recsys, closed loop, every process of the server from /proc), RSS of the whole process tree
 with both models loaded, seconds from start to both models answering, and the answers' largest
-difference from the in-process model. For torchwire, the seed API's highest QPS too (the V2 path
-against the seed path).
-Writes ``peers.json``, ``peers.md`` and ``peers.png`` to ``--out``.
+difference from the in-process model. For torchwire, its V2 path against its seed API: both
+climbed rate by rate in turns, and server CPU per answer at a fixed rate.
+Every server is measured once per round, in turn, for ``--rounds`` rounds (2), and each figure is
+its best round. Writes ``peers.json``, ``peers.md`` and ``peers.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -246,6 +247,38 @@ def best_rate(config: LoadConfig) -> dict[str, Any]:
     return sweep_summary(steps)
 
 
+def paired(v2: LoadConfig, seed: LoadConfig, process: psutil.Process) -> dict[str, Any]:
+    """V2 against the seed API on one server, each step run for both back to back (in turns):
+    the highest open-loop rate with P99 < 50 ms (rates rising by 6 %, two failed steps in a row
+    end a climb), and server CPU per answer at 1,500 requests/s (twice each)."""
+    configs = {"v2": v2, "seed": seed}
+    best: dict[str, float] = dict.fromkeys(configs, 0.0)
+    misses = dict.fromkeys(configs, 0)
+    rate, turn = 1200.0, 0
+    while any(m < 2 for m in misses.values()) and rate < 50_000:
+        for name in list(configs)[:: 1 if turn % 2 == 0 else -1]:
+            if misses[name] >= 2:
+                continue
+            result = run_load(replace(configs[name], rate=rate), 1, progress=False)
+            if result.error_count == 0 and result.summary()["p99_ms"] < 50.0:
+                best[name], misses[name] = max(best[name], result.qps), 0
+            else:
+                misses[name] += 1
+        rate, turn = rate * 1.06, turn + 1
+    cpu: dict[str, list[float]] = {name: [] for name in configs}
+    for turn in range(4):
+        name = ("v2", "seed")[turn % 2]
+        before = tree_cpu_s(process)
+        result = run_load(replace(configs[name], rate=1500.0, warmup_s=0.5), 1, progress=False)
+        spent = tree_cpu_s(process) - before
+        cpu[name].append(round(spent / (result.ok * (1 + 0.5 / configs[name].duration_s)) * 1e6))
+    return {
+        "qps": {name: round(value, 1) for name, value in best.items()},
+        "ratio": round(best["v2"] / best["seed"], 2) if best["seed"] else None,
+        "cpu_us_at_1500": cpu,
+    }
+
+
 def correctness(target: str, demo: Path) -> float:
     """The largest difference between the server's answers and the in-process model's."""
     worst = 0.0
@@ -296,7 +329,8 @@ def rss_mb(process: psutil.Process) -> float:
     return round(total / 2**20, 1)
 
 
-def measure(kind: str, demo: Path, cache: Path, quick: bool) -> dict[str, Any]:
+def measure(kind: str, demo: Path, cache: Path, quick: bool, first: bool) -> dict[str, Any]:
+    """One round of every figure for one server, started for it and stopped after."""
     seconds = 3.0 if quick else 6.0
     with serve(kind, demo, cache) as server:
         target, process = server.target, server.process
@@ -311,28 +345,15 @@ def measure(kind: str, demo: Path, cache: Path, quick: bool) -> dict[str, Any]:
         step_s = 2.0 if quick else 3.0
         v2 = load(target, "recsys", duration_s=step_s)
         seed = load(target, "recsys", protocol="seed", input_name="", duration_s=step_s)
-        # The best of two sweeps (a sweep's knee moves with the machine's other load); for
-        # torchwire, V2 and the seed API in turns.
-        sweeps: dict[str, list[dict[str, Any]]] = {"recsys_sweep": []}
-        if kind == "torchwire":
-            sweeps["seed_recsys_sweep"] = []
-        for _ in range(2):
-            sweeps["recsys_sweep"].append(best_rate(v2))
-            if kind == "torchwire":
-                sweeps["seed_recsys_sweep"].append(best_rate(seed))
-        for key, runs in sweeps.items():
-            row[key] = max(runs, key=lambda summary: summary["qps"])
-            row[key]["runs_qps"] = [summary["qps"] for summary in runs]
+        row["recsys_sweep"] = best_rate(v2)
+        if kind == "torchwire" and first:  # the server's V2 and seed paths, step by step in turns
+            row["v2_vs_seed"] = paired(v2, seed, process)
         for c in (8, 32):
             row[f"resnet18_c{c}"] = closed(
                 load(target, "resnet18", concurrency=c, duration_s=2 * seconds)
             )
         row["rss_mb"] = rss_mb(process)
         row["tritonclient_recsys_c32"] = tritonclient_closed(target, 32, seconds)
-        if kind == "torchwire":  # the same server's seed API, for the V2-vs-seed ratio
-            row["seed_recsys_c32"] = closed(
-                replace(seed, concurrency=32, duration_s=seconds), process
-            )
         log(f"{kind}: {json.dumps(row)[:400]}")
         return row
 
@@ -363,8 +384,14 @@ def fmt(value: float) -> str:
     return f"{value:,.2f}" if value < 10 else f"{value:,.0f}"
 
 
+def best(rounds: list[dict[str, Any]], read: Any, higher: bool) -> float:
+    """A figure's best value over a server's rounds."""
+    values = [read(row) for row in rounds]
+    return max(values) if higher else min(values)
+
+
 def markdown(r: dict[str, Any]) -> str:
-    m, servers = r["machine"], r["servers"]
+    m, servers = r["machine"], r["rounds"]
     names = list(servers)
     lines = [
         "# torchwire, MLServer and PyTriton side by side (benchmarks/peers/run.py)",
@@ -372,34 +399,36 @@ def markdown(r: dict[str, Any]) -> str:
         f"{m['when']}; {m['cpus']} cores; Python {m['python']}; torch {m['torch']} in every "
         f"server; {', '.join(f'{k} {v}' for k, v in m['versions'].items())}. Each server alone, "
         "the load generator (`torchwire bench`, KServe V2 gRPC, raw tensors, one process) on the "
-        "same host.",
+        f"same host. The best of {len(servers['torchwire'])} rounds (every server once per round, "
+        "in turn), each figure on its own.",
         "",
         "| | " + " | ".join(names) + " | torchwire vs best peer |",
         "|---|" + "---:|" * (len(names) + 1),
     ]
     for label, read, higher in ROWS:
-        values = [read(servers[n]) for n in names]
+        values = [best(servers[n], read, higher) for n in names]
         ours, peers = values[0], values[1:]
-        best = max(peers) if higher else min(peers)
-        ahead = ours >= best if higher else ours <= best
-        if ours == best:
+        top = max(peers) if higher else min(peers)
+        ahead = ours >= top if higher else ours <= top
+        if ours == top:
             verdict = "equal"
         else:
-            ratio = ours / best if higher else best / ours
+            ratio = ours / top if higher else top / ours
             verdict = f"{ratio:.2f}x ({'ahead' if ahead else 'behind'})"
         cells = [f"**{fmt(v)}**" if v == (max(values) if higher else min(values)) else fmt(v)
                  for v in values]  # fmt: skip
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} |")
-    tw = servers["torchwire"]
-    v2, seed = tw["recsys_sweep"]["qps"], tw["seed_recsys_sweep"]["qps"]
+    pair = servers["torchwire"][0]["v2_vs_seed"]
+    cpu = {name: sum(v) / len(v) for name, v in pair["cpu_us_at_1500"].items()}
     lines += [
         "",
-        f"torchwire's own seed API on the same server: {seed:,.0f} QPS at P99 < 50 ms "
-        f"(V2: {v2:,.0f}, {v2 / seed:.2f}x the seed path; best of two sweeps each, run in "
-        f"turns: V2 {tw['recsys_sweep']['runs_qps']}, seed {tw['seed_recsys_sweep']['runs_qps']}"
-        "); closed loop at c=32 "
-        f"{tw['seed_recsys_c32']['qps']:,.0f} QPS, "
-        f"{tw['seed_recsys_c32']['server_cpu_s_per_1000']} CPU s per 1,000 answers.",
+        f"torchwire's V2 path against its seed API on the same server, each rate run for both "
+        f"back to back: highest QPS at P99 < 50 ms V2 {pair['qps']['v2']:,.0f}, seed "
+        f"{pair['qps']['seed']:,.0f} ({pair['ratio']}x); server CPU per answer at 1,500/s "
+        f"V2 {cpu['v2']:.0f} us, seed {cpu['seed']:.0f} us (runs: {pair['cpu_us_at_1500']}). "
+        "Each round's recsys QPS at P99 < 50 ms: "
+        + "; ".join(f"{n} {[row['recsys_sweep']['qps'] for row in servers[n]]}" for n in names)
+        + ".",
         "",
         "Ratios: higher is better for QPS and images/s (torchwire / best peer), lower is better "
         "for latency, CPU, RSS and start time (best peer / torchwire); above 1.00x means "
@@ -414,11 +443,11 @@ def plot(r: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    servers = r["servers"]
+    servers = r["rounds"]
     panels = [ROWS[0], ROWS[1], ROWS[5], ROWS[6]]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
-    for ax, (label, read, _) in zip(axes, panels, strict=True):
-        values = [read(servers[n]) for n in servers]
+    for ax, (label, read, higher) in zip(axes, panels, strict=True):
+        values = [best(servers[n], read, higher) for n in servers]
         ax.bar(list(servers), values, color=["#2b6cb0", "#888888", "#76b900"][: len(values)])
         ax.set_title(label, fontsize=9)
         for i, v in enumerate(values):
@@ -433,6 +462,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/torchwire/peers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over all servers (2)")
     parser.add_argument("--only", nargs="*", default=["torchwire", *PEERS], help="servers to run")
     args = parser.parse_args()
     demo = ensure_demo_repository(Path(tempfile.gettempdir()) / "torchwire-bench-cache")
@@ -448,13 +478,18 @@ def main() -> None:
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "platform": sysconfig.get_platform(),
         },
-        "servers": {},
+        "rounds": {name: [] for name in args.only},
     }
-    for name in args.only:
-        results["servers"][name] = measure(name, demo, args.cache, args.quick)
+    # Rounds, each server once per round: the machine's other load drifts over minutes, and a
+    # server measured only while it was high would lose rows it wins otherwise.
+    for index in range(args.rounds):
+        for name in args.only:
+            results["rounds"][name].append(
+                measure(name, demo, args.cache, args.quick, first=index == 0)
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peers.json").write_text(json.dumps(results, indent=2))
-    if list(results["servers"]) == ["torchwire", *PEERS]:
+    if list(results["rounds"]) == ["torchwire", *PEERS]:
         (args.out / "peers.md").write_text(markdown(results))
         plot(results, args.out / "peers.png")
         print(markdown(results))
