@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from support import Busy, Scale, ServerThread, in_process, write_model
 from torchwire.repository import ensure_demo_repository
+from torchwire.runtime.batcher import DEFAULT_TORCH_THREADS
 
 TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
 DTYPES = {
@@ -282,6 +283,9 @@ def test_repo_check_on_good_and_broken_repositories(tmp_path: Path) -> None:
     ok = subprocess.run([TORCHWIRE, "repo", "check", str(good)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "recsys" in ok.stdout and "resnet18" in ok.stdout and "FAILED" not in ok.stdout
+    rows = {line.split()[0]: line for line in ok.stdout.splitlines() if line.strip()}
+    assert rows["recsys"].endswith("threads 1x1")  # its config sets one intra-op thread
+    assert rows["resnet18"].endswith(f"threads 1x{DEFAULT_TORCH_THREADS}")  # unset: every core
 
     broken = tmp_path / "broken"
     write_model(broken / "toml", Scale(1.0), [4])

@@ -1,5 +1,6 @@
 """``torchwire repo check``: load every model version of a repository, run its warm-up input,
-check its outputs, and say what failed and why."""
+check its outputs, and say what failed and why (and, for what loads, its signature and threads:
+instances x intra-op threads, as ``torchwire serve`` would run it without ``--torch-threads``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from torchwire.repository.sources import Scanner
 from torchwire.runtime import LoadedModel
+from torchwire.runtime.batcher import intra_op_threads
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ def check_repository(root: Path) -> list[CheckRow]:
             else:
                 signature = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in model.inputs)
                 outputs = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in model.outputs)
-                detail, ok = f"{signature} -> {outputs}", True
+                threads = f"threads {model.config.instances.count}x{intra_op_threads(model)}"
+                detail, ok = f"{signature} -> {outputs}  {threads}", True
             rows.append(CheckRow(name, str(version), ok, time.monotonic() - started, detail))
     return sorted(rows, key=lambda row: (row.model, row.version))
 

@@ -53,6 +53,19 @@ after it reads (models are loaded in worker threads, after another model's infer
 have set 1), and resnet18 ran on one core of two because of it."""
 
 
+def intra_op_threads(model: LoadedModel, torch_threads: int = 0) -> int:
+    """Intra-op threads of each of ``model``'s inference threads: its ``[instances] threads``,
+    else ``torch_threads`` (0: torch's default) shared among its instances; 1 on a GPU, where
+    the model computes and intra-op threads would only spin beside the event loop (16 of them
+    cost 10 ms of CPU per image on an H200)."""
+    instances = model.config.instances
+    if instances.threads:
+        return instances.threads
+    if model.device.type == "cuda":
+        return 1
+    return max(1, (torch_threads or DEFAULT_TORCH_THREADS) // instances.count)
+
+
 @dataclass(slots=True, eq=False)
 class _Request:
     arrays: Sequence[np.ndarray[Any, Any]]
@@ -112,13 +125,7 @@ class Batcher:
         self.max_queue = batching.max_queue
         self.max_delay_s = batching.max_delay_ms / 1000
         self.instances = model.config.instances.count
-        total = torch_threads or DEFAULT_TORCH_THREADS
-        # A model on a GPU computes there: intra-op threads would only spin beside the event
-        # loop (16 of them cost 10 ms of CPU per image on an H200).
-        on_gpu = model.device.type == "cuda"
-        self.intra_op_threads = model.config.instances.threads or (
-            1 if on_gpu else max(1, total // self.instances)
-        )
+        self.intra_op_threads = intra_op_threads(model, torch_threads)
         """Intra-op (torch) threads of each of this model's inference threads."""
         self._queue: deque[_Request] = deque()
         self._queued_items = 0
