@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from rich.console import Console
+from scaleout import tree_cpu_s
 
 from torchwire.bench import LoadConfig, run_load, sweep
 from torchwire.bench.report import sweep_summary
@@ -51,8 +53,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(kind: str, demo: Path, model: str = "recsys") -> Iterator[str]:
-    """Start one server of ``kind`` (echo, seed, torchwire) and yield its target."""
+def server(kind: str, demo: Path, model: str = "recsys") -> Iterator[tuple[str, psutil.Process]]:
+    """Start one server of ``kind`` (echo, seed, torchwire); yield its target and process."""
     port = free_port()
     shape = "256" if model == "recsys" else "3,224,224"
     commands = {
@@ -82,7 +84,7 @@ def server(kind: str, demo: Path, model: str = "recsys") -> Iterator[str]:
                     if time.monotonic() > deadline or process.poll() is not None:
                         raise RuntimeError(f"{kind} server did not start") from None
                     time.sleep(0.5)
-        yield target
+        yield target, psutil.Process(process.pid)
     finally:
         process.terminate()
         process.wait(30)
@@ -99,6 +101,15 @@ def closed(config: LoadConfig) -> dict[str, Any]:
     summary = result.summary()
     summary["client_cpu_cores"] = round(sum(result.cpu_per_proc), 2)
     return summary
+
+
+def cpu_per_answer(config: LoadConfig, process: psutil.Process) -> float:
+    """Server CPU (user + system, every process of it) per answer, in us, over an open-loop
+    run (its warm-up's answers counted too)."""
+    before = tree_cpu_s(process)
+    result = run_load(config, progress=False)
+    spent = tree_cpu_s(process) - before
+    return round(spent / max(1, result.ok * (1 + config.warmup_s / config.duration_s)) * 1e6, 1)
 
 
 def best_rate(config: LoadConfig, start: float) -> dict[str, Any]:
@@ -148,13 +159,16 @@ def run(quick: bool) -> dict[str, Any]:
     concurrencies = [1, 8, 64]
     unary: dict[str, Any] = {}
     for kind in ("echo", "seed", "torchwire"):
-        with server(kind, demo) as target:
+        with server(kind, demo) as (target, process):
             console.print(f"recsys unary, {kind} ...")
             rows = {
                 f"c{c}": closed(load(target, "recsys", concurrency=c, duration_s=seconds))
                 for c in concurrencies
             }
             rows["sweep"] = best_rate(load(target, "recsys", duration_s=seconds), 500.0)
+            rows["cpu_us"] = cpu_per_answer(
+                load(target, "recsys", rate=800.0, duration_s=seconds), process
+            )
             if kind == "torchwire":
                 rows["c64_raw"] = closed(
                     load(target, "recsys", concurrency=64, duration_s=seconds, raw=True)
@@ -164,18 +178,19 @@ def run(quick: bool) -> dict[str, Any]:
 
     stream: dict[str, Any] = {}
     for kind in ("echo", "torchwire"):
-        with server(kind, demo) as target:
+        with server(kind, demo) as (target, process):
             console.print(f"recsys PredictStream, {kind} ...")
             config = load(target, "recsys", stream=True, channels=4, duration_s=seconds)
             stream[kind] = {
                 "c8": closed(dataclasses.replace(config, concurrency=8)),
                 "sweep": best_rate(config, 1000.0),
+                "cpu_us": cpu_per_answer(dataclasses.replace(config, rate=2000.0), process),
             }
     results["recsys_stream"] = stream
 
     images: dict[str, Any] = {}
     for kind in ("seed", "torchwire"):
-        with server(kind, demo, "resnet18") as target:
+        with server(kind, demo, "resnet18") as (target, _):
             console.print(f"resnet18, {kind} ...")
             raw = kind == "torchwire"
             levels = [8, 32] if kind == "torchwire" else [8]
@@ -203,6 +218,11 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         ("recsys stream answers/s at P99<50ms >= 0.8x echo stream",
          stream["torchwire"]["sweep"]["qps"] / max(1.0, stream["echo"]["sweep"]["qps"]), 0.8),
         ("resnet18 images/s >= 0.9x in-process best batch", best_images / ceiling_img, 0.9),
+        # Server CPU per answer (issue 16), as echo's over torchwire's: <= 1.5x echo is >= 0.67.
+        ("server CPU per unary answer <= 1.5x echo's (echo / torchwire)",
+         unary["echo"]["cpu_us"] / unary["torchwire"]["cpu_us"], round(1 / 1.5, 3)),
+        ("server CPU per stream answer <= 1.6x echo's (echo / torchwire)",
+         stream["echo"]["cpu_us"] / stream["torchwire"]["cpu_us"], round(1 / 1.6, 3)),
     ]  # fmt: skip
     rows = [
         {"target": name, "value": round(value, 3), "needed": needed, "met": value >= needed}
@@ -273,6 +293,20 @@ def markdown(r: dict[str, Any]) -> str:
         "\nThe seed server answers a stream once per 32 requests, so it has no per-request "
         "stream latency to compare."
     )
+    unary, stream = r["recsys_unary"], r["recsys_stream"]
+    lines += [
+        "",
+        "## Server CPU per answer (us, every process of the server, from /proc)",
+        "",
+        "| | echo | seed | torchwire | torchwire vs echo |",
+        "|---|---:|---:|---:|---:|",
+        f"| unary Predict, 800 requests/s open loop | {unary['echo']['cpu_us']:,.0f} | "
+        f"{unary['seed']['cpu_us']:,.0f} | {unary['torchwire']['cpu_us']:,.0f} | "
+        f"{unary['torchwire']['cpu_us'] / unary['echo']['cpu_us']:.2f}x |",
+        f"| PredictStream, 4 streams, 2,000 answers/s | {stream['echo']['cpu_us']:,.0f} | | "
+        f"{stream['torchwire']['cpu_us']:,.0f} | "
+        f"{stream['torchwire']['cpu_us'] / stream['echo']['cpu_us']:.2f}x |",
+    ]
     ceiling = r["in_process"]["resnet18"]
     lines += [
         "",
