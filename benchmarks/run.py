@@ -33,7 +33,7 @@ import numpy as np
 import psutil
 import torch
 from rich.console import Console
-from scaleout import tree_cpu_s
+from scaleout import run_with_server_cpu
 
 from torchwire.bench import LoadConfig, run_load, sweep
 from torchwire.bench.report import sweep_summary
@@ -106,10 +106,7 @@ def closed(config: LoadConfig) -> dict[str, Any]:
 def cpu_per_answer(config: LoadConfig, process: psutil.Process) -> float:
     """Server CPU (user + system, every process of it) per answer, in us, over an open-loop
     run (its warm-up's answers counted too)."""
-    before = tree_cpu_s(process)
-    result = run_load(config, progress=False)
-    spent = tree_cpu_s(process) - before
-    return round(spent / max(1, result.ok * (1 + config.warmup_s / config.duration_s)) * 1e6, 1)
+    return round(run_with_server_cpu(config, 1, process)[1] * 1e6, 1)
 
 
 def best_rate(config: LoadConfig, start: float) -> dict[str, Any]:

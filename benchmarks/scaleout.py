@@ -35,7 +35,7 @@ import psutil
 import torch
 from rich.console import Console
 
-from torchwire.bench import LoadConfig, run_load, sweep
+from torchwire.bench import LoadConfig, RunResult, run_load, sweep
 from torchwire.bench.report import sweep_summary
 from torchwire.client import Client
 from torchwire.repository import ensure_demo_repository
@@ -107,16 +107,26 @@ def load(target: str, model: str, **kwargs: Any) -> LoadConfig:
     return LoadConfig(target=target, model=model, shape=SHAPES[model], **{**base, **kwargs})
 
 
-def closed(config: LoadConfig, procs: int, server: psutil.Process | None) -> dict[str, Any]:
-    before = tree_cpu_s(server) if server else 0.0
+def run_with_server_cpu(
+    config: LoadConfig, procs: int, server: psutil.Process
+) -> tuple[RunResult, float]:
+    """Run ``config``; return its result and the server's CPU seconds (every process of it) per
+    answer. The warm-up's answers cost CPU too, so the run's CPU is spread over the answers
+    counted, scaled up by the warm-up's share of the run (one at least)."""
+    before = tree_cpu_s(server)
     result = run_load(config, procs, progress=False)
+    spent = tree_cpu_s(server) - before
+    return result, spent / max(1, result.ok * (1 + config.warmup_s / config.duration_s))
+
+
+def closed(config: LoadConfig, procs: int, server: psutil.Process | None) -> dict[str, Any]:
+    if server is None:
+        result = run_load(config, procs, progress=False)
+    else:
+        result, cpu_s = run_with_server_cpu(config, procs, server)
     summary = result.summary()
-    if server is not None and result.ok:
-        # The whole run (warm-up included) over the requests counted: an upper bound.
-        spent = tree_cpu_s(server) - before
-        summary["server_cpu_us_per_request_upper"] = round(
-            spent / (result.ok * (1 + config.warmup_s / config.duration_s)) * 1e6, 1
-        )
+    if server is not None and result.ok:  # an upper bound: the warm-up's CPU is in it
+        summary["server_cpu_us_per_request_upper"] = round(cpu_s * 1e6, 1)
     summary["client_cpu_cores"] = round(sum(result.cpu_per_proc), 2)
     return summary
 

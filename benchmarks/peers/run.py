@@ -58,7 +58,7 @@ import tritonclient.grpc.aio as triton_aio
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from scaleout import ROOT, SHAPES, free_port, tree_cpu_s  # noqa: E402
+from scaleout import ROOT, SHAPES, free_port, run_with_server_cpu  # noqa: E402
 
 from torchwire.bench import LoadConfig, run_load, sweep  # noqa: E402
 from torchwire.bench.report import sweep_summary  # noqa: E402
@@ -230,14 +230,12 @@ def load(target: str, model: str, **kwargs: Any) -> LoadConfig:
 
 
 def closed(config: LoadConfig, process: psutil.Process | None = None) -> dict[str, Any]:
-    before = tree_cpu_s(process) if process else 0.0
-    result = run_load(config, 1, progress=False)
+    if process is None:
+        return run_load(config, 1, progress=False).summary()
+    result, cpu_s = run_with_server_cpu(config, 1, process)
     summary = result.summary()
-    if process is not None and result.ok:
-        # The warm-up's answers cost CPU too: spread the run's CPU over all of them.
-        spent = tree_cpu_s(process) - before
-        answered = result.ok * (1 + config.warmup_s / config.duration_s)
-        summary["server_cpu_s_per_1000"] = round(spent / answered * 1000, 3)
+    if result.ok:
+        summary["server_cpu_s_per_1000"] = round(cpu_s * 1000, 3)
     return summary
 
 
@@ -268,10 +266,8 @@ def paired(v2: LoadConfig, seed: LoadConfig, process: psutil.Process) -> dict[st
     cpu: dict[str, list[float]] = {name: [] for name in configs}
     for turn in range(4):
         name = ("v2", "seed")[turn % 2]
-        before = tree_cpu_s(process)
-        result = run_load(replace(configs[name], rate=1500.0, warmup_s=0.5), 1, progress=False)
-        spent = tree_cpu_s(process) - before
-        cpu[name].append(round(spent / (result.ok * (1 + 0.5 / configs[name].duration_s)) * 1e6))
+        config = replace(configs[name], rate=1500.0, warmup_s=0.5)
+        cpu[name].append(round(run_with_server_cpu(config, 1, process)[1] * 1e6))
     return {
         "qps": {name: round(value, 1) for name, value in best.items()},
         "ratio": round(best["v2"] / best["seed"], 2) if best["seed"] else None,
