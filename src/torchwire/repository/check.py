@@ -42,10 +42,8 @@ def check_repository(root: Path) -> list[CheckRow]:
             except Exception as exc:
                 detail, ok = _one_line(str(exc)), False
             else:
-                signature = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in model.inputs)
-                outputs = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in model.outputs)
                 threads = f"threads {model.config.instances.count}x{intra_op_threads(model)}"
-                detail, ok = f"{signature} -> {outputs}  {threads}", True
+                detail, ok = f"{model.signature()}  {threads}", True
             rows.append(CheckRow(name, str(version), ok, time.monotonic() - started, detail))
     return sorted(rows, key=lambda row: (row.model, row.version))
 

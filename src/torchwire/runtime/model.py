@@ -167,6 +167,14 @@ class LoadedModel:
             raise ConfigError(f"{path}: cannot load {config.format} model: {first}") from exc
         return cls(module, config, path, device)
 
+    def signature(self) -> str:
+        """Inputs -> outputs, as the start-up banner and ``repo check`` show them."""
+
+        def tensors(specs: list[TensorSpec]) -> str:
+            return ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs)
+
+        return f"{tensors(self.inputs)} -> {tensors(self.outputs)}"
+
     def item_size(self, index: int = 0) -> int:
         """Elements per item of input ``index`` (its shape must be fixed)."""
         size = self._item_sizes[index]

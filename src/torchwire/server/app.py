@@ -281,10 +281,8 @@ class Server:
             batcher = served.versions[served.default_version]
             model = batcher.model
             default = "  (default)" if name == self.repository.default_model else ""
-            sig_in = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in model.inputs)
-            sig_out = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in model.outputs)
             lines.append(
-                f"  {name} v{sorted(served.versions)} on {model.device}: {sig_in} -> {sig_out}"
+                f"  {name} v{sorted(served.versions)} on {model.device}: {model.signature()}"
                 f"  batch<={batcher.max_batch_size}  threads {batcher.instances}x"
                 f"{batcher.intra_op_threads}{default}"
             )
