@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -246,3 +247,18 @@ def test_retries_of_a_full_queue_are_throttled_and_cannot_amplify_an_overload(
                 assert refusals() == 24
                 running.result()
                 queued.result()
+
+
+def test_a_timed_out_wait_for_a_server_leaves_no_thread_polling_the_channel() -> None:
+    """``wait_ready`` that times out (the server is still starting) must stop grpc's
+    connectivity thread: left subscribed, that thread polls the channel for ever and dies with
+    "Channel closed!" once the client is closed (``benchmarks/run.py`` printed that traceback)."""
+    before = set(threading.enumerate())
+    with Client(f"127.0.0.1:{free_port()}", timeout=5, retries=0) as client:
+        with pytest.raises(grpc.FutureTimeoutError):
+            client.wait_ready(timeout=0.3)
+        pollers = [t for t in threading.enumerate() if t not in before]
+        assert pollers, "expected grpc's connectivity thread to have started"
+        for poller in pollers:
+            poller.join(timeout=10)
+            assert not poller.is_alive(), "the channel is still being polled after the wait"

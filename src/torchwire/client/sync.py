@@ -93,9 +93,19 @@ class Client(ClientBase):
         return self._specs[(model, str(version or ""))]
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait until every channel is connected."""
+        """Wait until every channel is connected.
+
+        Raises:
+            grpc.FutureTimeoutError: a channel was not ready within ``timeout`` seconds.
+        """
         for channel in self._channels:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
+            ready = grpc.channel_ready_future(channel)
+            try:
+                ready.result(timeout=timeout)
+            finally:
+                # A future left waiting keeps grpc's connectivity thread polling the channel,
+                # and that thread dies with "Channel closed!" once the channel is closed.
+                ready.cancel()
 
     def close(self) -> None:
         for channel in self._channels:
