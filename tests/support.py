@@ -132,15 +132,15 @@ class Poisoned(nn.Module):
 
 
 class Busy(nn.Module):
-    """Burns CPU for x[0, 0] rounds of matrix products, then returns the row sums: a slow model
-    (TorchScript has no sleep)."""
+    """Burns CPU for x[0, 0] + 10 rounds of matrix products, then returns the row sums: a slow
+    model (TorchScript has no sleep), too slow to run on the event loop even on zeros."""
 
     def __init__(self) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.eye(256) * 0.5, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rounds = int(x[0, 0].item())
+        rounds = int(x[0, 0].item()) + 10
         y = torch.ones(256, 256)
         for _ in range(rounds):
             y = torch.tanh(y @ self.weight) + 1.0

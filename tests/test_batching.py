@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from support import Busy, Scale, ServerThread, in_process, write_model
-from torchwire.runtime.batcher import DEFAULT_TORCH_THREADS
+from torchwire.runtime.cost import DEFAULT_TORCH_THREADS
 
 
 def _batch_stats(server: ServerThread, model: str) -> tuple[float, float]:
@@ -158,11 +158,12 @@ def test_instances_share_the_load_and_batches_still_form(
 
 
 @pytest.mark.skipif(DEFAULT_TORCH_THREADS < 2, reason="one core: every model gets one thread")
-def test_a_model_without_a_threads_setting_gets_every_core_after_another_model_set_one(
+def test_a_model_without_a_threads_setting_weighs_every_core_after_another_model_set_one(
     tmp_path: Path, seed: SimpleNamespace
 ) -> None:
-    # `light` sets one intra-op thread in its inference thread; `heavy` is loaded afterwards (in
-    # a worker thread, which then reads torch's thread count as 1) and must still get them all.
+    # `light` sets one intra-op thread in its inference thread; `other` is loaded afterwards (in
+    # a worker thread, which then reads torch's thread count as 1) and must still be timed with
+    # every core before its threads are chosen.
     write_model(tmp_path / "light", Scale(2.0), [4], extra="[instances]\nthreads = 1\n")
     with ServerThread(repository=tmp_path, default_model="light") as server:
         with grpc.insecure_channel(server.target) as channel:
@@ -170,15 +171,15 @@ def test_a_model_without_a_threads_setting_gets_every_core_after_another_model_s
             assert list(stub.Predict(seed.pb2.PredictRequest(inputs=[1, 2, 3, 4])).outputs) == [
                 2, 4, 6, 8
             ]  # fmt: skip
-            write_model(tmp_path / "heavy", Scale(3.0), [4])
-            server.run(server.server.repository.load_model("heavy"))
+            write_model(tmp_path / "other", Scale(3.0), [4])
+            server.run(server.server.repository.load_model("other"))
             answer = stub.Predict(
-                seed.pb2.PredictRequest(inputs=[1, 2, 3, 4], metadata={"model": "heavy"})
+                seed.pb2.PredictRequest(inputs=[1, 2, 3, 4], metadata={"model": "other"})
             )
             assert list(answer.outputs) == [3, 6, 9, 12]
         repository = server.server.repository
         assert repository.get("light").intra_op_threads == 1
-        assert repository.get("heavy").intra_op_threads == DEFAULT_TORCH_THREADS
+        assert sorted(repository.get("other").cost.full_batch_s) == [1, DEFAULT_TORCH_THREADS]
     fresh = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
         capture_output=True, text=True, check=True,

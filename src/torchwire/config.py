@@ -190,6 +190,9 @@ class BatchingConfig(_Strict):
     """Longest a queued request waits for batchmates while the model is busy."""
     max_queue: int = Field(1024, ge=1)
     """Most items waiting; beyond it requests get RESOURCE_EXHAUSTED."""
+    inline_max_ms: float = Field(0.2, ge=0)
+    """A batch whose call is measured (at load) to take at most this long on one thread runs on
+    the event loop when it is idle, without a hand-off to an inference thread; 0: never."""
 
 
 class InstancesConfig(_Strict):
@@ -197,8 +200,8 @@ class InstancesConfig(_Strict):
     """Inference threads for this model, each running whole batches."""
     threads: int = Field(0, ge=0)
     """Intra-op (torch) threads of each instance; 0: --torch-threads shared among the instances
-    (1 on a GPU). A light model at a high request rate is faster with 1: the event loop needs a
-    core too."""
+    if given, else chosen at load from what a full batch measures (1 on a GPU). A light model
+    at a high request rate is faster with 1: the event loop needs a core too."""
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     """``cpu``, ``cuda`` or ``cuda:N``."""
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"

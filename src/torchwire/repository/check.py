@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torchwire.repository.sources import Scanner
 from torchwire.runtime import LoadedModel
-from torchwire.runtime.batcher import intra_op_threads
+from torchwire.runtime.cost import measure
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,11 @@ def check_repository(root: Path) -> list[CheckRow]:
             try:
                 model = LoadedModel.load(path, source.config)
                 model.warm_up()
+                cost = measure(model)
             except Exception as exc:
                 detail, ok = _one_line(str(exc)), False
             else:
-                threads = f"threads {model.config.instances.count}x{intra_op_threads(model)}"
+                threads = f"threads {model.config.instances.count}x{cost.threads} ({cost.why})"
                 detail, ok = f"{model.signature()}  {threads}", True
             rows.append(CheckRow(name, str(version), ok, time.monotonic() - started, detail))
     return sorted(rows, key=lambda row: (row.model, row.version))

@@ -22,6 +22,7 @@ from torchwire.errors import ConfigError, ModelNotFoundError, UnavailableError
 from torchwire.metrics import Metrics
 from torchwire.repository.sources import ModelSource, Scanner, Stamp
 from torchwire.runtime import Batcher, LoadedModel
+from torchwire.runtime.cost import measure
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,21 @@ def load_version(
     started = time.monotonic()
     model = LoadedModel.load(source.files[version], source.config)
     model.warm_up()
+    cost = measure(model, torch_threads)
+    batcher = Batcher(model, source.name, version, cost, metrics.for_model(source.name))
     log.info(
-        "loaded %s version %d from %s in %.2f s",
+        "loaded %s version %d from %s in %.2f s: %d intra-op thread(s) (%s), %s",
         source.name,
         version,
         source.files[version],
         time.monotonic() - started,
+        cost.threads,
+        cost.why,
+        f"batches of <= {batcher.inline_items} items inline"
+        if batcher.inline_items
+        else "no batch inline",
     )
-    return Batcher(model, source.name, version, torch_threads, metrics.for_model(source.name))
+    return batcher
 
 
 def _signature(batcher: Batcher) -> list[tuple[str, str, tuple[int, ...]]]:

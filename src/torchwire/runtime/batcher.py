@@ -13,13 +13,18 @@ waits for more requests until the batch is full or its oldest request has waited
 ``max_delay_ms``: otherwise the instances would split the queue into small batches. With nothing
 else in flight there is nothing to wait for, and the batch leaves at once.
 
-Only the queue hand-off and one ``call_soon_threadsafe`` per batch touch the event loop.
+Only the queue hand-off and one ``call_soon_threadsafe`` per batch touch the event loop, with one
+exception: a model whose calls cost less than handing them over (``runtime.cost``: a batch
+estimated within ``[batching] inline_max_ms``) runs on the event loop itself when no inference
+thread is busy and the loop is not (``LOOP_BUSY``). The decision is taken once per loop turn,
+after that turn's requests are queued. A busy server still batches in the inference threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -42,28 +47,61 @@ from torchwire.errors import (
     UnavailableError,
 )
 from torchwire.metrics import ModelMetrics
+from torchwire.runtime.cost import CallCost
 from torchwire.runtime.model import Arrays, LoadedModel
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TORCH_THREADS = torch.get_num_threads()
-"""torch's intra-op threads before any inference thread sets its own, read once at import. Read
-later it would not do: ``torch.set_num_threads`` in one thread becomes what every thread started
-after it reads (models are loaded in worker threads, after another model's inference thread may
-have set 1), and resnet18 ran on one core of two because of it."""
+LOOP_BUSY = 0.7
+"""Above this share of wall time in which the event loop's thread ran or waited for a core,
+cheap batches go to the inference threads again: the loop is needed for requests, and a busy
+server batches."""
+_LOAD_WINDOW_S = 0.02
+INLINE_GIVE_UP_S = 0.002
+INLINE_GIVE_UP_FACTOR = 10
+"""A batch run on the event loop that takes more CPU time than both of these (seconds, and
+times its estimate) turns inline runs off for the model version: its cost was misjudged."""
 
 
-def intra_op_threads(model: LoadedModel, torch_threads: int = 0) -> int:
-    """Intra-op threads of each of ``model``'s inference threads: its ``[instances] threads``,
-    else ``torch_threads`` (0: torch's default) shared among its instances; 1 on a GPU, where
-    the model computes and intra-op threads would only spin beside the event loop (16 of them
-    cost 10 ms of CPU per image on an H200)."""
-    instances = model.config.instances
-    if instances.threads:
-        return instances.threads
-    if model.device.type == "cuda":
-        return 1
-    return max(1, (torch_threads or DEFAULT_TORCH_THREADS) // instances.count)
+class _LoopLoad:
+    """The share of wall time the calling thread (the event loop's) wanted a CPU: ran, or was
+    ready to and waited for one (Linux's schedstat; elsewhere, the time it ran), over the last
+    complete window of about ``_LOAD_WINDOW_S``. A loop that waits for a core is as busy as one
+    that runs: on a machine whose cores are all taken, the CPU time alone looks idle."""
+
+    __slots__ = ("_fd", "_since", "_wanted", "busy")
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open(
+                f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY
+            )
+        except OSError:
+            self._fd = None
+        self._since, self._wanted, self.busy = time.perf_counter(), self._read(), 0.0
+
+    def _read(self) -> float:
+        if self._fd is not None:
+            try:
+                ran_ns, waited_ns, _ = os.pread(self._fd, 64, 0).split()
+                return (int(ran_ns) + int(waited_ns)) / 1e9
+            except (OSError, ValueError):
+                os.close(self._fd)
+                self._fd = None
+        return time.thread_time()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def update(self) -> float:
+        now = time.perf_counter()
+        if now - self._since >= _LOAD_WINDOW_S:
+            wanted = self._read()
+            self.busy = (wanted - self._wanted) / (now - self._since)
+            self._since, self._wanted = now, wanted
+        return self.busy
 
 
 @dataclass(slots=True, eq=False)
@@ -103,7 +141,8 @@ class Batcher:
     Args:
         model: the loaded model; called only from this batcher's threads.
         label: how logs and errors name the model, e.g. ``recsys:1``.
-        torch_threads: intra-op threads shared by the inference threads (0: all cores).
+        cost: the model's measured call times and intra-op threads (``runtime.cost.measure``;
+            None: one thread, nothing runs inline).
         metrics: where to observe queue time, compute time and batch sizes.
     """
 
@@ -112,7 +151,7 @@ class Batcher:
         model: LoadedModel,
         name: str,
         version: int,
-        torch_threads: int = 0,
+        cost: CallCost | None = None,
         metrics: ModelMetrics | None = None,
     ) -> None:
         self.model = model
@@ -125,8 +164,15 @@ class Batcher:
         self.max_queue = batching.max_queue
         self.max_delay_s = batching.max_delay_ms / 1000
         self.instances = model.config.instances.count
-        self.intra_op_threads = intra_op_threads(model, torch_threads)
+        self.cost = cost or CallCost(1, "not measured")
+        self.intra_op_threads = self.cost.threads
         """Intra-op (torch) threads of each of this model's inference threads."""
+        self.inline_items = self.cost.inline_items(
+            batching.inline_max_ms / 1000, self.max_batch_size
+        )
+        """Most items a batch may have to run on the event loop (0: never)."""
+        self._flush_pending = False
+        self._loop_load: _LoopLoad | None = None  # made on the loop's thread, by start()
         self._queue: deque[_Request] = deque()
         self._queued_items = 0
         self._computing = 0  # instance threads inside a model call
@@ -139,6 +185,9 @@ class Batcher:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the inference threads; answers are delivered on ``loop``."""
         self._loop = loop
+        if self.inline_items:  # the loop thread runs the model too: on one intra-op thread
+            torch.set_num_threads(1)
+            self._loop_load = _LoopLoad()
         for index in range(self.instances):
             thread = threading.Thread(
                 target=self._run, name=f"torchwire-{self.label}-{index}", daemon=True
@@ -185,8 +234,44 @@ class Batcher:
             key = tuple(a.shape[1:] for a in arrays)
             self._queue.append(_Request(arrays, items, future, deadline, shape_key=key))
             self._queued_items += items
-            self._cond.notify()
+            if not self.inline_items:
+                self._cond.notify()
+            elif not self._flush_pending:  # decide once this loop turn's requests are queued
+                self._flush_pending = True
+                self._loop.call_soon(self._flush)
         return future
+
+    def _flush(self) -> None:
+        """On the event loop: run what is queued right here if it is cheap, no inference
+        thread is busy and the loop is not; else wake an inference thread."""
+        self._flush_pending = False
+        assert self._loop_load is not None
+        busy = self._loop_load.update() > LOOP_BUSY
+        with self._cond:
+            if not self._queue:
+                return
+            if busy or self._computing or self._closing or self._queued_items > self.inline_items:
+                self._cond.notify()
+                return
+            first = self._queue.popleft()
+            self._queued_items -= first.items
+            batch = [first]
+            self._fill(batch, first.items)
+            if self._queue:  # other shapes: they do not batch with these
+                self._cond.notify()
+            self._computing += 1
+        started = time.thread_time()
+        _deliver(self._process(batch))
+        spent = time.thread_time() - started
+        estimate = self.cost.seconds(sum(request.items for request in batch))
+        if spent > max(INLINE_GIVE_UP_S, INLINE_GIVE_UP_FACTOR * estimate):
+            self.inline_items = 0
+            log.warning(
+                "%s: a batch took %.1f ms on the event loop, %.2f ms expected (the model's cost "
+                "depends on its inputs' values?); its batches run in its inference threads from "
+                "now on (set [batching] inline_max_ms = 0 to start so)",
+                self.label, spent * 1e3, estimate * 1e3,
+            )  # fmt: skip
 
     def _drain_estimate_ms(self) -> int:
         """How long the queued items take to compute, at the mean per-item time so far (call
@@ -204,6 +289,8 @@ class Batcher:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        if self._loop_load is not None:
+            self._loop_load.close()
         threads, self._threads = self._threads, []
         deadline = time.monotonic() + timeout_s
         for thread in threads:
@@ -222,20 +309,25 @@ class Batcher:
     def _run(self) -> None:
         torch.set_num_threads(self.intra_op_threads)
         while (batch := self._take()) is not None:
-            try:
-                outcomes = self._compute(batch)
-            except Exception as exc:  # a bug here must not kill the thread or strand callers
-                log.exception("inference thread of %s failed on a batch", self.label)
-                outcomes = [(r, ModelExecutionError(f"internal error: {exc}")) for r in batch]
-            finally:
-                with self._cond:
-                    self._computing -= 1
+            outcomes = self._process(batch)
             assert self._loop is not None
-            self._tally(outcomes)
             try:
                 self._loop.call_soon_threadsafe(_deliver, outcomes)
             except RuntimeError:  # the loop is closed: nobody is left to answer
                 return
+
+    def _process(self, batch: list[_Request]) -> list[_Outcome]:
+        """Compute a batch taken from the queue (``_computing`` counts it); count the outcomes."""
+        try:
+            outcomes = self._compute(batch)
+        except Exception as exc:  # a bug here must not kill the thread or strand callers
+            log.exception("%s failed on a batch", self.label)
+            outcomes = [(r, ModelExecutionError(f"internal error: {exc}")) for r in batch]
+        finally:
+            with self._cond:
+                self._computing -= 1
+        self._tally(outcomes)
+        return outcomes
 
     def _take(self) -> list[_Request] | None:
         with self._cond:

@@ -281,10 +281,11 @@ class Server:
             batcher = served.versions[served.default_version]
             model = batcher.model
             default = "  (default)" if name == self.repository.default_model else ""
+            inline = f"  inline<={batcher.inline_items}" if batcher.inline_items else ""
             lines.append(
                 f"  {name} v{sorted(served.versions)} on {model.device}: {model.signature()}"
                 f"  batch<={batcher.max_batch_size}  threads {batcher.instances}x"
-                f"{batcher.intra_op_threads}{default}"
+                f"{batcher.intra_op_threads}{inline}{default}"
             )
         lines.append(
             "  APIs: /ModelService/Predict, /ModelService/PredictStream, "
