@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -145,6 +146,14 @@ class Busy(nn.Module):
         for _ in range(rounds):
             y = torch.tanh(y @ self.weight) + 1.0
         return x.sum(dim=1, keepdim=True) + y[0, 0] * 0.0
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Gate on a state of the server (no fixed sleep standing in for "long enough")."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.005)
 
 
 def write_model(

@@ -15,7 +15,8 @@ import grpc
 import numpy as np
 import pytest
 
-from support import Busy, Scale, ServerThread, in_process, write_model
+from support import Busy, Scale, ServerThread, in_process, wait_until, write_model
+from torchwire.runtime import Batcher
 from torchwire.runtime.cost import DEFAULT_TORCH_THREADS
 
 
@@ -69,10 +70,15 @@ def slow_server(tmp_path: Path) -> Iterator[ServerThread]:
         yield server
 
 
-def _occupy(stub: Any, seed: SimpleNamespace, rounds: int = 3000) -> Any:
-    """Start a call that keeps the model busy for about a second; return its future."""
+def _busy(server: ServerThread) -> Batcher:
+    return server.server.repository.get("busy")
+
+
+def _occupy(server: ServerThread, stub: Any, seed: SimpleNamespace, rounds: int = 3000) -> Any:
+    """Start a call that keeps the model busy for about a second; return its future once the
+    model computes it (the next requests queue behind it)."""
     future = stub.Predict.future(seed.pb2.PredictRequest(inputs=[rounds, 0, 0, 0]), timeout=30)
-    time.sleep(0.2)  # it is computing now: the next requests queue behind it
+    wait_until(lambda: _busy(server).computing == 1, "the busy request computes")
     return future
 
 
@@ -81,11 +87,11 @@ def test_expired_and_cancelled_requests_are_never_computed(
 ) -> None:
     with grpc.insecure_channel(slow_server.target) as channel:
         stub = seed.grpc.ModelServiceStub(channel)
-        busy = _occupy(stub, seed)
+        busy = _occupy(slow_server, stub, seed)
         expiring = stub.Predict.future(seed.pb2.PredictRequest(inputs=[0, 1, 0, 0]), timeout=0.2)
         cancelled = stub.Predict.future(seed.pb2.PredictRequest(inputs=[0, 2, 0, 0]), timeout=30)
         kept = stub.Predict.future(seed.pb2.PredictRequest(inputs=[0, 3, 0, 0]), timeout=30)
-        time.sleep(0.1)
+        wait_until(lambda: _busy(slow_server).queued_items == 3, "three requests queued")
         cancelled.cancel()
         with pytest.raises(grpc.RpcError) as expired:
             expiring.result()
@@ -101,9 +107,9 @@ def test_a_full_queue_answers_resource_exhausted_then_recovers(
 ) -> None:
     with grpc.insecure_channel(slow_server.target) as channel:
         stub = seed.grpc.ModelServiceStub(channel)
-        busy = _occupy(stub, seed)
+        busy = _occupy(slow_server, stub, seed)
         queued = stub.Predict.future(seed.pb2.PredictRequest(inputs=[0] * 12), timeout=30)
-        time.sleep(0.1)  # three items wait now: the queue is full
+        wait_until(lambda: _busy(slow_server).queued_items == 3, "the queue is full")
         with pytest.raises(grpc.RpcError) as refused:
             stub.Predict(seed.pb2.PredictRequest(inputs=[0, 1, 0, 0]), timeout=30)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

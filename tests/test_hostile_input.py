@@ -3,7 +3,6 @@ test named for it. Every answer is a precise status, and the server goes on serv
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +16,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from support import Busy, Scale, ServerThread, free_port, write_model
+from support import Busy, Scale, ServerThread, free_port, wait_until, write_model
 from torchwire.server import kserve
 
 
@@ -64,13 +63,6 @@ def _gauge(server: ServerThread, model: str) -> float:
         "torchwire_inflight_requests", {"model": model}
     )
     return value or 0.0
-
-
-def _wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def test_finding_2_a_v2_stream_survives_a_request_that_raises_unexpectedly(
@@ -160,14 +152,14 @@ def test_finding_6_cancelled_streams_leave_nothing_in_flight_and_are_counted(
         for _ in range(5):
             # V2: many requests in flight, then the caller goes away.
             v2 = stub.ModelStreamInfer(iter([_request("busy", [1, 4], slow.tobytes())] * 40))
-            _wait_until(lambda: _gauge(server, "busy") > 0, "nothing reached the model")
+            wait_until(lambda: _gauge(server, "busy") > 0, "nothing reached the model")
             v2.cancel()
             # Seed: more requests than the stream's window, so the reader blocks, then cancel.
             requests = [seed.pb2.PredictRequest(inputs=slow.ravel(), metadata={"model": "busy"})]
             call = seed_stub.PredictStream(iter(requests * 300))  # window: 128
-            _wait_until(lambda: _gauge(server, "busy") > 0, "nothing reached the model")
+            wait_until(lambda: _gauge(server, "busy") > 0, "nothing reached the model")
             call.cancel()
-    _wait_until(lambda: _gauge(server, "busy") == 0, "the in-flight gauge never came back to 0")
+    wait_until(lambda: _gauge(server, "busy") == 0, "the in-flight gauge never came back to 0")
     assert cancelled("v2_stream") > before["v2_stream"]
     assert cancelled("seed_stream") > before["seed_stream"]
 

@@ -7,7 +7,7 @@ import json
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,16 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from support import TORCHWIRE, Busy, CliServer, ServerThread, free_port, in_process, write_model
+from support import (
+    TORCHWIRE,
+    Busy,
+    CliServer,
+    ServerThread,
+    free_port,
+    in_process,
+    wait_until,
+    write_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -204,16 +213,6 @@ def test_binary_data_that_does_not_add_up_is_refused(server: ServerThread) -> No
     assert status == 400 and "Inference-Header-Content-Length" in error
 
 
-def _wait_until(condition: Callable[[], bool]) -> None:
-    """Gate on the server's state (no fixed sleep)."""
-    import time
-
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, "the server never reached the state"
-        time.sleep(0.005)
-
-
 def test_queue_full_is_429_and_a_passed_timeout_is_504(server: ServerThread) -> None:
     busy = server.server.repository.get("busy")  # type: ignore[union-attr]
     url = f"http://127.0.0.1:{server.server.http_port}/v2/models/busy/infer"
@@ -231,9 +230,9 @@ def test_queue_full_is_429_and_a_passed_timeout_is_504(server: ServerThread) -> 
 
     with ThreadPoolExecutor(2) as pool:
         occupying = pool.submit(infer, 3000)  # about a second of model time
-        _wait_until(lambda: busy._computing == 1)
+        wait_until(lambda: busy.computing == 1, "the busy request computes")
         expiring = pool.submit(infer, 0, {"timeout": 1000})  # 1 ms: expires while queued
-        _wait_until(lambda: busy._queued_items == 1)
+        wait_until(lambda: busy.queued_items == 1, "one item queued")
         status, answer = infer(0)  # the queue (1 item) is full
         assert status == 429 and "queue full (1 of 1 items waiting" in answer["error"]
         assert int(answer["Retry-After"]) >= 1  # seconds: the queue's drain estimate

@@ -6,7 +6,6 @@ import queue
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from support import Busy, Scale, ServerThread, in_process, write_model
+from support import Busy, Scale, ServerThread, in_process, wait_until, write_model
 from torchwire.repository import ensure_demo_repository
 from torchwire.runtime.cost import DEFAULT_TORCH_THREADS
 
@@ -344,7 +343,8 @@ def test_unload_lets_in_flight_requests_finish(tmp_path: Path) -> None:
                 [_input("x", slow)],
                 callback=lambda result, error: done.put((result, error)),
             )
-            time.sleep(0.3)
+            busy = server.server.repository.get("busy")
+            wait_until(lambda: busy.computing == 1, "the slow request computes")
             client.unload_model("busy")
             result, error = done.get(timeout=30)
             assert error is None and result.as_numpy("output").tolist() == [[3001.0]]

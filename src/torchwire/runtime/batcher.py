@@ -182,6 +182,16 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = VersionStats()
 
+    @property
+    def queued_items(self) -> int:
+        """Items waiting in the queue now."""
+        return self._queued_items
+
+    @property
+    def computing(self) -> int:
+        """Batches being computed now (by the inference threads, or on the event loop)."""
+        return self._computing
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the inference threads; answers are delivered on ``loop``."""
         self._loop = loop
