@@ -91,7 +91,8 @@ class ServerSettings(_Strict):
     """On SIGTERM/SIGINT, keep serving this long with health NOT_SERVING before refusing new
     calls, so that load balancers stop routing here first."""
     torch_threads: int = Field(0, ge=0)
-    """Intra-op threads shared by a model's inference threads; 0 means the number of cores."""
+    """Intra-op threads shared by a model's inference threads; 0: chosen per model at load
+    (torch's threads where a timed full batch gains from them, else 1; ``runtime.cost``)."""
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     """Where the built-in demo repository is built, once."""
     auth_token_file: Path | None = None
