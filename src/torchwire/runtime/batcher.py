@@ -64,8 +64,10 @@ inline runs existed."""
 _LOAD_WINDOW_S = 0.02
 INLINE_GIVE_UP_S = 0.002
 INLINE_GIVE_UP_FACTOR = 10
-"""A batch run on the event loop that takes more CPU time than both of these (seconds, and
-times its estimate) turns inline runs off for the model version: its cost was misjudged."""
+INLINE_GIVE_UP_AFTER = 2
+"""Successful batches on the event loop, in a row, that each took more CPU time than both of
+these (seconds, and times the estimate) turn inline runs off for the model version: its cost
+was misjudged. Two, so that one garbage collection during a call does not."""
 
 
 class _LoopLoad:
@@ -178,6 +180,8 @@ class Batcher:
         """Most items a batch may have to run on the event loop (0: never)."""
         self._flush_pending = False
         self._loop_load: _LoopLoad | None = None  # made on the loop's thread, by start()
+        self._gathering = 0  # inference threads holding a partial batch, waiting for more
+        self._overruns = 0  # inline batches in a row that cost far more than estimated
         self._queue: deque[_Request] = deque()
         self._queued_items = 0
         self._computing = 0  # instance threads inside a model call
@@ -200,15 +204,15 @@ class Batcher:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the inference threads; answers are delivered on ``loop``."""
         self._loop = loop
-        if self.inline_items:  # the loop thread runs the model too: on one intra-op thread
-            torch.set_num_threads(1)
-            self._loop_load = _LoopLoad()
         for index in range(self.instances):
             thread = threading.Thread(
                 target=self._run, name=f"torchwire-{self.label}-{index}", daemon=True
             )
             thread.start()
             self._threads.append(thread)
+        if self.inline_items:  # the loop thread runs the model too: on one intra-op thread
+            torch.set_num_threads(1)
+            self._loop_load = _LoopLoad()
 
     def submit(
         self, arrays: Sequence[np.ndarray[Any, Any]], items: int, deadline: float | None = None
@@ -249,23 +253,29 @@ class Batcher:
             key = tuple(a.shape[1:] for a in arrays)
             self._queue.append(_Request(arrays, items, future, deadline, shape_key=key))
             self._queued_items += items
-            if not self.inline_items:
+            if not self._may_run_inline():
                 self._cond.notify()
             elif not self._flush_pending:  # decide once this loop turn's requests are queued
                 self._flush_pending = True
                 self._loop.call_soon(self._flush)
         return future
 
+    def _may_run_inline(self) -> bool:
+        """Whether what is queued may yet run on the event loop (call with ``_cond`` held): the
+        model is cheap, no inference thread holds a batch, and the loop is not busy."""
+        if not self.inline_items or self._computing or self._gathering or self._closing:
+            return False
+        assert self._loop_load is not None
+        return self._loop_load.update() <= LOOP_BUSY
+
     def _flush(self) -> None:
         """On the event loop: run what is queued right here if it is cheap, no inference
         thread is busy and the loop is not; else wake an inference thread."""
         self._flush_pending = False
-        assert self._loop_load is not None
-        busy = self._loop_load.update() > LOOP_BUSY
         with self._cond:
             if not self._queue:
                 return
-            if busy or self._computing or self._closing or self._queued_items > self.inline_items:
+            if self._queued_items > self.inline_items or not self._may_run_inline():
                 self._cond.notify()
                 return
             first = self._queue.popleft()
@@ -276,17 +286,30 @@ class Batcher:
                 self._cond.notify()
             self._computing += 1
         started = time.thread_time()
-        _deliver(self._process(batch))
+        outcomes = self._process(batch)
         spent = time.thread_time() - started
-        estimate = self.cost.seconds(sum(request.items for request in batch))
-        if spent > max(INLINE_GIVE_UP_S, INLINE_GIVE_UP_FACTOR * estimate):
-            self.inline_items = 0
-            log.warning(
-                "%s: a batch took %.1f ms on the event loop, %.2f ms expected (the model's cost "
-                "depends on its inputs' values?); its batches run in its inference threads from "
-                "now on (set [batching] inline_max_ms = 0 to start so)",
-                self.label, spent * 1e3, estimate * 1e3,
-            )  # fmt: skip
+        _deliver(outcomes)
+        if not any(isinstance(outcome, TorchwireError) for _, outcome in outcomes):
+            self._judge_inline(spent, sum(request.items for request in batch))
+
+    def _judge_inline(self, spent: float, items: int) -> None:
+        """After a batch that succeeded on the loop in ``spent`` s of CPU: a second overrun in a
+        row (``INLINE_GIVE_UP_*``) turns inline runs off; the model's cost was misjudged."""
+        estimate = self.cost.seconds(items)
+        if spent <= max(INLINE_GIVE_UP_S, INLINE_GIVE_UP_FACTOR * estimate):
+            self._overruns = 0
+            return
+        self._overruns += 1
+        if self._overruns < INLINE_GIVE_UP_AFTER:
+            return
+        self.inline_items = 0
+        log.warning(
+            "%s: %d batches in a row took far longer on the event loop than measured at load "
+            "(the last %.1f ms of CPU, %.2f ms expected; does the model's cost depend on its "
+            "inputs' values?); its batches run in its inference threads from now on (set "
+            "[batching] inline_max_ms = 0 to start so)",
+            self.label, self._overruns, spent * 1e3, estimate * 1e3,
+        )  # fmt: skip
 
     def _drain_estimate_ms(self) -> int:
         """How long the queued items take to compute, at the mean per-item time so far (call
@@ -334,14 +357,15 @@ class Batcher:
     def _process(self, batch: list[_Request]) -> list[_Outcome]:
         """Compute a batch taken from the queue (``_computing`` counts it); count the outcomes."""
         try:
-            outcomes = self._compute(batch)
-        except Exception as exc:  # a bug here must not kill the thread or strand callers
-            log.exception("%s failed on a batch", self.label)
-            outcomes = [(r, ModelExecutionError(f"internal error: {exc}")) for r in batch]
+            try:
+                outcomes = self._compute(batch)
+            except Exception as exc:  # a bug here must not kill the thread or strand callers
+                log.exception("%s failed on a batch", self.label)
+                outcomes = [(r, ModelExecutionError(f"internal error: {exc}")) for r in batch]
+            self._tally(outcomes)  # before another batch can start and tally too
         finally:
             with self._cond:
                 self._computing -= 1
-        self._tally(outcomes)
         return outcomes
 
     def _take(self) -> list[_Request] | None:
@@ -357,11 +381,15 @@ class Batcher:
             if items < self.max_batch_size and self._computing and self.max_delay_s:
                 # Another instance is busy: wait a little for batchmates rather than run small.
                 deadline = first.enqueued_at + self.max_delay_s
-                while items < self.max_batch_size and not self._closing:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not self._cond.wait(remaining):
-                        break
-                    items = self._fill(batch, items)
+                self._gathering += 1
+                try:
+                    while items < self.max_batch_size and not self._closing:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0 or not self._cond.wait(remaining):
+                            break
+                        items = self._fill(batch, items)
+                finally:
+                    self._gathering -= 1
             self._computing += 1
             return batch
 
