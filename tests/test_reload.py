@@ -24,6 +24,7 @@ from torch import nn
 
 from support import Busy, Scale, ServerThread, health_status, write_model
 from torchwire import Client, TorchwireError
+from torchwire.runtime import LoadedModel
 
 FAST_WATCH = {"watch_interval_s": 0.1, "watch_settle_s": 0.3}
 
@@ -199,6 +200,41 @@ def test_bad_files_of_every_kind_leave_the_serving_version(
         wait_for(lambda: loads(server, "m", "failed") == 3, "the bad config")
         assert list(stub.Predict(request, timeout=10).outputs) == [2, 4, 6, 8]
         channel.close()
+
+
+def test_a_file_replaced_while_the_models_load_is_picked_up(
+    tmp_path: Path, seed: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The watcher once took its first look at the files after the load: a file replaced while
+    # the models loaded (a deploy racing a start) was never served. The test holds the load.
+    path = write_model(tmp_path / "m", Scale(2.0), [4]) / "1" / "model.pt"
+    loading, release = threading.Event(), threading.Event()
+    warm_up = LoadedModel.warm_up
+
+    def held(self: LoadedModel) -> None:
+        if not loading.is_set():  # only the first load waits for the test
+            loading.set()
+            assert release.wait(60)
+        warm_up(self)
+
+    monkeypatch.setattr(LoadedModel, "warm_up", held)
+    server = ServerThread(repository=tmp_path, **FAST_WATCH)
+    starting = server.begin()
+    try:
+        assert loading.wait(60)  # Scale(2.0) is read; now the file changes under it
+        replace_atomically(path, scripted_bytes(Scale(3.0)))
+        release.set()
+        starting.result(timeout=60)
+        with grpc.insecure_channel(server.target) as channel:
+            stub = seed.grpc.ModelServiceStub(channel)
+            request = seed.pb2.PredictRequest(inputs=[1, 2, 3, 4], metadata={"model": "m"})
+            wait_for(
+                lambda: list(stub.Predict(request, timeout=10).outputs) == [3, 6, 9, 12],
+                "the replaced file served",
+            )
+    finally:
+        release.set()
+        server.stop()
 
 
 def test_a_new_version_becomes_the_default_and_the_old_one_drains(

@@ -3,7 +3,7 @@
 from torchwire.repository.demo import ensure_demo_repository
 from torchwire.repository.repository import ModelRepository, ServedModel
 from torchwire.repository.sources import ModelSource, Scanner, model_file_source
-from torchwire.repository.watcher import RepositoryWatcher
+from torchwire.repository.watcher import RepositoryWatcher, snapshot
 
 __all__ = [
     "ModelRepository",
@@ -13,4 +13,5 @@ __all__ = [
     "ServedModel",
     "ensure_demo_repository",
     "model_file_source",
+    "snapshot",
 ]

@@ -15,10 +15,16 @@ import logging
 from typing import Literal
 
 from torchwire.repository.repository import ModelRepository
+from torchwire.repository.sources import Scanner
 
 log = logging.getLogger(__name__)
 
 WatchMode = Literal["auto", "poll", "off"]
+
+
+async def snapshot(scanner: Scanner) -> dict[str, object]:
+    """The repository's file stamps now (read off the event loop)."""
+    return dict(await asyncio.to_thread(scanner.snapshot))
 
 
 class RepositoryWatcher:
@@ -30,7 +36,11 @@ class RepositoryWatcher:
         mode: WatchMode = "auto",
         interval_s: float = 1.0,
         settle_s: float = 0.5,
+        baseline: dict[str, object] | None = None,
     ) -> None:
+        """``baseline``: the stamps from before the repository was loaded (``snapshot()``);
+        without it, those of when ``run`` starts, and a change made while the models loaded
+        would never be noticed."""
         self.repository = repository
         self.mode = mode
         self.interval_s = interval_s
@@ -38,6 +48,7 @@ class RepositoryWatcher:
         self._wake = asyncio.Event()
         self._forced = False
         self._stop = asyncio.Event()
+        self._baseline = baseline
 
     def trigger(self) -> None:
         """Rescan now, even if no stamp changed (SIGHUP)."""
@@ -61,7 +72,7 @@ class RepositoryWatcher:
             log.warning("file events unavailable (%s); polling every %.1f s", exc, self.interval_s)
 
     async def _snapshot(self) -> dict[str, object]:
-        return dict(await asyncio.to_thread(self.repository.scanner.snapshot))
+        return await snapshot(self.repository.scanner)
 
     async def _settled(self, current: dict[str, object]) -> dict[str, object]:
         """Wait until the stamps stop changing for ``settle_s``; return them."""
@@ -75,7 +86,7 @@ class RepositoryWatcher:
 
     async def run(self) -> None:
         notifier = asyncio.create_task(self._notify()) if self.mode == "auto" else None
-        applied = await self._snapshot()
+        applied = self._baseline if self._baseline is not None else await self._snapshot()
         try:
             while not self._stop.is_set():
                 with contextlib.suppress(TimeoutError):

@@ -28,6 +28,7 @@ from torchwire.repository import (
     RepositoryWatcher,
     Scanner,
     ensure_demo_repository,
+    snapshot,
 )
 from torchwire.server.auth import Access, TokenInterceptor
 from torchwire.server.connections import connection_limits
@@ -120,6 +121,8 @@ class Server:
             self._spawn(self.watchdog.run())
         if self.worker is None:  # a lone server answers probes (NOT_SERVING) while it loads
             await self._serve(repository)
+        # Stamps from before the load: a file changed while the models load is picked up.
+        baseline = await snapshot(scanner) if self.settings.watch != "off" else None
         try:
             await repository.load()
             if self.worker is not None:  # a worker takes connections only once it can answer
@@ -140,6 +143,7 @@ class Server:
                 self.settings.watch,
                 self.settings.watch_interval_s,
                 self.settings.watch_settle_s,
+                baseline,
             )
             self._spawn(self.watcher.run())
         self._log_banner()
