@@ -278,10 +278,7 @@ class Batcher:
             if self._queued_items > self.inline_items or not self._may_run_inline():
                 self._cond.notify()
                 return
-            first = self._queue.popleft()
-            self._queued_items -= first.items
-            batch = [first]
-            self._fill(batch, first.items)
+            batch, _ = self._first_batch()
             if self._queue:  # other shapes: they do not batch with these
                 self._cond.notify()
             self._computing += 1
@@ -374,10 +371,8 @@ class Batcher:
                 if self._closing:
                     return None
                 self._cond.wait()
-            first = self._queue.popleft()
-            batch, items = [first], first.items
-            self._queued_items -= items
-            items = self._fill(batch, items)
+            batch, items = self._first_batch()
+            first = batch[0]
             if items < self.max_batch_size and self._computing and self.max_delay_s:
                 # Another instance is busy: wait a little for batchmates rather than run small.
                 deadline = first.enqueued_at + self.max_delay_s
@@ -392,6 +387,14 @@ class Batcher:
                     self._gathering -= 1
             self._computing += 1
             return batch
+
+    def _first_batch(self) -> tuple[list[_Request], int]:
+        """Take the oldest request and what fits beside it (under the lock); return the batch
+        and its items."""
+        first = self._queue.popleft()
+        self._queued_items -= first.items
+        batch = [first]
+        return batch, self._fill(batch, first.items)
 
     def _fill(self, batch: list[_Request], items: int) -> int:
         """Move queued requests that fit into ``batch`` (under the lock); return its items."""
