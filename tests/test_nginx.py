@@ -11,28 +11,48 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import psutil
 import pytest
 
-from support import CliServer, free_port
+from support import (
+    CliServer,
+    Scale,
+    ServerThread,
+    free_port,
+    health_status,
+    wait_until,
+    write_model,
+)
 from torchwire import Client
 from torchwire._proto import modelservice_messages_pb2 as pb
 
 CONFIG = Path(__file__).parents[1] / "deploy" / "nginx" / "torchwire.conf"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 PREDICT = "/ModelService/Predict"
+LIMIT = "limit_conn torchwire_inference 64;"
+V2_INFER = "/inference.GRPCInferenceService/ModelInfer"
+NO_INLINE = "[batching]\ninline_max_ms = 0\n"
 
 
 class Nginx:
     """nginx in the foreground on the shipped config, front and replica ports substituted."""
 
-    def __init__(self, prefix: Path, front: int, replicas: tuple[int, int]) -> None:
-        self.prefix, self.front, self.replicas = prefix, front, replicas
+    def __init__(
+        self,
+        prefix: Path,
+        front: int,
+        replicas: tuple[int, int],
+        down: int | None = None,
+        limit: int | None = None,
+    ) -> None:
+        self.prefix, self.front, self.replicas, self.limit = prefix, front, replicas, limit
         self.config = prefix / "nginx.conf"
-        self.write()
+        prefix.mkdir(exist_ok=True)
+        self.write(down)
         subprocess.run([*self._base(), "-t", "-q"], check=True, capture_output=True)
         self.process = subprocess.Popen([*self._base(), "-g", "daemon off;"])
         self.wait_listening()
@@ -45,6 +65,9 @@ class Nginx:
         for default, port in zip((50051, 50052), self.replicas, strict=True):
             mark = " down" if port == down else ""
             text = text.replace(f"server 127.0.0.1:{default} ", f"server 127.0.0.1:{port}{mark} ")
+        if self.limit is not None:
+            assert LIMIT in text
+            text = text.replace(LIMIT, f"limit_conn torchwire_inference {self.limit};")
         self.config.write_text(text)
 
     def wait_listening(self) -> None:
@@ -205,3 +228,68 @@ def test_a_replica_killed_under_load_loses_no_request_of_torchwire_client(
     assert victim.process.wait(10) == -signal.SIGKILL
     # The kill did cut calls short (nginx logged them), and the client's retries covered them.
     assert "upstream_status=502" in (nginx.prefix / "access.log").read_text()
+
+
+def _predict_request(model: str, values: list[float]) -> bytes:
+    return pb.PredictRequest(
+        raw_inputs=np.array(values, np.float32).tobytes(), metadata={"model": model}
+    ).SerializeToString()
+
+
+def _outputs(answer: bytes) -> list[float]:
+    raw = pb.PredictResponse.FromString(answer).raw_outputs
+    return np.frombuffer(raw, np.float32).tolist()
+
+
+def test_nginx_refuses_inference_calls_beyond_its_limit_at_once_with_a_retry_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A model whose calls the test holds (on its inference thread: inline runs off), behind the
+    # shipped config with a limit of 2 inference calls in flight.
+    write_model(tmp_path / "repo" / "scale", Scale(2.0), [2], extra=NO_INLINE)
+    with ServerThread(repository=tmp_path / "repo") as server:
+        batcher = server.server.repository.get("scale")
+        release = threading.Event()
+        run_batch = batcher.model.run_batch
+
+        def held(arrays: Any) -> Any:
+            release.wait(60)
+            return run_batch(arrays)
+
+        monkeypatch.setattr(batcher.model, "run_batch", held)
+        spare = free_port()
+        nginx = Nginx(
+            tmp_path / "nginx", free_port(), (server.server.port, spare), down=spare, limit=2
+        )
+        try:
+            with grpc.insecure_channel(nginx.target) as channel:
+                predict = channel.unary_unary(PREDICT)
+                first = predict.future(_predict_request("scale", [1, 1]), timeout=60)
+                wait_until(lambda: batcher.computing == 1, "the first call computes")
+                second = predict.future(_predict_request("scale", [2, 2]), timeout=60)
+                wait_until(lambda: batcher.queued_items == 1, "the second call is queued")
+
+                # A third inference call, seed or KServe V2, is refused by nginx, never sent on.
+                with pytest.raises(grpc.RpcError) as refused:
+                    predict(_predict_request("scale", [3, 3]), timeout=60)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "too many inference calls in flight" in refused.value.details()
+                hints = dict(refused.value.trailing_metadata())
+                assert hints["torchwire-retry-after-ms"] == "50"
+                assert hints["grpc-retry-pushback-ms"] == "50"
+                with pytest.raises(grpc.RpcError) as refused_v2:
+                    channel.unary_unary(V2_INFER)(b"", timeout=60)
+                assert refused_v2.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert batcher.queued_items == 1 and batcher.stats.inference_count == 0
+                # Health is not an inference call: still answered through nginx.
+                assert health_status(nginx.target) == "SERVING"
+
+                release.set()
+                assert _outputs(first.result()) == [2, 2]
+                assert _outputs(second.result()) == [4, 4]
+                assert _outputs(predict(_predict_request("scale", [3, 3]))) == [6, 6]
+        finally:
+            release.set()
+            nginx.stop()
+    log = (tmp_path / "nginx" / "access.log").read_text()
+    assert log.count("grpc_status=8") == 2, log
