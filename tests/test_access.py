@@ -186,6 +186,13 @@ def test_model_control_token_takes_an_admin_token(repo: Path, tokens: Path, tmp_
         assert _http(server, "/v2/repository/models/scale/load", "root", b"")[0] == 200
         assert client.is_model_ready("scale", headers={"authorization": "Bearer alpha"})
         client.close()
+        # Each refusal counted once, by API and reason; the admitted calls not at all.
+        registry = server.server.metrics.registry
+        for api in ("grpc", "v2_http"):
+            for reason in ("permission_denied", "unauthenticated"):
+                labels = {"api": api, "reason": reason}
+                count = registry.get_sample_value("torchwire_denied_requests_total", labels)
+                assert count == 1, (labels, count)
 
 
 @pytest.mark.parametrize(

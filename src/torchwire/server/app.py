@@ -92,7 +92,8 @@ class Server:
         self.watcher: RepositoryWatcher | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: HttpFrontend | None = None
-        self.access = Access(settings)
+        denied = self.metrics.denied
+        self.access = Access(settings, lambda api, reason: denied.labels(api, reason).inc())
         self._metrics_http: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -165,12 +166,7 @@ class Server:
             )
 
     def _build_grpc(self, repository: ModelRepository) -> grpc.aio.Server:
-        denied = self.metrics.denied
-        interceptors = (
-            [TokenInterceptor(self.access, lambda why: denied.labels("grpc", why).inc())]
-            if self.access.tokens is not None
-            else []
-        )
+        interceptors = [TokenInterceptor(self.access)] if self.access.tokens is not None else []
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

@@ -1,6 +1,7 @@
 """Who may call: bearer tokens (``--auth-token-file``) and repository control
 (``--model-control off|open|token``, ``--admin-token-file``). One ``Access`` per server, asked
-by the gRPC interceptor, the V2 servicer's load/unload and the HTTP front-end alike.
+by the gRPC interceptor, the V2 servicer's load/unload and the HTTP front-end alike; it counts
+every call it refuses, by API and reason (``torchwire_denied_requests_total``).
 
 Tokens are compared in constant time, every token of the file each time (no early exit that
 would tell a caller how close it came). A token file is re-read when it changes (checked at
@@ -85,10 +86,19 @@ def bearer(authorization: str | None) -> str | None:
 
 
 class Access:
-    """The server's rules, from its settings; ``load`` reads the token files."""
+    """The server's rules, from its settings; ``load`` reads the token files.
 
-    def __init__(self, settings: ServerSettings) -> None:
+    Args:
+        settings: the server's flags.
+        on_denied: called with the API (``grpc``, ``v2_http``) and the reason (the status code in
+            lower case, e.g. ``unauthenticated``) of every refusal.
+    """
+
+    def __init__(
+        self, settings: ServerSettings, on_denied: Callable[[str, str], None] | None = None
+    ) -> None:
         self._settings = settings
+        self._on_denied = on_denied or (lambda api, reason: None)
         self.tokens: TokenFile | None = None
         self.admin: TokenFile | None = None
         self.model_control = settings.model_control
@@ -104,10 +114,19 @@ class Access:
         if self.model_control == "token" and self.admin is None:
             raise ConfigError("--model-control token needs --admin-token-file")
 
-    def check_call(self, authorization: str | None) -> None:
-        """Any call: a valid token when tokens are required (admin tokens are valid too)."""
+    def check_call(self, authorization: str | None, api: str) -> None:
+        """Any call over ``api``: a valid token when tokens are required (admin tokens are valid
+        too). Raises ``UnauthenticatedError``, counted."""
         if self.tokens is None:
             return
+        try:
+            self._check_token(authorization)
+        except UnauthenticatedError as exc:
+            self._on_denied(api, exc.code.lower())
+            raise
+
+    def _check_token(self, authorization: str | None) -> None:
+        assert self.tokens is not None
         token = bearer(authorization)
         if token is None:
             raise UnauthenticatedError(
@@ -117,8 +136,16 @@ class Access:
         if not (self.tokens.accepts(token) or (self.admin and self.admin.accepts(token))):
             raise UnauthenticatedError("the bearer token is not valid here")
 
-    def check_control(self, authorization: str | None) -> None:
-        """Loading or unloading a model over an API."""
+    def check_control(self, authorization: str | None, api: str) -> None:
+        """Loading or unloading a model over ``api``. Raises ``PermissionDeniedError`` or
+        ``UnauthenticatedError``, counted."""
+        try:
+            self._check_control(authorization)
+        except (PermissionDeniedError, UnauthenticatedError) as exc:
+            self._on_denied(api, exc.code.lower())
+            raise
+
+    def _check_control(self, authorization: str | None) -> None:
         if self.model_control == "off":
             raise PermissionDeniedError(
                 "loading and unloading models over the API is off (--model-control off); start "
@@ -148,9 +175,8 @@ class Access:
 class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Refuses, before any handler runs, a gRPC call without a valid token."""
 
-    def __init__(self, access: Access, on_denied: Callable[[str], None]) -> None:
+    def __init__(self, access: Access) -> None:
         self._access = access
-        self._on_denied = on_denied
 
     async def intercept_service(
         self,
@@ -162,9 +188,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         metadata: Mapping[str, Any] = dict(details.invocation_metadata or ())
         try:
-            self._access.check_call(metadata.get("authorization"))
+            self._access.check_call(metadata.get("authorization"), "grpc")
         except UnauthenticatedError as exc:
-            self._on_denied("unauthenticated")
             return _refusing(handler, exc)
         return handler
 

@@ -86,11 +86,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
 
     def _check_control(self, context: grpc.aio.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())
-        try:
-            self._access.check_control(metadata.get("authorization"))
-        except TorchwireError as exc:
-            self._observer.metrics.denied.labels("grpc", exc.code.lower()).inc()
-            raise
+        self._access.check_control(metadata.get("authorization"), "grpc")
 
     def _model(self, name: str, version: str) -> Batcher:
         return kserve.find(self._repository, name, version)

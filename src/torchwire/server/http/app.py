@@ -24,7 +24,6 @@ from torchwire.errors import (
     RETRY_AFTER_METADATA,
     ConfigError,
     TorchwireError,
-    UnauthenticatedError,
 )
 from torchwire.repository import ModelRepository
 from torchwire.server import kserve
@@ -106,19 +105,11 @@ class HttpApi:
     async def tokens(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every request but health checks (unless --auth-health) needs a valid token."""
         if self._access.auth_health or not request.path.startswith("/v2/health/"):
-            try:
-                self._access.check_call(request.headers.get("Authorization"))
-            except UnauthenticatedError:
-                self._observer.metrics.denied.labels("v2_http", "unauthenticated").inc()
-                raise
+            self._access.check_call(request.headers.get("Authorization"), "v2_http")
         return await handler(request)
 
     def _check_control(self, request: web.Request) -> None:
-        try:
-            self._access.check_control(request.headers.get("Authorization"))
-        except TorchwireError as exc:
-            self._observer.metrics.denied.labels("v2_http", exc.code.lower()).inc()
-            raise
+        self._access.check_control(request.headers.get("Authorization"), "v2_http")
 
     def routes(self) -> list[web.RouteDef]:
         model = "/v2/models/{model}"
