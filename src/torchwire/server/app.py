@@ -30,6 +30,7 @@ from torchwire.repository import (
     ensure_demo_repository,
     snapshot,
 )
+from torchwire.server import kserve
 from torchwire.server.auth import Access, TokenInterceptor
 from torchwire.server.connections import connection_limits
 from torchwire.server.control import WorkerRole
@@ -155,8 +156,7 @@ class Server:
         self._grpc = self._build_grpc(repository)
         await self._grpc.start()
         if self.settings.http_port:
-            control = self.worker.control if self.worker else None
-            api = HttpApi(repository, self.observer, self.health, self.access, control)
+            api = HttpApi(self._backend(repository))
             self._http = HttpFrontend(api, self.settings.max_message_bytes)
             self.http_port = await self._http.start(
                 self.settings.host,
@@ -164,6 +164,11 @@ class Server:
                 reuse_port=self.worker is not None,
                 ssl_context=self.tls.http_context(),
             )
+
+    def _backend(self, repository: ModelRepository) -> kserve.Backend:
+        """What the V2 front-ends answer from."""
+        control = self.worker.control if self.worker else repository
+        return kserve.Backend(repository, self.observer, self.health, self.access, control)
 
     def _build_grpc(self, repository: ModelRepository) -> grpc.aio.Server:
         interceptors = [TokenInterceptor(self.access)] if self.access.tokens is not None else []
@@ -184,13 +189,7 @@ class Server:
         )
         observer = self.observer
         server.add_generic_rpc_handlers((SeedServicer(repository, observer).handler(),))
-        v2 = V2Servicer(
-            repository,
-            observer,
-            self.health,
-            self.access,
-            self.worker.control if self.worker else None,
-        )
+        v2 = V2Servicer(self._backend(repository))
         server.add_generic_rpc_handlers((v2.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         services = [SEED_SERVICE, V2_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]

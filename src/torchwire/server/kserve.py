@@ -1,18 +1,23 @@
 """The KServe V2 answers that do not depend on the transport, as plain data: server and model
 metadata, model config, statistics, the repository index. The gRPC servicer parses them into
 ``tritonclient``'s protobuf messages; the HTTP front-end sends them as JSON. Field names are the
-protocol's (and Triton's model configuration's).
+protocol's (and Triton's model configuration's). ``Backend`` is what both answer from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from torchwire import __version__
 from torchwire.errors import InvalidInputError, ModelNotFoundError
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher
+from torchwire.server.auth import Access
+from torchwire.server.control import ModelControl
+from torchwire.server.health import Health
+from torchwire.server.observe import Observer
 
 PLATFORMS = {"torchscript": "pytorch_libtorch", "exported": "pytorch_exported"}
 EXTENSIONS = [
@@ -23,6 +28,26 @@ EXTENSIONS = [
 ]
 
 View = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a V2 front-end (the gRPC servicer, the HTTP API) answers from.
+
+    Attributes:
+        repository: the served models.
+        observer: per-request metrics and access log.
+        health: readiness, as the health service reports it.
+        access: tokens and repository control rules.
+        control: who applies a load/unload a client asks for (the repository itself, or for a
+            worker of several, its supervisor).
+    """
+
+    repository: ModelRepository
+    observer: Observer
+    health: Health
+    access: Access
+    control: ModelControl
 
 
 def check_model_name(name: str) -> str:

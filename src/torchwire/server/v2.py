@@ -20,14 +20,10 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from torchwire.errors import InvalidInputError, ModelExecutionError, TorchwireError
-from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher
 from torchwire.runtime.model import Arrays
 from torchwire.server import kserve
-from torchwire.server.auth import Access
-from torchwire.server.control import ModelControl
-from torchwire.server.health import Health
-from torchwire.server.observe import Call, Observer
+from torchwire.server.observe import Call
 from torchwire.server.seed import STREAM_WINDOW, call_deadline
 from torchwire.server.status import abort_with, unary_errors
 from torchwire.server.v2_codec import decode_infer, encode_infer, requested_outputs
@@ -47,19 +43,12 @@ class _Queued:
 
 
 class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(
-        self,
-        repository: ModelRepository,
-        observer: Observer,
-        health: Health,
-        access: Access,
-        control: ModelControl | None = None,
-    ) -> None:
-        self._repository = repository
-        self._access = access
-        self._control: ModelControl = control or repository
-        self._observer = observer
-        self._health = health
+    def __init__(self, backend: kserve.Backend) -> None:
+        self._repository = backend.repository
+        self._access = backend.access
+        self._control = backend.control
+        self._observer = backend.observer
+        self._health = backend.health
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Every method of the service, taking raw bytes that it parses itself: a malformed

@@ -25,13 +25,8 @@ from torchwire.errors import (
     ConfigError,
     TorchwireError,
 )
-from torchwire.repository import ModelRepository
 from torchwire.server import kserve
-from torchwire.server.auth import Access
-from torchwire.server.control import ModelControl
-from torchwire.server.health import Health
 from torchwire.server.http.codec import HEADER_LENGTH, decode, encode, parse_body
-from torchwire.server.observe import Observer
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -83,19 +78,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 class HttpApi:
     """The routes, bound to the served models."""
 
-    def __init__(
-        self,
-        repository: ModelRepository,
-        observer: Observer,
-        health: Health,
-        access: Access,
-        control: ModelControl | None = None,
-    ) -> None:
-        self._repository = repository
-        self._access = access
-        self._control: ModelControl = control or repository
-        self._observer = observer
-        self._health = health
+    def __init__(self, backend: kserve.Backend) -> None:
+        self._repository = backend.repository
+        self._access = backend.access
+        self._control = backend.control
+        self._observer = backend.observer
+        self._health = backend.health
 
     @property
     def needs_tokens(self) -> bool:
