@@ -44,11 +44,7 @@ class _Queued:
 
 class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     def __init__(self, backend: kserve.Backend) -> None:
-        self._repository = backend.repository
-        self._access = backend.access
-        self._control = backend.control
-        self._observer = backend.observer
-        self._health = backend.health
+        self._backend = backend
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Every method of the service, taking raw bytes that it parses itself: a malformed
@@ -75,10 +71,10 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
 
     def _check_control(self, context: grpc.aio.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())
-        self._access.check_control(metadata.get("authorization"), "grpc")
+        self._backend.access.check_control(metadata.get("authorization"), "grpc")
 
     def _model(self, name: str, version: str) -> Batcher:
-        return kserve.find(self._repository, name, version)
+        return kserve.find(self._backend.repository, name, version)
 
     # -- server and model state ----------------------------------------------------------------
 
@@ -90,7 +86,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: object
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._health.ready_to_serve)
+        return pb.ServerReadyResponse(ready=self._backend.health.ready_to_serve)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: object
@@ -111,7 +107,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         batcher = self._model(request.name, request.version)
-        view = kserve.model_metadata(self._repository, batcher)
+        view = kserve.model_metadata(self._backend.repository, batcher)
         return ParseDict(view, pb.ModelMetadataResponse())
 
     @unary_errors
@@ -125,7 +121,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        view = kserve.model_statistics(self._repository, request.name, request.version)
+        view = kserve.model_statistics(self._backend.repository, request.name, request.version)
         return ParseDict(view, pb.ModelStatisticsResponse())
 
     # -- repository ------------------------------------------------------------------------------
@@ -134,7 +130,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        rows = await kserve.repository_index(self._repository, request.ready)
+        rows = await kserve.repository_index(self._backend.repository, request.ready)
         return ParseDict({"models": rows}, pb.RepositoryIndexResponse())
 
     @unary_errors
@@ -143,7 +139,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     ) -> pb.RepositoryModelLoadResponse:
         self._check_control(context)
         kserve.check_load_parameters(request.parameters)
-        await self._control.load_model(kserve.check_model_name(request.model_name))
+        await self._backend.control.load_model(kserve.check_model_name(request.model_name))
         return pb.RepositoryModelLoadResponse()
 
     @unary_errors
@@ -151,7 +147,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         self._check_control(context)
-        await self._control.unload(kserve.check_model_name(request.model_name))
+        await self._backend.control.unload(kserve.check_model_name(request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference -------------------------------------------------------------------------------
@@ -176,7 +172,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        with self._observer.call("v2", context) as call:
+        with self._backend.observer.call("v2", context) as call:
             queued = self._queue(request, call, call_deadline(context))
             assert queued.answer is not None
             return self._answer(queued, await queued.answer)
@@ -231,7 +227,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         deadline = call_deadline(context)
         try:
             async for request in requests:
-                call = self._observer.call("v2_stream", context)
+                call = self._backend.observer.call("v2_stream", context)
                 try:
                     queued = self._queue(request, call, deadline)
                 except TorchwireError as exc:
@@ -250,7 +246,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         except asyncio.CancelledError:
             raise
         except TorchwireError as exc:  # a malformed message: say so in the stream, then end
-            call = self._observer.call("v2_stream", context)
+            call = self._backend.observer.call("v2_stream", context)
             await pending.put(_Queued(pb.ModelInferRequest(), call, None, [], None, exc))
         except Exception as exc:  # the request stream itself broke: end the answers
             log.warning("V2 request stream broke: %s", exc)

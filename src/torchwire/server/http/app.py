@@ -79,25 +79,21 @@ class HttpApi:
     """The routes, bound to the served models."""
 
     def __init__(self, backend: kserve.Backend) -> None:
-        self._repository = backend.repository
-        self._access = backend.access
-        self._control = backend.control
-        self._observer = backend.observer
-        self._health = backend.health
+        self._backend = backend
 
     @property
     def needs_tokens(self) -> bool:
-        return self._access.tokens is not None
+        return self._backend.access.tokens is not None
 
     @web.middleware
     async def tokens(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every request but health checks (unless --auth-health) needs a valid token."""
-        if self._access.auth_health or not request.path.startswith("/v2/health/"):
-            self._access.check_call(request.headers.get("Authorization"), "v2_http")
+        if self._backend.access.auth_health or not request.path.startswith("/v2/health/"):
+            self._backend.access.check_call(request.headers.get("Authorization"), "v2_http")
         return await handler(request)
 
     def _check_control(self, request: web.Request) -> None:
-        self._access.check_control(request.headers.get("Authorization"), "v2_http")
+        self._backend.access.check_control(request.headers.get("Authorization"), "v2_http")
 
     def routes(self) -> list[web.RouteDef]:
         model = "/v2/models/{model}"
@@ -132,16 +128,16 @@ class HttpApi:
         return web.Response(status=200)
 
     async def ready(self, request: web.Request) -> web.Response:
-        if self._health.ready_to_serve:
+        if self._backend.health.ready_to_serve:
             return web.Response(status=200)
         return error_response(503, "not ready: models loading, shutting down or memory short")
 
     def _batcher(self, request: web.Request) -> Any:
         info = request.match_info
-        return kserve.find(self._repository, info["model"], info.get("version", ""))
+        return kserve.find(self._backend.repository, info["model"], info.get("version", ""))
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        return _json(kserve.model_metadata(self._repository, self._batcher(request)))
+        return _json(kserve.model_metadata(self._backend.repository, self._batcher(request)))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         self._batcher(request)  # 404 unless loaded
@@ -153,7 +149,7 @@ class HttpApi:
     async def statistics(self, request: web.Request) -> web.Response:
         info = request.match_info
         view = kserve.model_statistics(
-            self._repository, info.get("model", ""), info.get("version", "")
+            self._backend.repository, info.get("model", ""), info.get("version", "")
         )
         return _json(view)
 
@@ -167,26 +163,26 @@ class HttpApi:
 
     async def repository_index(self, request: web.Request) -> web.Response:
         ready = (await self._body(request)).get("ready") is True
-        return _json(await kserve.repository_index(self._repository, ready))
+        return _json(await kserve.repository_index(self._backend.repository, ready))
 
     async def load(self, request: web.Request) -> web.Response:
         self._check_control(request)
         body = await self._body(request)
         parameters = body.get("parameters", {})
         kserve.check_load_parameters(parameters if isinstance(parameters, dict) else ["?"])
-        await self._control.load_model(kserve.check_model_name(request.match_info["model"]))
+        await self._backend.control.load_model(kserve.check_model_name(request.match_info["model"]))
         return _json({})
 
     async def unload(self, request: web.Request) -> web.Response:
         self._check_control(request)
         await self._body(request)
-        await self._control.unload(kserve.check_model_name(request.match_info["model"]))
+        await self._backend.control.unload(kserve.check_model_name(request.match_info["model"]))
         return _json({})
 
     # -- inference ---------------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
-        with self._observer.http_call("v2_http", request.remote, request.headers) as call:
+        with self._backend.observer.http_call("v2_http", request.remote, request.headers) as call:
             batcher = self._batcher(request)
             call.target(batcher)
             body = await request.read()
