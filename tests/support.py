@@ -84,8 +84,16 @@ class ServerThread:
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
+    def begin_stop(self, grace_s: float = 5.0) -> concurrent.futures.Future[bool]:
+        """Start stopping the server without waiting (``close`` once it has stopped)."""
+        return asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), self.loop)
+
     def stop(self, grace_s: float = 5.0) -> None:
-        self.run(self.server.stop(grace_s))
+        self.begin_stop(grace_s).result(60)
+        self.close()
+
+    def close(self) -> None:
+        """End the event loop of a stopped server."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()

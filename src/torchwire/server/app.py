@@ -34,6 +34,7 @@ from torchwire.server import kserve
 from torchwire.server.auth import Access, TokenInterceptor
 from torchwire.server.connections import connection_limits
 from torchwire.server.control import WorkerRole
+from torchwire.server.drain import Drain
 from torchwire.server.health import Health
 from torchwire.server.http import HttpApi, HttpFrontend
 from torchwire.server.observe import Observer
@@ -92,6 +93,7 @@ class Server:
         )
         self.watcher: RepositoryWatcher | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._drain: Drain | None = None
         self._http: HttpFrontend | None = None
         denied = self.metrics.denied
         self.access = Access(settings, lambda api, reason: denied.labels(api, reason).inc())
@@ -187,6 +189,7 @@ class Server:
                 *connection_limits(self.settings),
             ],
         )
+        self._drain = Drain(server, interceptors)
         observer = self.observer
         server.add_generic_rpc_handlers((SeedServicer(repository, observer).handler(),))
         v2 = V2Servicer(self._backend(repository))
@@ -242,6 +245,8 @@ class Server:
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         await self.health.shutting_down()
         delay = self.settings.shutdown_delay_s if grace_s is None else 0.0
+        if self._drain is not None:  # no call left waiting in gRPC's core to be cancelled
+            await self._drain.open()
         if self._grpc is not None and delay:
             log.info("health NOT_SERVING; refusing new calls in %.1f s", delay)
             await asyncio.sleep(delay)

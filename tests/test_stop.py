@@ -1,0 +1,84 @@
+"""Stopping loses nothing: calls that reached the server before it stops are served.
+
+gRPC's core kills, when a server stops, every call it accepted but the Python server had not yet
+asked for; their callers got CANCELLED, which no client retries. The test makes such calls on
+purpose: it holds the event loop, so that calls pile up in the core (channelz counts them), then
+stops the server and releases the loop."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc._cython import cygrpc
+
+from support import Scale, ServerThread, wait_until, write_model
+from torchwire._proto import modelservice_messages_pb2 as pb
+
+CALLS = 8
+
+
+def _channelz_servers() -> dict[str, dict[str, str]]:
+    """gRPC core's servers in this process (channelz), by id: their call counters."""
+    servers = json.loads(cygrpc.channelz_get_servers(0)).get("server", [])
+    return {server["ref"]["serverId"]: server["data"] for server in servers}
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["open", "with-tokens"])
+def test_calls_waiting_in_grpc_when_the_server_stops_are_served_not_cancelled(
+    tmp_path: Path, tokens: bool
+) -> None:
+    write_model(tmp_path / "repo" / "scale", Scale(2.0), [2])
+    settings: dict[str, object] = {"repository": tmp_path / "repo"}
+    metadata = None
+    if tokens:  # the calls taken while stopping go through the token check too
+        (tmp_path / "tokens").write_text("alpha\n")
+        settings["auth_token_file"] = tmp_path / "tokens"
+        metadata = [("authorization", "Bearer alpha")]
+    others = set(_channelz_servers())
+    server = ServerThread(**settings).start()
+    (ours,) = set(_channelz_servers()) - others
+
+    def calls_started() -> int:
+        return int(_channelz_servers()[ours].get("callsStarted", 0))
+
+    request = pb.PredictRequest(
+        raw_inputs=np.ones(2, np.float32).tobytes(), metadata={"model": "scale"}
+    ).SerializeToString()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(60)
+
+    with grpc.insecure_channel(server.target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        before = calls_started()
+        server.loop.call_soon_threadsafe(hold)
+        try:
+            assert held.wait(30)
+            predict = channel.unary_unary("/ModelService/Predict")
+            calls = [predict.future(request, timeout=60, metadata=metadata) for _ in range(CALLS)]
+            expected = [[2.0, 2.0]] * CALLS
+            if tokens:
+                calls.append(predict.future(request, timeout=60))  # no token
+                expected.append("UNAUTHENTICATED")
+            wait_until(lambda: calls_started() - before == len(calls), "the calls reach gRPC")
+            # The stop is queued behind the hold: it starts before the server takes the calls.
+            stopped = server.begin_stop(grace_s=10)
+        finally:
+            release.set()
+        outcomes = []
+        for call in calls:
+            try:
+                answer = pb.PredictResponse.FromString(call.result())
+                outcomes.append(np.frombuffer(answer.raw_outputs, np.float32).tolist())
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+        stopped.result(60)
+    server.close()
+    assert outcomes == expected
