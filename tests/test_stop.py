@@ -1,14 +1,16 @@
-"""Stopping loses nothing: calls that reached the server before it stops are served.
+"""Stopping loses nothing: a call that reaches the server before it stops is served, and one
+that comes later is refused UNAVAILABLE (which clients retry), never CANCELLED.
 
 gRPC's core kills, when a server stops, every call it accepted but the Python server had not yet
-asked for; their callers got CANCELLED, which no client retries. The test makes such calls on
-purpose: it holds the event loop, so that calls pile up in the core (channelz counts them), then
-stops the server and releases the loop."""
+asked for; their callers got CANCELLED, which no client retries. The first test makes such calls
+on purpose: it holds the event loop, so that calls pile up in the core (channelz counts them),
+then stops the server and releases the loop."""
 
 from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -18,6 +20,7 @@ from grpc._cython import cygrpc
 
 from support import Scale, ServerThread, wait_until, write_model
 from torchwire._proto import modelservice_messages_pb2 as pb
+from torchwire.server import drain
 
 CALLS = 8
 
@@ -82,3 +85,48 @@ def test_calls_waiting_in_grpc_when_the_server_stops_are_served_not_cancelled(
         stopped.result(60)
     server.close()
     assert outcomes == expected
+
+
+def test_closed_loop_callers_see_no_cancelled_call_when_the_server_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Callers that send their next call as soon as they have an answer, straight to the server
+    # (no balancer to take it out of their way), while it stops. The windows are widened so
+    # that a caller thread slowed by a busy machine still counts as waiting, not gone.
+    monkeypatch.setattr(drain, "QUIET_S", 0.5)
+    monkeypatch.setattr(drain, "HOLD_MAX_S", 5.0)
+    write_model(tmp_path / "scale", Scale(2.0), [2])
+    server = ServerThread(repository=tmp_path).start()
+    request = pb.PredictRequest(
+        raw_inputs=np.ones(2, np.float32).tobytes(), metadata={"model": "scale"}
+    ).SerializeToString()
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    warm = threading.Event()
+
+    def caller() -> None:
+        with grpc.insecure_channel(server.target) as channel:
+            predict = channel.unary_unary("/ModelService/Predict")
+            while True:
+                try:
+                    predict(request, timeout=30)
+                    outcome = "OK"
+                except grpc.RpcError as exc:
+                    outcome = exc.code().name
+                with lock:
+                    outcomes[outcome] += 1
+                    if outcomes["OK"] >= 200:
+                        warm.set()
+                if outcome != "OK":  # the server is gone
+                    return
+
+    callers = [threading.Thread(target=caller) for _ in range(8)]
+    for thread in callers:
+        thread.start()
+    assert warm.wait(60), outcomes
+    server.begin_stop(grace_s=10).result(60)
+    for thread in callers:
+        thread.join(60)
+    server.close()
+    assert set(outcomes) == {"OK", "UNAVAILABLE"}, outcomes
+    assert outcomes["UNAVAILABLE"] == len(callers)

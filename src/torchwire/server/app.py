@@ -251,11 +251,15 @@ class Server:
             log.info("health NOT_SERVING; refusing new calls in %.1f s", delay)
             await asyncio.sleep(delay)
         if self._grpc is not None:
+            assert self._drain is not None
+            await self._drain.quiesce()  # closed-loop clients wait for answers, sending nothing
             log.info("shutting down: finishing in-flight requests (grace period %.1f s)", grace)
             stops = [self._grpc.stop(grace)]
             if self._http is not None:
                 stops.append(self._http.stop(grace))
-            await asyncio.gather(*stops)
+            stopping = asyncio.gather(*stops)
+            await self._drain.release()  # the held answers, after the GOAWAY
+            await stopping
         self.watchdog.stop()
         if self.watcher is not None:
             self.watcher.stop()
