@@ -96,8 +96,9 @@ class Drain:
         loop = asyncio.get_running_loop()
         self._gate = asyncio.Event()
         self._gate.set()
+        handlers = [self._holding(handler) for handler in self._handlers]
         for _ in range(WIDTH):
-            task = loop.create_task(self._accept(core, loop))
+            task = loop.create_task(self._accept(core, handlers, loop))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         await asyncio.sleep(0)  # each task asks for its first call in its first step
@@ -166,14 +167,14 @@ class Drain:
 
         return Holding()
 
-    async def _accept(self, core: Any, loop: asyncio.AbstractEventLoop) -> None:
-        handlers = [self._holding(handler) for handler in self._handlers]
-        interceptors = self._interceptors
+    async def _accept(
+        self, core: Any, handlers: list[grpc.GenericRpcHandler], loop: asyncio.AbstractEventLoop
+    ) -> None:
         while True:
             try:
                 rpc_state = await core._request_call()
             except Exception:  # the core has stopped: it fails the calls still asked for
                 return
             # What grpc.aio's accept loop does with a call (no concurrency limit is set here).
-            coroutine = cygrpc._handle_rpc(handlers, interceptors, rpc_state, loop, False)
+            coroutine = cygrpc._handle_rpc(handlers, self._interceptors, rpc_state, loop, False)
             loop.create_task(cygrpc._schedule_rpc_coro(coroutine, rpc_state, loop))
