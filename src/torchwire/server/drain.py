@@ -14,21 +14,25 @@ clients that wait for an answer before they send again (closed loop, the usual c
 the shutdown it holds the answers of unary calls until no new call has come for ``QUIET_S`` (at
 most ``HOLD_MAX_S``, and never past a call's deadline). Those clients then have nothing in
 flight when the core shuts down, and get their answers right after the GOAWAY (``release``):
-0 CANCELLED in 9 stops under 16 closed-loop callers. A client that sends without waiting for
-answers (open loop) can still lose a call to that window.
+0 CANCELLED in 9 stops under 16 closed-loop callers. Every unary answer that leaves during the
+quiesce is held, errors included (``context.abort`` sends its status at once, so it is held
+before it sends). A client that sends without waiting for answers (open loop) can still lose a
+call to that window.
 
 This reaches into grpc's private Cython layer for the three names grpc.aio's own accept loop uses
-(``AioServer._request_call``, ``_handle_rpc``, ``_schedule_rpc_coro``). grpcio is pinned
-(constraints.txt); where those names are missing, stopping works as before, with a warning.
+(``AioServer._request_call``, ``_handle_rpc``, ``_schedule_rpc_coro``), as grpcio 1.81 has them
+(constraints.txt pins it). Where their signatures differ (grpcio 1.85 changed both), nothing is
+wrapped or asked for, and stopping works as before, with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -44,68 +48,72 @@ QUIET_S = 0.02
 sends its next call well within it of getting an answer, on this 2-core machine under load)."""
 HOLD_MAX_S = 0.2
 """Answers are held at most this long (clients that send without waiting never go quiet)."""
-HOLD_MARGIN_S = 0.005
+HOLD_MARGIN_S = 0.02
 """A held answer leaves at least this long before its call's deadline."""
+_HANDLE_RPC = ("generic_handlers", "interceptors", "rpc_state", "loop", "concurrency_exceeded")
+_SCHEDULE_RPC_CORO = ("rpc_coro", "rpc_state", "loop")
+
+
+def _knows_grpc(server: grpc.aio.Server) -> bool:
+    """Whether grpc.aio's accept loop is the one this module mirrors (grpcio 1.81)."""
+    core = getattr(server, "_server", None)
+    if not (hasattr(core, "_request_call") and hasattr(core, "is_running")):
+        return False
+    try:
+        handle = tuple(inspect.signature(cygrpc._handle_rpc).parameters)
+        schedule = tuple(inspect.signature(cygrpc._schedule_rpc_coro).parameters)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return handle == _HANDLE_RPC and schedule == _SCHEDULE_RPC_CORO
 
 
 class Drain:
-    """Asks gRPC's core for calls ``WIDTH`` at a time once ``open``; from construction on, it
-    records the generic handlers added to ``server``, to serve those calls with them."""
+    """Wraps every generic handler added to ``server`` from construction on (answers can be
+    held); ``open`` asks gRPC's core for calls ``WIDTH`` at a time until the server stops."""
 
     def __init__(self, server: grpc.aio.Server, interceptors: Sequence[Any]) -> None:
         self._server = server
         self._interceptors = tuple(interceptors)
         self._handlers: list[grpc.GenericRpcHandler] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._arrivals = 0  # calls taken while stopping
-        self._gate: asyncio.Event | None = None  # set: answers leave; clear: they are held
+        self._tasks: set[asyncio.Task[Any]] = set()  # the accept tasks and the calls they took
+        self._arrivals = 0  # calls that reached a handler
+        self._gate: asyncio.Event | None = None  # once open: set, answers leave; clear, held
+        self._known = _knows_grpc(server)
+        if not self._known:
+            return
         add = server.add_generic_rpc_handlers
 
-        def recording(handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-            self._handlers.extend(handlers)
-            add(handlers)
+        def wrapping(handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+            held = [_Holding(self, handler) for handler in handlers]
+            self._handlers.extend(held)
+            add(held)
 
-        # Health and reflection add theirs through the server: record every handler there.
-        server.add_generic_rpc_handlers = recording
-
-    def _supported(self) -> bool:
-        core = getattr(self._server, "_server", None)
-        return all(
-            hasattr(owner, name)
-            for owner, name in (
-                (core, "_request_call"),
-                (core, "is_running"),
-                (cygrpc, "_handle_rpc"),
-                (cygrpc, "_schedule_rpc_coro"),
-            )
-        )
+        # Health and reflection add theirs through the server: this wraps every handler there.
+        server.add_generic_rpc_handlers = wrapping
 
     async def open(self) -> None:
         """Ask for ``WIDTH`` calls, and go on asking until the server has stopped; return once
         every one has been asked for (call it before ``grpc.aio.Server.stop``)."""
-        if not self._supported():
+        if not self._known:
             log.warning(
-                "grpc.aio's accept loop is not what torchwire knows (grpcio %s): calls waiting "
-                "in gRPC when the server stops will be answered CANCELLED",
+                "grpc.aio's accept loop is not the one torchwire knows (grpcio %s): calls "
+                "waiting in gRPC when the server stops will be answered CANCELLED",
                 grpc.__version__,
             )
             return
         core: Any = getattr(self._server, "_server")  # noqa: B009  (private: cygrpc.AioServer)
-        if not core.is_running():  # never started (it failed to), or stopping already
+        if self._gate is not None or not core.is_running():  # open already; or never started
             return
         loop = asyncio.get_running_loop()
         self._gate = asyncio.Event()
         self._gate.set()
-        handlers = [self._holding(handler) for handler in self._handlers]
         for _ in range(WIDTH):
-            task = loop.create_task(self._accept(core, handlers, loop))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(loop, self._accept(core, loop))
         await asyncio.sleep(0)  # each task asks for its first call in its first step
 
     async def quiesce(self) -> None:
-        """Hold the answers of unary calls from now until ``release``; return once no call has
-        come for ``QUIET_S``, or after ``HOLD_MAX_S``."""
+        """Hold unary answers from now until ``release``; return once no call has come for
+        ``QUIET_S``, or after ``HOLD_MAX_S``."""
         if self._gate is None:
             return
         self._gate.clear()
@@ -131,9 +139,11 @@ class Drain:
             await asyncio.sleep(0)
         self._gate.set()
 
-    async def _hold(self, context: grpc.aio.ServicerContext) -> None:
+    async def hold(self, context: grpc.aio.ServicerContext) -> None:
+        """Wait while answers are held: at most ``HOLD_MAX_S``, and not into the last
+        ``HOLD_MARGIN_S`` of the call's deadline; not at all for a call the client cancelled."""
         gate = self._gate
-        if gate is None or gate.is_set():
+        if gate is None or gate.is_set() or context.cancelled():
             return
         remaining = context.time_remaining()
         wait = HOLD_MAX_S if remaining is None else min(HOLD_MAX_S, remaining - HOLD_MARGIN_S)
@@ -141,40 +151,78 @@ class Drain:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(gate.wait(), wait)
 
-    def _holding(self, handler: grpc.GenericRpcHandler) -> grpc.GenericRpcHandler:
-        """``handler``, counting the calls it takes, its unary answers held by ``_hold``."""
-        drain = self
+    @property
+    def holding(self) -> bool:
+        """Whether answers may be held now (the server is stopping)."""
+        return self._gate is not None
 
-        class Holding(grpc.GenericRpcHandler):  # type: ignore[misc]
-            def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-                drain._arrivals += 1
-                method = handler.service(details)
-                if method is None or not method.unary_unary:
-                    return method
-                behavior: Callable[[Any, Any], Awaitable[Any]] = method.unary_unary
+    def _spawn(self, loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task: asyncio.Task[Any] = loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-                async def held(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                    try:
-                        return await behavior(request, context)
-                    finally:
-                        await drain._hold(context)
-
-                return grpc.unary_unary_rpc_method_handler(
-                    held,
-                    request_deserializer=method.request_deserializer,
-                    response_serializer=method.response_serializer,
-                )
-
-        return Holding()
-
-    async def _accept(
-        self, core: Any, handlers: list[grpc.GenericRpcHandler], loop: asyncio.AbstractEventLoop
-    ) -> None:
+    async def _accept(self, core: Any, loop: asyncio.AbstractEventLoop) -> None:
+        handlers, interceptors = self._handlers, self._interceptors
         while True:
             try:
                 rpc_state = await core._request_call()
             except Exception:  # the core has stopped: it fails the calls still asked for
                 return
             # What grpc.aio's accept loop does with a call (no concurrency limit is set here).
-            coroutine = cygrpc._handle_rpc(handlers, self._interceptors, rpc_state, loop, False)
-            loop.create_task(cygrpc._schedule_rpc_coro(coroutine, rpc_state, loop))
+            coroutine = cygrpc._handle_rpc(handlers, interceptors, rpc_state, loop, False)
+            self._spawn(loop, cygrpc._schedule_rpc_coro(coroutine, rpc_state, loop))
+
+
+class _Holding(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A generic handler whose unary answers, errors included, wait while the drain holds
+    them; it counts the calls it takes. Other kinds of call are left as they are."""
+
+    def __init__(self, drain: Drain, handler: grpc.GenericRpcHandler) -> None:
+        self._drain = drain
+        self._handler = handler
+        self._held: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        self._drain._arrivals += 1
+        method = self._handler.service(details)
+        behavior = method.unary_unary if method is not None else None
+        if behavior is None or not inspect.iscoroutinefunction(behavior):
+            return method
+        known = self._held.get(details.method)  # one wrapper per method, made once
+        if known is None or known[0] is not method:
+            known = self._held[details.method] = (method, self._wrap(method, behavior))
+        return known[1]
+
+    def _wrap(
+        self, method: grpc.RpcMethodHandler, behavior: Callable[[Any, Any], Awaitable[Any]]
+    ) -> grpc.RpcMethodHandler:
+        drain = self._drain
+
+        async def held(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            given = _HeldAbort(context, drain) if drain.holding else context
+            try:
+                return await behavior(request, given)
+            finally:
+                await drain.hold(context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            held,
+            request_deserializer=method.request_deserializer,
+            response_serializer=method.response_serializer,
+        )
+
+
+class _HeldAbort:
+    """A servicer context whose ``abort`` waits while the drain holds answers: grpc.aio sends
+    the error status inside ``abort``, before its exception leaves the handler."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, drain: Drain) -> None:
+        self._context = context
+        self._drain = drain
+
+    async def abort(self, *args: Any, **kwargs: Any) -> Any:
+        await self._drain.hold(self._context)
+        return await self._context.abort(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
