@@ -203,7 +203,8 @@ class _Holding(grpc.GenericRpcHandler):  # type: ignore[misc]
             try:
                 return await behavior(request, given)
             finally:
-                await drain.hold(context)
+                if drain.holding:  # the server is stopping
+                    await drain.hold(context)
 
         return grpc.unary_unary_rpc_method_handler(
             held,
