@@ -30,22 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scaleout import ROOT, free_port
 
 from torchwire.bench import LoadConfig, run_load
 from torchwire.client import Client
 
-ROOT = Path(__file__).resolve().parents[1]
 NGINX_CONFIG = ROOT / "deploy" / "nginx" / "torchwire.conf"
 NGINX_LIMIT = "limit_conn torchwire_inference 64;"
 TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(core: int, flags: list[str]) -> tuple[subprocess.Popen[bytes], str]:

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -33,23 +32,16 @@ import numpy as np
 import psutil
 import torch
 from rich.console import Console
-from scaleout import run_with_server_cpu
+from scaleout import ROOT, free_port, run_with_server_cpu
 
 from torchwire.bench import LoadConfig, run_load, sweep
 from torchwire.bench.report import sweep_summary
 from torchwire.client import Client
 from torchwire.repository import ensure_demo_repository
 
-ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
 console = Console(stderr=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
