@@ -144,7 +144,7 @@ def test_a_grpc_whose_accept_loop_differs_serves_and_stops_as_before(
 ) -> None:
     # A grpcio whose private accept loop is not the one drain.py mirrors (1.85 changed it):
     # nothing is wrapped or taken, calls are served, the stop says what it cannot do.
-    monkeypatch.setattr(drain, "_knows_grpc", lambda server: False)
+    monkeypatch.setattr(drain, "_knows_grpc", lambda core: False)
     write_model(tmp_path / "scale", Scale(2.0), [2])
     server = ServerThread(repository=tmp_path).start()
     request = pb.PredictRequest(

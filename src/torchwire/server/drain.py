@@ -54,9 +54,9 @@ _HANDLE_RPC = ("generic_handlers", "interceptors", "rpc_state", "loop", "concurr
 _SCHEDULE_RPC_CORO = ("rpc_coro", "rpc_state", "loop")
 
 
-def _knows_grpc(server: grpc.aio.Server) -> bool:
-    """Whether grpc.aio's accept loop is the one this module mirrors (grpcio 1.81)."""
-    core = getattr(server, "_server", None)
+def _knows_grpc(core: Any) -> bool:
+    """Whether grpc.aio's accept loop (``core``: its private ``cygrpc.AioServer``) is the one
+    this module mirrors (grpcio 1.81)."""
     if not (hasattr(core, "_request_call") and hasattr(core, "is_running")):
         return False
     try:
@@ -72,13 +72,13 @@ class Drain:
     held); ``open`` asks gRPC's core for calls ``WIDTH`` at a time until the server stops."""
 
     def __init__(self, server: grpc.aio.Server, interceptors: Sequence[Any]) -> None:
-        self._server = server
+        self._core: Any = getattr(server, "_server", None)  # private: cygrpc.AioServer
         self._interceptors = tuple(interceptors)
         self._handlers: list[grpc.GenericRpcHandler] = []
         self._tasks: set[asyncio.Task[Any]] = set()  # the accept tasks and the calls they took
         self._arrivals = 0  # calls that reached a handler
         self._gate: asyncio.Event | None = None  # once open: set, answers leave; clear, held
-        self._known = _knows_grpc(server)
+        self._known = _knows_grpc(self._core)
         if not self._known:
             return
         add = server.add_generic_rpc_handlers
@@ -101,14 +101,13 @@ class Drain:
                 grpc.__version__,
             )
             return
-        core: Any = getattr(self._server, "_server")  # noqa: B009  (private: cygrpc.AioServer)
-        if self._gate is not None or not core.is_running():  # open already; or never started
+        if self._gate is not None or not self._core.is_running():  # open already; or never started
             return
         loop = asyncio.get_running_loop()
         self._gate = asyncio.Event()
         self._gate.set()
         for _ in range(WIDTH):
-            self._spawn(loop, self._accept(core, loop))
+            self._spawn(loop, self._accept(loop))
         await asyncio.sleep(0)  # each task asks for its first call in its first step
 
     async def quiesce(self) -> None:
@@ -132,9 +131,8 @@ class Drain:
         right after starting ``grpc.aio.Server.stop``."""
         if self._gate is None:
             return
-        core: Any = getattr(self._server, "_server")  # noqa: B009
         for _ in range(100):  # grpc.aio's stop shuts the core down in its first step
-            if not core.is_running():
+            if not self._core.is_running():
                 break
             await asyncio.sleep(0)
         self._gate.set()
@@ -161,8 +159,8 @@ class Drain:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _accept(self, core: Any, loop: asyncio.AbstractEventLoop) -> None:
-        handlers, interceptors = self._handlers, self._interceptors
+    async def _accept(self, loop: asyncio.AbstractEventLoop) -> None:
+        core, handlers, interceptors = self._core, self._handlers, self._interceptors
         while True:
             try:
                 rpc_state = await core._request_call()
@@ -183,9 +181,11 @@ class _Holding(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._held: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        self._drain._arrivals += 1
         method = self._handler.service(details)
-        behavior = method.unary_unary if method is not None else None
+        if method is None:  # another handler's method
+            return None
+        self._drain._arrivals += 1
+        behavior = method.unary_unary
         if behavior is None or not inspect.iscoroutinefunction(behavior):
             return method
         known = self._held.get(details.method)  # one wrapper per method, made once
