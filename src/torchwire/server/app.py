@@ -155,10 +155,12 @@ class Server:
 
     async def _serve(self, repository: ModelRepository) -> None:
         """Take calls: gRPC, and HTTP unless ``--http-port 0``."""
-        self._grpc = self._build_grpc(repository)
+        control = self.worker.control if self.worker else repository
+        backend = kserve.Backend(repository, self.observer, self.health, self.access, control)
+        self._grpc = self._build_grpc(backend)
         await self._grpc.start()
         if self.settings.http_port:
-            api = HttpApi(self._backend(repository))
+            api = HttpApi(backend)
             self._http = HttpFrontend(api, self.settings.max_message_bytes)
             self.http_port = await self._http.start(
                 self.settings.host,
@@ -167,12 +169,7 @@ class Server:
                 ssl_context=self.tls.http_context(),
             )
 
-    def _backend(self, repository: ModelRepository) -> kserve.Backend:
-        """What the V2 front-ends answer from."""
-        control = self.worker.control if self.worker else repository
-        return kserve.Backend(repository, self.observer, self.health, self.access, control)
-
-    def _build_grpc(self, repository: ModelRepository) -> grpc.aio.Server:
+    def _build_grpc(self, backend: kserve.Backend) -> grpc.aio.Server:
         interceptors = [TokenInterceptor(self.access)] if self.access.tokens is not None else []
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -190,9 +187,9 @@ class Server:
             ],
         )
         self._drain = Drain(server, interceptors)
-        observer = self.observer
-        server.add_generic_rpc_handlers((SeedServicer(repository, observer).handler(),))
-        v2 = V2Servicer(self._backend(repository))
+        seed = SeedServicer(backend.repository, backend.observer)
+        server.add_generic_rpc_handlers((seed.handler(),))
+        v2 = V2Servicer(backend)
         server.add_generic_rpc_handlers((v2.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         services = [SEED_SERVICE, V2_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
