@@ -223,12 +223,18 @@ class LoadedModel:
             ModelExecutionError: the model raised, or its outputs do not fit the batch.
         """
         rows = sum(int(request[0].shape[0]) for request in requests)
-        with self._memory_guard(rows), torch.inference_mode(), self._on_stream():
-            inputs = [
-                self._batch_input([request[i] for request in requests], spec)
-                for i, spec in enumerate(self.inputs)
-            ]
-            return self._to_arrays(self._forward(inputs), rows)
+        # On every batch's path: plain try and with statements, no generator-based context
+        # managers (each costs a few microseconds, as much as a small model's call).
+        try:
+            with torch.inference_mode():
+                if not self._cuda:
+                    return self._run(requests, rows)
+                with self._on_stream():
+                    return self._run(requests, rows)
+        except Exception as exc:
+            if isinstance(exc, ModelOutOfMemoryError) or not _is_out_of_memory(exc):
+                raise
+            raise self._out_of_memory(exc, rows) from exc
 
     def release(self) -> None:
         """Drop the module (the version is retired; its threads have ended), give its streams
@@ -301,25 +307,15 @@ class LoadedModel:
     # -- internals ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _autocast(self) -> Iterator[None]:
-        if self._autocast_dtype is None:
-            yield
-        else:
-            with torch.autocast(self.device.type, dtype=self._autocast_dtype):
-                yield
-
-    @contextlib.contextmanager
     def _memory_guard(self, items: int) -> Iterator[None]:
         """A failed allocation anywhere in a batch (staging, copies, the model) becomes
-        ``ModelOutOfMemoryError``."""
+        ``ModelOutOfMemoryError`` (``run_batch`` does the same without a context manager)."""
         try:
             yield
-        except ModelOutOfMemoryError:
-            raise
         except Exception as exc:
-            if _is_out_of_memory(exc):
-                raise self._out_of_memory(exc, items) from exc
-            raise
+            if isinstance(exc, ModelOutOfMemoryError) or not _is_out_of_memory(exc):
+                raise
+            raise self._out_of_memory(exc, items) from exc
 
     @contextlib.contextmanager
     def _on_stream(self, keep: bool = True) -> Iterator[None]:
@@ -345,13 +341,24 @@ class LoadedModel:
                 _STREAMS.give(self.device, [local.stream])
                 local.stream = local.staging = None
 
+    def _run(self, requests: Sequence[Sequence[np.ndarray[Any, Any]]], rows: int) -> Arrays:
+        """``run_batch``'s work, inside inference mode (and this thread's CUDA stream)."""
+        inputs = [
+            self._batch_input([request[i] for request in requests], spec)
+            for i, spec in enumerate(self.inputs)
+        ]
+        return self._to_arrays(self._forward(inputs), rows)
+
     def _batch_input(self, parts: list[np.ndarray[Any, Any]], spec: TensorSpec) -> torch.Tensor:
         """One input of the batch on the model's device, in the declared dtype."""
         dtype = TORCH_DTYPES[spec.dtype]
         if not self._cuda:
-            if len(parts) == 1 and parts[0].flags.writeable:
-                return torch.from_numpy(parts[0]).to(dtype)  # no copy; frombuffer() views are
-            return _concatenate(parts).to(dtype)  # copied: the model may write into its input
+            if len(parts) == 1:  # no copy, unless read-only (a frombuffer() view of a message):
+                part = parts[0]  # the model may write into its input
+                tensor = torch.from_numpy(part if part.flags.writeable else part.copy())
+            else:
+                tensor = _concatenate(parts)
+            return tensor if tensor.dtype == dtype else tensor.to(dtype)
         rows = sum(part.shape[0] for part in parts)
         host = _concatenate(parts, self._staging(spec, parts[0], rows))
         return host.to(self.device, non_blocking=True).to(dtype)
@@ -371,8 +378,11 @@ class LoadedModel:
     def _forward(self, inputs: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
         """Call the model (inside ``inference_mode``); name its outputs."""
         try:
-            with self._autocast():
+            if self._autocast_dtype is None:
                 result = self._module(*inputs)
+            else:
+                with torch.autocast(self.device.type, dtype=self._autocast_dtype):
+                    result = self._module(*inputs)
         except Exception as exc:
             if _is_out_of_memory(exc):
                 raise  # _memory_guard says so
@@ -437,7 +447,11 @@ class LoadedModel:
             answer = TORCH_DTYPES[self._answer_dtype(index, tensor.dtype)]
             if answer == torch.bfloat16:
                 answer = torch.float32  # numpy has no bfloat16: BF16 travels as FP32
-            tensors.append(tensor.detach().to(answer))  # cast on the device, before the copy
+            if tensor.requires_grad:  # a parameter returned as is: inference_mode does not
+                tensor = tensor.detach()
+            if tensor.dtype != answer:
+                tensor = tensor.to(answer)  # cast on the device, before the copy
+            tensors.append(tensor)
         if self._cuda:  # every copy started, then one wait (``_on_stream`` synchronises)
             tensors = [tensor.to("cpu", non_blocking=True) for tensor in tensors]
             torch.cuda.current_stream(self.device).synchronize()
