@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from support import ServerThread
 from torchwire._proto.modelservice_messages_pb2 import PredictRequest, PredictResponse
 from torchwire.errors import InvalidInputError
+from torchwire.server import seed_wire
 from torchwire.server.seed_wire import encode_response, parse_request
 
 floats32 = st.floats(width=32, allow_nan=False)
@@ -40,6 +41,20 @@ def test_unpacked_and_split_floats_and_unknown_fields_are_read_as_protobuf_does(
     data = unpacked + packed + b"\x48\x96\x01"
     assert list(PredictRequest.FromString(data).inputs) == [1.0, 2.0, 3.0, 4.0]
     assert parse_request(data).floats.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_metadata_that_changes_every_request_is_read_right_in_bounded_memory() -> None:
+    """Metadata entries are remembered by their bytes (the model's name comes in every request);
+    a client sending a new value each time gets each read right, and the memory stays bounded."""
+    for i in range(3 * seed_wire._ENTRIES_MAX):
+        metadata = {"model": "recsys", "request-id": str(i)}
+        data = PredictRequest(inputs=[1.0], metadata=metadata).SerializeToString()
+        assert parse_request(data).metadata == metadata
+    assert len(seed_wire._ENTRIES) <= seed_wire._ENTRIES_MAX
+    bad = b"\x12\x04\x0a\x02\xff\xfe"  # not UTF-8: refused every time, never remembered
+    for _ in range(2):
+        with pytest.raises(InvalidInputError, match="not valid UTF-8"):
+            parse_request(bad)
 
 
 @settings(max_examples=200, deadline=None)

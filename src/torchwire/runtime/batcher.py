@@ -250,7 +250,7 @@ class Batcher:
                         RETRY_PUSHBACK_METADATA: str(wait_ms),
                     },
                 )
-            key = tuple(a.shape[1:] for a in arrays)
+            key = (arrays[0].shape[1:],) if len(arrays) == 1 else tuple(a.shape[1:] for a in arrays)
             self._queue.append(_Request(arrays, items, future, deadline, shape_key=key))
             self._queued_items += items
             if not self._may_run_inline():

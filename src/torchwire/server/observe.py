@@ -38,12 +38,35 @@ def outcome_code(exc: BaseException | None) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+class _Children:
+    """The metric children one (model version, API) pair of requests counts into, looked up
+    once: they are on every request's path."""
+
+    __slots__ = ("_observer", "_requests", "api", "duration", "inflight", "model", "version")
+
+    def __init__(self, observer: Observer, model: str, version: str, api: str) -> None:
+        metrics = observer.metrics
+        self._observer, self.model, self.version, self.api = observer, model, version, api
+        self.inflight = observer.child(metrics.inflight, model)
+        self.duration = observer.child(metrics.request_duration, model, api)
+        self._requests: dict[str, Any] = {}
+
+    def requests(self, code: grpc.StatusCode) -> Any:
+        found = self._requests.get(code.name)
+        if found is None:
+            metrics = self._observer.metrics
+            found = self._requests[code.name] = self._observer.child(
+                metrics.requests, self.model, self.version, self.api, code.name
+            )
+        return found
+
+
 class Call:
     """One request being served; use as a context manager or call ``finish`` yourself."""
 
     __slots__ = (
-        "_finished", "_observer", "_peer", "_request_id", "api", "items", "model", "started",
-        "version",
+        "_children", "_finished", "_observer", "_peer", "_request_id", "api", "items", "model",
+        "started", "version",
     )  # fmt: skip
 
     def __init__(self, observer: Observer, api: str, origin: Callable[[], tuple[str, str]]) -> None:
@@ -53,6 +76,7 @@ class Call:
         self.model = ""
         self.version = ""
         self.items = 0
+        self._children: _Children | None = None
         self._finished = False
         self._peer: str | None = None
         self._request_id: str | None = None
@@ -65,8 +89,9 @@ class Call:
 
     def target(self, batcher: Batcher) -> None:
         """The request was resolved to this model version."""
-        self.model, self.version = batcher.name, str(batcher.version)
-        self._observer.child(self._observer.metrics.inflight, self.model).inc()
+        children = self._children = self._observer.children(batcher, self.api)
+        self.model, self.version = children.model, children.version
+        children.inflight.inc()
 
     def finish(self, exc: BaseException | None = None) -> float:
         """Count the request with the code its outcome maps to; return its duration (s). Only
@@ -76,12 +101,14 @@ class Call:
             return elapsed
         self._finished = True
         code = outcome_code(exc)
-        observer = self._observer
-        metrics = observer.metrics
-        observer.child(metrics.requests, self.model, self.version, self.api, code.name).inc()
-        if self.model:
-            observer.child(metrics.inflight, self.model).dec()
-            observer.child(metrics.request_duration, self.model, self.api).observe(elapsed)
+        children = self._children
+        if children is None:  # refused before its model was known
+            metrics = self._observer.metrics
+            self._observer.child(metrics.requests, "", "", self.api, code.name).inc()
+        else:
+            children.requests(code).inc()
+            children.inflight.dec()
+            children.duration.observe(elapsed)
         if self._observer.access_log:
             self._log(code, elapsed)
         return elapsed
@@ -113,6 +140,15 @@ class Observer:
         self.metrics = metrics
         self.access_log = access_log
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._by_target: dict[tuple[str, str], _Children] = {}
+
+    def children(self, batcher: Batcher, api: str) -> _Children:
+        """The metric children of ``api`` requests to ``batcher``'s model version."""
+        found = self._by_target.get((batcher.label, api))
+        if found is None:
+            found = _Children(self, batcher.name, str(batcher.version), api)
+            self._by_target[(batcher.label, api)] = found
+        return found
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: it is on every request's path."""

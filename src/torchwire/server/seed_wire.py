@@ -40,6 +40,8 @@ def _malformed(why: str) -> InvalidInputError:
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    if pos < len(data) and data[pos] < 0x80:  # one byte: every tag, most lengths
+        return data[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= len(data):
@@ -73,6 +75,23 @@ def _skip(data: bytes, pos: int, wire_type: int) -> int:
     if wire_type == 5:
         return pos + 4
     raise _malformed(f"unsupported wire type {wire_type}")
+
+
+_ENTRIES: dict[bytes, tuple[str, str]] = {}
+"""Metadata entries already read, by their bytes: a client sends the same few (the model's name)
+in every request, and reading one costs more than the rest of the message."""
+_ENTRIES_MAX = 1024
+
+
+def _cached_entry(data: bytes, start: int, end: int) -> tuple[str, str]:
+    raw = data[start:end]
+    entry = _ENTRIES.get(raw)
+    if entry is None:
+        entry = _map_entry(data, start, end)
+        if len(_ENTRIES) >= _ENTRIES_MAX:  # a client sending a new entry every time
+            _ENTRIES.clear()
+        _ENTRIES[raw] = entry
+    return entry
 
 
 def _map_entry(data: bytes, start: int, end: int) -> tuple[str, str]:
@@ -117,7 +136,7 @@ def parse_request(data: bytes) -> SeedRequest:
             pos += 4
         elif tag == _METADATA:
             start, pos = _delimited(data, pos)
-            key, value = _map_entry(data, start, pos)
+            key, value = _cached_entry(data, start, pos)
             metadata[key] = value
         elif tag == _RAW_INPUTS:
             start, pos = _delimited(data, pos)
@@ -138,12 +157,17 @@ def parse_request(data: bytes) -> SeedRequest:
 
 
 def _encode_varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
 
 
 def encode_response(flat: np.ndarray[Any, Any], raw: bool, elapsed_s: float) -> bytes:
