@@ -9,8 +9,9 @@ saturation), and its answers are consumed as gRPC would. What is measured is the
 thread's CPU time per answer: parsing, the repository, the batcher's queue, the answer's
 encoding, the metrics; the model runs in its inference thread (the loop is never idle here) and
 is not counted. gRPC's own cost per message (the same for any server, see
-``benchmarks/servers/echo.py``) is not in it. End to end, ``benchmarks/cpu_by_thread.py`` measures the whole server. ``--old-src DIR`` (e.g.
-the ``src`` of a ``git worktree`` of an older commit) runs that torchwire and this one in turns.
+``benchmarks/servers/echo.py``) is not in it. End to end, ``benchmarks/cpu_by_thread.py``
+measures the whole server. ``--old-src DIR`` (e.g. the ``src`` of a ``git worktree`` of an older
+commit) runs that torchwire and this one in turns.
 """
 
 from __future__ import annotations
