@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import http.client
+import json
 import shutil
 import signal
 import subprocess
@@ -17,6 +20,7 @@ import grpc
 import numpy as np
 import psutil
 import pytest
+import tritonclient.http as triton_http
 
 from support import (
     CliServer,
@@ -48,8 +52,12 @@ class Nginx:
         replicas: tuple[int, int],
         down: int | None = None,
         limit: int | None = None,
+        http_replicas: tuple[int, int] | None = None,
     ) -> None:
         self.prefix, self.front, self.replicas, self.limit = prefix, front, replicas, limit
+        # The REST front and replica ports: free ones, replicas that nobody serves unless given.
+        self.http_front = free_port()
+        self.http_replicas = http_replicas or (free_port(), free_port())
         self.config = prefix / "nginx.conf"
         prefix.mkdir(exist_ok=True)
         self.write(down)
@@ -62,7 +70,10 @@ class Nginx:
 
     def write(self, down: int | None = None) -> None:
         text = CONFIG.read_text().replace("50050", str(self.front))
-        for default, port in zip((50051, 50052), self.replicas, strict=True):
+        assert "listen 8000;" in text
+        text = text.replace("listen 8000;", f"listen {self.http_front};")
+        defaults = (50051, 50052, 8001, 8002)
+        for default, port in zip(defaults, (*self.replicas, *self.http_replicas), strict=True):
             mark = " down" if port == down else ""
             text = text.replace(f"server 127.0.0.1:{default} ", f"server 127.0.0.1:{port}{mark} ")
         if self.limit is not None:
@@ -293,3 +304,110 @@ def test_nginx_refuses_inference_calls_beyond_its_limit_at_once_with_a_retry_hin
             nginx.stop()
     log = (tmp_path / "nginx" / "access.log").read_text()
     assert log.count("grpc_status=8") == 2, log
+
+
+def _rest(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One REST request on a new connection: (status, headers, decoded JSON body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        connection.request(method, path, payload, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
+
+
+def _infer_body(values: list[float]) -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": values}]}
+
+
+def test_rest_requests_through_nginx_reach_the_live_replica_and_get_json_when_none_is(
+    tmp_path: Path,
+) -> None:
+    # Two REST replicas in the config; only one runs, the other's port refuses connections (not
+    # marked down): nginx tries it, fails to connect, and sends the same request to the live one.
+    write_model(tmp_path / "repo" / "scale", Scale(2.0), [2])
+    live_http, dead_http = free_port(), free_port()
+    server = ServerThread(repository=tmp_path / "repo", http_port=live_http).start()
+    stopped = False
+    nginx = Nginx(
+        tmp_path / "nginx", free_port(), (server.server.port, free_port()),
+        http_replicas=(dead_http, live_http),
+    )  # fmt: skip
+    try:
+        client = triton_http.InferenceServerClient(f"127.0.0.1:{nginx.http_front}")
+        for i in range(8):  # Triton's own HTTP client, through nginx
+            infer_input = triton_http.InferInput("x", [1, 2], "FP32")
+            infer_input.set_data_from_numpy(np.array([[i, 1]], np.float32))
+            answer = client.infer("scale", [infer_input]).as_numpy("output")
+            assert answer.tolist() == [[2.0 * i, 2.0]]
+        assert client.is_server_ready() and client.is_model_ready("scale")
+        client.close()
+        status, _, metadata = _rest(nginx.http_front, "GET", "/v2/models/scale")
+        assert status == 200 and metadata["name"] == "scale"
+        # No replica left: a JSON error and a hint, not nginx's HTML page.
+        server.stop()
+        stopped = True
+        status, headers, body = _rest(
+            nginx.http_front, "POST", "/v2/models/scale/infer", _infer_body([1, 1])
+        )
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert body == {"error": "torchwire behind nginx: no replica could answer"}
+    finally:
+        nginx.stop()
+        if not stopped:
+            server.stop()
+    log = (tmp_path / "nginx" / "access.log").read_text()
+    assert f"127.0.0.1:{dead_http}, 127.0.0.1:{live_http}" in log  # a request that moved over
+
+
+def test_nginx_refuses_rest_inference_beyond_its_limit_with_429_and_retry_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the gRPC admission test: a held model, a limit of 2 inference requests in flight.
+    write_model(tmp_path / "repo" / "scale", Scale(2.0), [2], extra=NO_INLINE)
+    http_port = free_port()
+    with ServerThread(repository=tmp_path / "repo", http_port=http_port) as server:
+        batcher = server.server.repository.get("scale")
+        release = threading.Event()
+        run_batch = batcher.model.run_batch
+
+        def held(arrays: Any) -> Any:
+            release.wait(60)
+            return run_batch(arrays)
+
+        monkeypatch.setattr(batcher.model, "run_batch", held)
+        spare = free_port()
+        nginx = Nginx(
+            tmp_path / "nginx", free_port(), (server.server.port, spare), down=spare, limit=2,
+            http_replicas=(http_port, free_port()),
+        )  # fmt: skip
+        front = nginx.http_front
+        try:
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                path = "/v2/models/scale/infer"
+                first = pool.submit(_rest, front, "POST", path, _infer_body([1, 1]))
+                wait_until(lambda: batcher.computing == 1, "the first request computes")
+                second = pool.submit(_rest, front, "POST", path, _infer_body([2, 2]))
+                wait_until(lambda: batcher.queued_items == 1, "the second request is queued")
+
+                # A third is refused by nginx at once and never reaches the replica.
+                status, headers, body = _rest(front, "POST", path, _infer_body([3, 3]))
+                assert status == 429 and headers["Retry-After"] == "1"
+                assert headers["torchwire-retry-after-ms"] == "50"
+                assert "too many inference requests in flight" in body["error"]
+                assert batcher.queued_items == 1 and batcher.stats.inference_count == 0
+                # What is not inference is not counted: metadata and health still answer.
+                assert _rest(front, "GET", "/v2/models/scale")[0] == 200
+                assert _rest(front, "GET", "/v2/health/ready")[0] == 200
+
+                release.set()
+                for future, want in ((first, [2.0, 2.0]), (second, [4.0, 4.0])):
+                    status, _, answer = future.result(60)
+                    assert status == 200 and answer["outputs"][0]["data"] == want
+        finally:
+            release.set()
+            nginx.stop()
+    log = (tmp_path / "nginx" / "access.log").read_text()
+    assert log.count(" http=429 ") == 1, log
