@@ -252,6 +252,19 @@ def _outputs(answer: bytes) -> list[float]:
     return np.frombuffer(raw, np.float32).tolist()
 
 
+def _hold_model_calls(batcher: Any, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Make the model's calls wait until the returned event is set."""
+    release = threading.Event()
+    run_batch = batcher.model.run_batch
+
+    def held(arrays: Any) -> Any:
+        release.wait(60)
+        return run_batch(arrays)
+
+    monkeypatch.setattr(batcher.model, "run_batch", held)
+    return release
+
+
 def test_nginx_refuses_inference_calls_beyond_its_limit_at_once_with_a_retry_hint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -260,14 +273,7 @@ def test_nginx_refuses_inference_calls_beyond_its_limit_at_once_with_a_retry_hin
     write_model(tmp_path / "repo" / "scale", Scale(2.0), [2], extra=NO_INLINE)
     with ServerThread(repository=tmp_path / "repo") as server:
         batcher = server.server.repository.get("scale")
-        release = threading.Event()
-        run_batch = batcher.model.run_batch
-
-        def held(arrays: Any) -> Any:
-            release.wait(60)
-            return run_batch(arrays)
-
-        monkeypatch.setattr(batcher.model, "run_batch", held)
+        release = _hold_model_calls(batcher, monkeypatch)
         spare = free_port()
         nginx = Nginx(
             tmp_path / "nginx", free_port(), (server.server.port, spare), down=spare, limit=2
@@ -370,14 +376,7 @@ def test_nginx_refuses_rest_inference_beyond_its_limit_with_429_and_retry_after(
     http_port = free_port()
     with ServerThread(repository=tmp_path / "repo", http_port=http_port) as server:
         batcher = server.server.repository.get("scale")
-        release = threading.Event()
-        run_batch = batcher.model.run_batch
-
-        def held(arrays: Any) -> Any:
-            release.wait(60)
-            return run_batch(arrays)
-
-        monkeypatch.setattr(batcher.model, "run_batch", held)
+        release = _hold_model_calls(batcher, monkeypatch)
         spare = free_port()
         nginx = Nginx(
             tmp_path / "nginx", free_port(), (server.server.port, spare), down=spare, limit=2,
