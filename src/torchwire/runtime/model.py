@@ -353,9 +353,13 @@ class LoadedModel:
         """One input of the batch on the model's device, in the declared dtype."""
         dtype = TORCH_DTYPES[spec.dtype]
         if not self._cuda:
-            if len(parts) == 1:  # no copy, unless read-only (a frombuffer() view of a message):
-                part = parts[0]  # the model may write into its input
-                tensor = torch.from_numpy(part if part.flags.writeable else part.copy())
+            part = parts[0]
+            if len(parts) == 1 and part.flags.writeable:
+                tensor = torch.from_numpy(part)  # no copy
+            elif len(parts) == 1 and part.nbytes < PARALLEL_COPY_BYTES:
+                # A read-only frombuffer() view of a message: copied, the model may write into
+                # its input. (Larger ones are copied by torch.cat, without the GIL.)
+                tensor = torch.from_numpy(part.copy())
             else:
                 tensor = _concatenate(parts)
             return tensor if tensor.dtype == dtype else tensor.to(dtype)
