@@ -1,6 +1,6 @@
 """Where a server's CPU goes per answer, by thread, for one load: the figure issue 16 is about.
 
-    .venv/bin/python benchmarks/cpu_by_thread.py [--server echo|torchwire] [--load stream]
+    .venv/bin/python benchmarks/cpu_by_thread.py [--server echo|echo-sync|torchwire] [--load stream]
         [--rate 2000] [--concurrency 0] [--seconds 4] [--rounds 2] [--old-src DIR]
 
 Starts the server as ``benchmarks/run.py`` does (the demo repository), runs the load ``--rounds``
@@ -76,7 +76,7 @@ def measure(kind: str, args: argparse.Namespace, demo: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", choices=("echo", "torchwire"), default="torchwire")
+    parser.add_argument("--server", choices=("echo", "echo-sync", "torchwire"), default="torchwire")
     parser.add_argument("--load", choices=LOADS, default="stream")
     parser.add_argument("--rate", type=float, default=2000.0, help="answers/s, open loop")
     parser.add_argument("--concurrency", type=int, default=0, help="closed loop instead")

@@ -46,11 +46,13 @@ console = Console(stderr=True)
 
 @contextmanager
 def server(kind: str, demo: Path, model: str = "recsys") -> Iterator[tuple[str, psutil.Process]]:
-    """Start one server of ``kind`` (echo, seed, torchwire); yield its target and process."""
+    """Start one server of ``kind`` (echo, echo-sync, seed, torchwire); yield its target and
+    process."""
     port = free_port()
     shape = "256" if model == "recsys" else "3,224,224"
     commands = {
         "echo": [PYTHON, "benchmarks/servers/echo.py", "--port", str(port)],
+        "echo-sync": [PYTHON, "benchmarks/servers/echo.py", "--port", str(port), "--sync"],
         "seed": [
             PYTHON, "benchmarks/seed_baseline/server.py", "--port", str(port),
             "--model", str(demo / model / "1" / "model.pt"), "--shape", shape,

@@ -4,7 +4,11 @@ Predict parses the request with the founding proto's own generated classes and a
 per item (what recsys would), so it pays exactly the gRPC + protobuf cost of a request.
 PredictStream answers every request the same way, one response per request.
 
-    python benchmarks/servers/echo.py --port 50071 [--item-size 256] [--uvloop]
+    python benchmarks/servers/echo.py --port 50071 [--item-size 256] [--uvloop | --sync]
+
+``--sync`` serves the same answers from grpc's thread-pool server (``grpc.server``) instead of
+grpc.aio: is a front-end on it cheaper per message? (``benchmarks/cpu_by_thread.py --server
+echo-sync``.)
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import argparse
 import asyncio
 import sys
 import tempfile
+from collections.abc import Callable
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -21,12 +28,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from support import compile_seed_client
 
 
-async def serve(port: int, item_size: int) -> None:
-    pb2, pb2_grpc = compile_seed_client(Path(tempfile.mkdtemp(prefix="echo-proto-")))
-
-    def answer(request: object) -> object:
+def _answer(pb2: Any, item_size: int) -> Callable[[Any], Any]:
+    def answer(request: Any) -> Any:
         count = max(1, (len(request.inputs) or len(request.SerializeToString()) // 4) // item_size)
         return pb2.PredictResponse(outputs=[0.5] * count, processing_time_ms=0)
+
+    return answer
+
+
+def serve_sync(port: int, item_size: int) -> None:
+    pb2, pb2_grpc = compile_seed_client(Path(tempfile.mkdtemp(prefix="echo-proto-")))
+    answer = _answer(pb2, item_size)
+
+    class Echo(pb2_grpc.ModelServiceServicer):
+        def Predict(self, request, context):
+            return answer(request)
+
+        def PredictStream(self, requests, context):
+            for request in requests:
+                yield answer(request)
+
+    # A thread per call in progress: enough for the benchmarks' 64 callers or streams.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=80))
+    pb2_grpc.add_ModelServiceServicer_to_server(Echo(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print(f"echo (sync) serving on 127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+
+
+async def serve(port: int, item_size: int) -> None:
+    pb2, pb2_grpc = compile_seed_client(Path(tempfile.mkdtemp(prefix="echo-proto-")))
+    answer = _answer(pb2, item_size)
 
     class Echo(pb2_grpc.ModelServiceServicer):
         async def Predict(self, request, context):
@@ -49,8 +82,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--item-size", type=int, default=256)
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--sync", action="store_true", help="grpc.server (threads), not grpc.aio")
     args = parser.parse_args()
-    if args.uvloop:
+    if args.sync:
+        serve_sync(args.port, args.item_size)
+    elif args.uvloop:
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
