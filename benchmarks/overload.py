@@ -23,21 +23,19 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scaleout import ROOT, free_port
+from scaleout import ROOT, TORCHWIRE, free_port
 
 from torchwire.bench import LoadConfig, run_load
 from torchwire.client import Client
 
 NGINX_CONFIG = ROOT / "deploy" / "nginx" / "torchwire.conf"
 NGINX_LIMIT = "limit_conn torchwire_inference 64;"
-TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
 
 
 def start_server(core: int, flags: list[str]) -> tuple[subprocess.Popen[bytes], str]:

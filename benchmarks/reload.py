@@ -28,13 +28,12 @@ from typing import Any
 
 import torch
 from hdrh.histogram import HdrHistogram
+from scaleout import ROOT, TORCHWIRE
 
 from torchwire.bench import LoadConfig, RunResult, run_load
 from torchwire.bench.stats import new_histogram, summarize
 from torchwire.repository import ensure_demo_repository
 
-ROOT = Path(__file__).resolve().parents[1]
-TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
 WINDOW_S = 2.0
 PLANS = {  # model: (rate per second, shape, seconds)
     "recsys": (1000.0, (256,), 30.0),

@@ -32,7 +32,7 @@ import numpy as np
 import psutil
 import torch
 from rich.console import Console
-from scaleout import ROOT, free_port, run_with_server_cpu
+from scaleout import ROOT, TORCHWIRE, free_port, run_with_server_cpu
 
 from torchwire.bench import LoadConfig, run_load, sweep
 from torchwire.bench.report import sweep_summary
@@ -40,7 +40,6 @@ from torchwire.client import Client
 from torchwire.repository import ensure_demo_repository
 
 PYTHON = sys.executable
-TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
 console = Console(stderr=True)
 
 

@@ -41,6 +41,8 @@ from torchwire.client import Client
 from torchwire.repository import ensure_demo_repository
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
+"""The ``torchwire`` command of this Python's environment."""
 console = Console(stderr=True)
 SHAPES = {"recsys": (256,), "resnet18": (3, 224, 224)}
 

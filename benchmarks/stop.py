@@ -19,15 +19,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import grpc
 import numpy as np
-from scaleout import free_port
+from scaleout import TORCHWIRE, free_port
 
 from torchwire._proto import modelservice_messages_pb2 as pb
 
-TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
 PREDICT = "/ModelService/Predict"
 
 
