@@ -196,8 +196,9 @@ def checks(root: Path, demo: Path, device: str, out: Path) -> dict[str, Any]:
     metrics_port = free_port()
     log = out / "gpu-checks-server.log"
     found: dict[str, Any] = {}
+    # --model-control open: the last check unloads every model over the API (off by default).
     extra = ["--metrics-port", str(metrics_port), "--watchdog-interval-s", "0.5",
-             "--log-level", "info"]  # fmt: skip
+             "--log-level", "info", "--model-control", "open"]  # fmt: skip
     with log.open("wb") as stderr, torchwire(repo, 1, "resnet18", extra, stderr) as (target, _):
         client = triton.InferenceServerClient(target)
         deadline = time.monotonic() + 120
