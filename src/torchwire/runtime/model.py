@@ -232,9 +232,9 @@ class LoadedModel:
                 with self._on_stream():
                     return self._run(requests, rows)
         except Exception as exc:
-            if isinstance(exc, ModelOutOfMemoryError) or not _is_out_of_memory(exc):
+            if (failed := self._failed_allocation(exc, rows)) is None:
                 raise
-            raise self._out_of_memory(exc, rows) from exc
+            raise failed from exc
 
     def release(self) -> None:
         """Drop the module (the version is retired; its threads have ended), give its streams
@@ -306,16 +306,23 @@ class LoadedModel:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _failed_allocation(self, exc: Exception, items: int) -> ModelOutOfMemoryError | None:
+        """``exc`` as ``ModelOutOfMemoryError`` if it is a failed allocation anywhere in a batch
+        (staging, copies, the model) not yet said so; else None: raise ``exc`` as it is."""
+        if isinstance(exc, ModelOutOfMemoryError) or not _is_out_of_memory(exc):
+            return None
+        return self._out_of_memory(exc, items)
+
     @contextlib.contextmanager
     def _memory_guard(self, items: int) -> Iterator[None]:
-        """A failed allocation anywhere in a batch (staging, copies, the model) becomes
-        ``ModelOutOfMemoryError`` (``run_batch`` does the same without a context manager)."""
+        """``_failed_allocation`` around a block (``run_batch`` does it without a context
+        manager, on every batch's path)."""
         try:
             yield
         except Exception as exc:
-            if isinstance(exc, ModelOutOfMemoryError) or not _is_out_of_memory(exc):
+            if (failed := self._failed_allocation(exc, items)) is None:
                 raise
-            raise self._out_of_memory(exc, items) from exc
+            raise failed from exc
 
     @contextlib.contextmanager
     def _on_stream(self, keep: bool = True) -> Iterator[None]:
@@ -389,7 +396,7 @@ class LoadedModel:
                     result = self._module(*inputs)
         except Exception as exc:
             if _is_out_of_memory(exc):
-                raise  # _memory_guard says so
+                raise  # run_batch (or _memory_guard) says so
             log.warning("%s raised on a batch of %d", self.path, len(inputs[0]), exc_info=exc)
             raise ModelExecutionError(f"model raised {_last_line(exc)}") from exc
         return self._named(result)
