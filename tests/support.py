@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib
+import json
 import os
 import re
 import signal
@@ -13,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -191,6 +194,27 @@ def in_process(path: Path) -> Callable[[Any], Any]:
             return model(torch.from_numpy(array)).numpy()
 
     return call
+
+
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, dict[str, str], Any]:
+    """One plain HTTP request to ``127.0.0.1:port``, as curl would send it: its status, headers
+    and parsed JSON body (``{}`` when empty). Error statuses are returned, not raised."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method)
+    request.add_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read() or b"{}")
 
 
 def free_port() -> int:

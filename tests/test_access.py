@@ -10,8 +10,6 @@ import os
 import pathlib
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +24,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from support import TORCHWIRE, Scale, ServerThread, free_port, write_model
+from support import TORCHWIRE, Scale, ServerThread, free_port, http_request, write_model
 from torchwire import Client
 from torchwire.config import ModelConfig, TensorSpec
 from torchwire.errors import ConfigError, UnauthenticatedError
@@ -49,17 +47,11 @@ def repo(tmp_path: Path) -> Path:
 def _http(
     server: ServerThread, path: str, token: str | None = None, body: bytes | None = None
 ) -> Any:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{server.server.http_port}{path}", data=body,
-        method="POST" if body is not None else "GET",
+    status, headers, answer = http_request(
+        server.server.http_port, "POST" if body is not None else "GET", path, body,
+        {"Authorization": f"Bearer {token}"} if token else None,
     )  # fmt: skip
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, dict(response.headers)
-    except urllib.error.HTTPError as error:
-        return error.code, {**dict(error.headers), **json.loads(error.read())}
+    return (status, headers) if status < 400 else (status, {**headers, **answer})
 
 
 INFER = json.dumps(

@@ -23,6 +23,7 @@ from support import (
     CliServer,
     ServerThread,
     free_port,
+    http_request,
     in_process,
     wait_until,
     write_model,
@@ -55,14 +56,8 @@ def client(server: ServerThread) -> Iterator[Any]:
 
 def _post(server: ServerThread, path: str, body: bytes | None = None, method: str = "POST") -> Any:
     """(status, parsed JSON body) of a plain HTTP request, as curl would send it."""
-    url = f"http://127.0.0.1:{server.server.http_port}{path}"
-    request = urllib.request.Request(url, data=body, method=method)
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    status, _, answer = http_request(server.server.http_port, method, path, body)
+    return status, answer
 
 
 def _recsys(rows: int, seed: int = 0) -> np.ndarray:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import http.client
 import json
 import shutil
 import signal
@@ -28,6 +27,7 @@ from support import (
     ServerThread,
     free_port,
     health_status,
+    http_request,
     wait_until,
     write_model,
 )
@@ -312,20 +312,10 @@ def test_nginx_refuses_inference_calls_beyond_its_limit_at_once_with_a_retry_hin
     assert log.count("grpc_status=8") == 2, log
 
 
-def _rest(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """One REST request on a new connection: (status, headers, decoded JSON body)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        payload = json.dumps(body).encode() if body is not None else None
-        connection.request(method, path, payload, {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        return response.status, dict(response.getheaders()), json.loads(response.read() or b"{}")
-    finally:
-        connection.close()
-
-
-def _infer_body(values: list[float]) -> dict[str, Any]:
-    return {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": values}]}
+def _infer_body(values: list[float]) -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": values}]}
+    ).encode()
 
 
 def test_rest_requests_through_nginx_reach_the_live_replica_and_get_json_when_none_is(
@@ -350,12 +340,12 @@ def test_rest_requests_through_nginx_reach_the_live_replica_and_get_json_when_no
             assert answer.tolist() == [[2.0 * i, 2.0]]
         assert client.is_server_ready() and client.is_model_ready("scale")
         client.close()
-        status, _, metadata = _rest(nginx.http_front, "GET", "/v2/models/scale")
+        status, _, metadata = http_request(nginx.http_front, "GET", "/v2/models/scale")
         assert status == 200 and metadata["name"] == "scale"
         # No replica left: a JSON error and a hint, not nginx's HTML page.
         server.stop()
         stopped = True
-        status, headers, body = _rest(
+        status, headers, body = http_request(
             nginx.http_front, "POST", "/v2/models/scale/infer", _infer_body([1, 1])
         )
         assert status == 503 and headers["Retry-After"] == "1"
@@ -386,20 +376,20 @@ def test_nginx_refuses_rest_inference_beyond_its_limit_with_429_and_retry_after(
         try:
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 path = "/v2/models/scale/infer"
-                first = pool.submit(_rest, front, "POST", path, _infer_body([1, 1]))
+                first = pool.submit(http_request, front, "POST", path, _infer_body([1, 1]))
                 wait_until(lambda: batcher.computing == 1, "the first request computes")
-                second = pool.submit(_rest, front, "POST", path, _infer_body([2, 2]))
+                second = pool.submit(http_request, front, "POST", path, _infer_body([2, 2]))
                 wait_until(lambda: batcher.queued_items == 1, "the second request is queued")
 
                 # A third is refused by nginx at once and never reaches the replica.
-                status, headers, body = _rest(front, "POST", path, _infer_body([3, 3]))
+                status, headers, body = http_request(front, "POST", path, _infer_body([3, 3]))
                 assert status == 429 and headers["Retry-After"] == "1"
                 assert headers["torchwire-retry-after-ms"] == "50"
                 assert "too many inference requests in flight" in body["error"]
                 assert batcher.queued_items == 1 and batcher.stats.inference_count == 0
                 # What is not inference is not counted: metadata and health still answer.
-                assert _rest(front, "GET", "/v2/models/scale")[0] == 200
-                assert _rest(front, "GET", "/v2/health/ready")[0] == 200
+                assert http_request(front, "GET", "/v2/models/scale")[0] == 200
+                assert http_request(front, "GET", "/v2/health/ready")[0] == 200
 
                 release.set()
                 for future, want in ((first, [2.0, 2.0]), (second, [4.0, 4.0])):
