@@ -33,11 +33,21 @@ DTYPES = {
 }  # fmt: skip
 
 
+BIG = 20_000
+
+
 class Pair(nn.Module):
     """Two inputs, two named outputs."""
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"sum": a + b, "prod": a * b}
+
+
+class Difference(nn.Module):
+    """Two inputs whose order matters, two named outputs."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"difference": a - b, "prod": a * b}
 
 
 class Same(nn.Module):
@@ -67,6 +77,12 @@ def v2_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "pair" / "1").mkdir(parents=True)
     (root / "pair" / "config.toml").write_text(PAIR_CONFIG)
     torch.jit.script(Pair()).save(str(root / "pair" / "1" / "model.pt"))
+    # The same with 80 KB per input and item: requests large enough to be read without
+    # protobuf's copies (v2_codec.SPLIT_BYTES).
+    (root / "pair_big" / "1").mkdir(parents=True)
+    big_config = PAIR_CONFIG.replace("[3]", f"[{BIG}]").replace('"sum"', '"difference"')
+    (root / "pair_big" / "config.toml").write_text(big_config)
+    torch.jit.script(Difference()).save(str(root / "pair_big" / "1" / "model.pt"))
     for dtype in DTYPES:
         write_model(root / f"same_{dtype.lower()}", Same(), [2])
         config = root / f"same_{dtype.lower()}" / "config.toml"
@@ -175,6 +191,36 @@ def test_two_inputs_two_outputs_and_output_subset(client: triton.InferenceServer
     )
     assert only.as_numpy("sum") is None
     np.testing.assert_array_equal(only.as_numpy("prod"), a * b)
+
+
+def test_large_tensors_in_any_input_order_unary_and_streamed(
+    client: triton.InferenceServerClient,
+) -> None:
+    rng = np.random.default_rng(3)
+    pairs = [rng.standard_normal((2, n + 1, BIG), dtype=np.float32) for n in range(4)]
+    a, b = pairs[0]
+    only = client.infer(
+        "pair_big",
+        [_input("b", b), _input("a", a)],
+        outputs=[triton.InferRequestedOutput("difference")],
+    )
+    assert only.as_numpy("prod") is None
+    np.testing.assert_array_equal(only.as_numpy("difference"), a - b)
+    answers: queue.Queue[Any] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i, (a, b) in enumerate(pairs):
+            client.async_stream_infer(
+                "pair_big", [_input("a", a), _input("b", b)], request_id=f"{i}"
+            )
+        received = [answers.get(timeout=30) for _ in pairs]
+    finally:
+        client.stop_stream()
+    assert [error for _, error in received] == [None] * len(pairs)
+    for result, _ in received:
+        a, b = pairs[int(result.get_response().id)]
+        np.testing.assert_array_equal(result.as_numpy("difference"), a - b)
+        np.testing.assert_array_equal(result.as_numpy("prod"), a * b)
 
 
 @pytest.mark.parametrize("datatype", list(DTYPES))

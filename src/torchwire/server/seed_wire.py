@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from torchwire.errors import InvalidInputError
+from torchwire.server.wire import WireError, delimited, encode_varint, skip, varint
 
 FLOAT32_LE = np.dtype("<f4")
 
@@ -39,44 +40,6 @@ def _malformed(why: str) -> InvalidInputError:
     return InvalidInputError(f"malformed PredictRequest: {why}")
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    if pos < len(data) and data[pos] < 0x80:  # one byte: every tag, most lengths
-        return data[pos], pos + 1
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise _malformed("truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise _malformed("varint longer than 10 bytes")
-
-
-def _delimited(data: bytes, pos: int) -> tuple[int, int]:
-    """Start and end of a length-delimited field's payload."""
-    length, pos = _varint(data, pos)
-    end = pos + length
-    if end > len(data):
-        raise _malformed(f"a field of {length} bytes runs past the end of the message")
-    return pos, end
-
-
-def _skip(data: bytes, pos: int, wire_type: int) -> int:
-    if wire_type == 0:
-        return _varint(data, pos)[1]
-    if wire_type == 1:
-        return pos + 8
-    if wire_type == 2:
-        return _delimited(data, pos)[1]
-    if wire_type == 5:
-        return pos + 4
-    raise _malformed(f"unsupported wire type {wire_type}")
-
-
 _ENTRIES: dict[bytes, tuple[str, str]] = {}
 """Metadata entries already read, by their bytes: a client sends the same few (the model's name)
 in every request, and reading one costs more than the rest of the message."""
@@ -98,9 +61,9 @@ def _map_entry(data: bytes, start: int, end: int) -> tuple[str, str]:
     key = value = b""
     pos = start
     while pos < end:
-        tag, pos = _varint(data, pos)
+        tag, pos = varint(data, pos)
         if tag in (0x0A, 0x12):
-            begin, pos = _delimited(data, pos)
+            begin, pos = delimited(data, pos)
             if pos > end:
                 raise _malformed("a metadata entry runs past its end")
             if tag == 0x0A:
@@ -108,7 +71,7 @@ def _map_entry(data: bytes, start: int, end: int) -> tuple[str, str]:
             else:
                 value = data[begin:pos]
         else:
-            pos = _skip(data, pos, tag & 7)
+            pos = skip(data, pos, tag & 7)
     try:
         return key.decode(), value.decode()
     except UnicodeDecodeError:
@@ -117,15 +80,22 @@ def _map_entry(data: bytes, start: int, end: int) -> tuple[str, str]:
 
 def parse_request(data: bytes) -> SeedRequest:
     """Decode a serialized ``PredictRequest``; later fields win, as protobuf's parser does."""
+    try:
+        return _parse(data)
+    except WireError as exc:
+        raise _malformed(str(exc)) from None
+
+
+def _parse(data: bytes) -> SeedRequest:
     chunks: list[np.ndarray[Any, Any]] = []
     raw: bytes | memoryview = b""
     metadata: dict[str, str] = {}
     view = memoryview(data)
     pos, size = 0, len(data)
     while pos < size:
-        tag, pos = _varint(data, pos)
+        tag, pos = varint(data, pos)
         if tag == _INPUTS_PACKED:
-            start, pos = _delimited(data, pos)
+            start, pos = delimited(data, pos)
             if (pos - start) % 4:
                 raise _malformed("packed inputs are not a whole number of floats")
             chunks.append(np.frombuffer(data, FLOAT32_LE, (pos - start) // 4, start))
@@ -135,18 +105,16 @@ def parse_request(data: bytes) -> SeedRequest:
             chunks.append(np.frombuffer(data, FLOAT32_LE, 1, pos))  # unpacked: rare
             pos += 4
         elif tag == _METADATA:
-            start, pos = _delimited(data, pos)
+            start, pos = delimited(data, pos)
             key, value = _cached_entry(data, start, pos)
             metadata[key] = value
         elif tag == _RAW_INPUTS:
-            start, pos = _delimited(data, pos)
+            start, pos = delimited(data, pos)
             raw = view[start:pos]
         else:
             if tag >> 3 == 0:
                 raise _malformed("field number 0")
-            pos = _skip(data, pos, tag & 7)
-        if pos > size:
-            raise _malformed("truncated field")
+            pos = skip(data, pos, tag & 7)
     if not chunks:
         floats = np.empty(0, FLOAT32_LE)
     elif len(chunks) == 1:
@@ -156,28 +124,14 @@ def parse_request(data: bytes) -> SeedRequest:
     return SeedRequest(floats, raw, metadata)
 
 
-def _encode_varint(value: int) -> bytes:
-    if value < 0x80:
-        return _ONE_BYTE[value]
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
-
-
 def encode_response(flat: np.ndarray[Any, Any], raw: bool, elapsed_s: float) -> bytes:
     """A serialized ``PredictResponse``: the floats (packed, or raw bytes) and the server time."""
     payload = flat.astype(FLOAT32_LE, copy=False).tobytes()
     tag = b"\x1a" if raw else b"\x0a"  # raw_outputs = 3, or packed outputs = 1
-    parts = [tag, _encode_varint(len(payload)), payload] if payload else []
+    parts = [tag, encode_varint(len(payload)), payload] if payload else []
     millis, micros = round(elapsed_s * 1e3), round(elapsed_s * 1e6)
     if millis:
-        parts += [b"\x10", _encode_varint(millis)]  # processing_time_ms = 2
+        parts += [b"\x10", encode_varint(millis)]  # processing_time_ms = 2
     if micros:
-        parts += [b"\x20", _encode_varint(micros)]  # processing_time_us = 4
+        parts += [b"\x20", encode_varint(micros)]  # processing_time_us = 4
     return b"".join(parts)

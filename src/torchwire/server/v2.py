@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,15 @@ from torchwire.server import kserve
 from torchwire.server.observe import Call
 from torchwire.server.seed import STREAM_WINDOW, call_deadline
 from torchwire.server.status import abort_with, unary_errors
-from torchwire.server.v2_codec import decode_infer, encode_infer, requested_outputs
+from torchwire.server.v2_codec import (
+    Encoded,
+    InferRequest,
+    decode_infer,
+    encode_infer,
+    parse_infer,
+    requested_outputs,
+    stream_answer,
+)
 
 log = logging.getLogger(__name__)
 V2_SERVICE = "inference.GRPCInferenceService"
@@ -34,7 +42,7 @@ V2_SERVICE = "inference.GRPCInferenceService"
 
 @dataclass(slots=True)
 class _Queued:
-    request: pb.ModelInferRequest
+    request: InferRequest
     call: Call
     batcher: Batcher | None
     selected: list[int]
@@ -49,14 +57,17 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     def handler(self) -> grpc.GenericRpcHandler:
         """Every method of the service, taking raw bytes that it parses itself: a malformed
         message is INVALID_ARGUMENT naming its type (gRPC's own parsing would answer UNKNOWN
-        with a Python exception class). Methods torchwire does not implement answer
-        UNIMPLEMENTED."""
+        with a Python exception class). Inference reads and writes its tensors' bytes at the
+        wire level (``v2_codec``), so its methods return serialized answers. Methods torchwire
+        does not implement answer UNIMPLEMENTED."""
         service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
         base = service_pb2_grpc.GRPCInferenceServiceServicer
         handlers = {}
         for method in service.methods:
-            parse = getattr(pb, method.input_type.name).FromString
+            parse: Callable[[bytes], Any] = _parser(getattr(pb, method.input_type.name))
             serialize = getattr(pb, method.output_type.name).SerializeToString
+            if method.input_type.name == "ModelInferRequest":
+                parse, serialize = parse_infer, None
             implemented = getattr(type(self), method.name) is not getattr(base, method.name)
             implementation = getattr(self, method.name) if implemented else _unimplemented
             if method.client_streaming:
@@ -152,34 +163,34 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
 
     # -- inference -------------------------------------------------------------------------------
 
-    def _queue(self, request: pb.ModelInferRequest, call: Call, deadline: float | None) -> _Queued:
-        batcher = self._model(request.model_name, request.model_version)
+    def _queue(self, request: InferRequest, call: Call, deadline: float | None) -> _Queued:
+        message = request.message
+        batcher = self._model(message.model_name, message.model_version)
         call.target(batcher)
         arrays, call.items = decode_infer(request, batcher.model)
-        selected = requested_outputs([o.name for o in request.outputs], batcher.model)
+        selected = requested_outputs([o.name for o in message.outputs], batcher.model)
         return _Queued(
             request, call, batcher, selected, batcher.submit(arrays, call.items, deadline)
         )
 
-    def _answer(self, queued: _Queued, outputs: Arrays) -> pb.ModelInferResponse:
+    def _answer(self, queued: _Queued, outputs: Arrays) -> Encoded:
         batcher = queued.batcher
         assert batcher is not None
+        message = queued.request.message
         return encode_infer(
-            queued.request, batcher.model, batcher.name, batcher.version, outputs, queued.selected
+            message, batcher.model, batcher.name, batcher.version, outputs, queued.selected
         )
 
     @unary_errors
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: InferRequest, context: grpc.aio.ServicerContext) -> bytes:
         with self._backend.observer.call("v2", context) as call:
             queued = self._queue(request, call, call_deadline(context))
             assert queued.answer is not None
-            return self._answer(queued, await queued.answer)
+            return b"".join(self._answer(queued, await queued.answer))
 
     async def ModelStreamInfer(
-        self, requests: AsyncIterable[pb.ModelInferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self, requests: AsyncIterable[InferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         """Answers in request order; a bad request gets ``error_message``, the stream goes on."""
         pending: asyncio.Queue[_Queued | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
         reader = asyncio.create_task(self._read_stream(requests, context, pending))
@@ -193,15 +204,16 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
                     response = self._answer(queued, await queued.answer)
                 except TorchwireError as exc:
                     queued.call.finish(exc)
+                    message = queued.request.message
                     yield pb.ModelStreamInferResponse(
                         error_message=f"[{exc.code}] {exc}",
                         infer_response=pb.ModelInferResponse(
-                            id=queued.request.id, model_name=queued.request.model_name
+                            id=message.id, model_name=message.model_name
                         ),
-                    )
+                    ).SerializeToString()
                     continue
                 queued.call.finish()
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                yield stream_answer(response)
             await reader
         finally:
             reader.cancel()
@@ -218,7 +230,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
 
     async def _read_stream(
         self,
-        requests: AsyncIterable[pb.ModelInferRequest],
+        requests: AsyncIterable[InferRequest],
         context: grpc.aio.ServicerContext,
         pending: asyncio.Queue[_Queued | None],
     ) -> None:
@@ -247,36 +259,46 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
             raise
         except TorchwireError as exc:  # a malformed message: say so in the stream, then end
             call = self._backend.observer.call("v2_stream", context)
-            await pending.put(_Queued(pb.ModelInferRequest(), call, None, [], None, exc))
+            await pending.put(
+                _Queued(InferRequest(pb.ModelInferRequest()), call, None, [], None, exc)
+            )
         except Exception as exc:  # the request stream itself broke: end the answers
             log.warning("V2 request stream broke: %s", exc)
         await pending.put(None)
 
 
-def _malformed(parse: Any, exc: Exception) -> InvalidInputError:
-    name = parse.__self__.DESCRIPTOR.name if hasattr(parse, "__self__") else "message"
-    return InvalidInputError(f"malformed {name}: {exc}")
+def _parser(message: Any) -> Callable[[bytes], Any]:
+    """``message``'s parser, refusing bytes that are not one as INVALID_ARGUMENT."""
+    name = message.DESCRIPTOR.name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            raise InvalidInputError(f"malformed {name}: {exc}") from None
+
+    return parse
 
 
-def _parsing(implementation: Any, parse: Any) -> Any:
+def _parsing(implementation: Any, parse: Callable[[bytes], Any]) -> Any:
     async def call(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
             request = parse(data)
-        except DecodeError as exc:
-            await abort_with(context, _malformed(parse, exc))
+        except InvalidInputError as exc:
+            await abort_with(context, exc)
         return await implementation(request, context)
 
     return call
 
 
-def _parsing_stream(implementation: Any, parse: Any) -> Any:
+def _parsing_stream(implementation: Any, parse: Callable[[bytes], Any]) -> Any:
+    """A malformed message raises InvalidInputError out of the request iterator: the stream's
+    reader says so in the stream, then ends it."""
+
     async def call(requests: AsyncIterable[bytes], context: grpc.aio.ServicerContext) -> Any:
         async def parsed() -> AsyncIterator[Any]:
             async for data in requests:
-                try:
-                    yield parse(data)
-                except DecodeError as exc:
-                    raise _malformed(parse, exc) from None
+                yield parse(data)
 
         async for response in implementation(parsed(), context):
             yield response

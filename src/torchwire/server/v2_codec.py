@@ -15,12 +15,14 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from torchwire.errors import InvalidInputError
 from torchwire.runtime import LoadedModel
 from torchwire.runtime.dtypes import SUPPORTED, numpy_dtype
 from torchwire.runtime.model import Arrays, shape_matches
+from torchwire.server.wire import WireError, field_prefix, split_field
 
 MAX_ELEMENTS = 2**31
 """More elements than a gRPC message (2 GiB at most) can carry, whatever the datatype."""
@@ -152,15 +154,47 @@ def decode_tensors(tensors: Sequence[WireTensor], model: LoadedModel) -> tuple[A
     return arrays, model.check_inputs(arrays)
 
 
-def decode_infer(request: pb.ModelInferRequest, model: LoadedModel) -> tuple[Arrays, int]:
+RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    """A gRPC ``ModelInferRequest``: the message without its ``raw_input_contents``, and those
+    buffers as views of the bytes received."""
+
+    message: pb.ModelInferRequest
+    raw: Sequence[bytes | memoryview] = ()
+
+
+SPLIT_BYTES = 1 << 16
+"""Messages from this size on have their tensor buffers lifted out before protobuf parses them;
+below it, protobuf's copies cost less than reading the fields in Python (4 us either way at
+64 KiB; at 600 KB, 33 us vs 4)."""
+
+
+def parse_infer(data: bytes) -> InferRequest:
+    """Read a serialized ``ModelInferRequest``. In a large one the tensor buffers are lifted out
+    at the wire level (``wire.split_field``) and protobuf parses the rest, which is small: each
+    buffer is then not copied before the batch is built (protobuf would copy it twice)."""
+    try:
+        if len(data) < SPLIT_BYTES:
+            message = pb.ModelInferRequest.FromString(data)
+            return InferRequest(message, message.raw_input_contents)
+        rest, raw = split_field(data, RAW_INPUT_CONTENTS)
+        return InferRequest(pb.ModelInferRequest.FromString(rest), raw)
+    except (WireError, DecodeError) as exc:
+        raise InvalidInputError(f"malformed ModelInferRequest: {exc}") from None
+
+
+def decode_infer(request: InferRequest, model: LoadedModel) -> tuple[Arrays, int]:
     """A gRPC ``ModelInferRequest``'s tensors (see ``decode_tensors``)."""
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
+    raw, inputs = request.raw, request.message.inputs
+    if raw and len(raw) != len(inputs):
         raise InvalidInputError(
-            f"raw_input_contents holds {len(raw)} buffers for {len(request.inputs)} inputs"
+            f"raw_input_contents holds {len(raw)} buffers for {len(inputs)} inputs"
         )
     tensors = []
-    for i, tensor in enumerate(request.inputs):
+    for i, tensor in enumerate(inputs):
         values = None
         if raw and tensor.HasField("contents"):
             raise InvalidInputError(
@@ -197,6 +231,13 @@ def requested_outputs(wanted: Sequence[str], model: LoadedModel) -> list[int]:
     return [names.index(name) for name in wanted]
 
 
+RAW_OUTPUT_CONTENTS = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+INFER_RESPONSE = pb.ModelStreamInferResponse.DESCRIPTOR.fields_by_name["infer_response"].number
+
+Encoded = list[bytes | memoryview]
+"""A serialized message as parts (bytes, or flat byte views), joined once where it is sent."""
+
+
 def encode_infer(
     request: pb.ModelInferRequest,
     model: LoadedModel,
@@ -204,11 +245,23 @@ def encode_infer(
     version: int,
     outputs: Arrays,
     selected: list[int],
-) -> pb.ModelInferResponse:
+) -> Encoded:
+    """A serialized ``ModelInferResponse``. Protobuf writes the small part; each output's bytes
+    follow as ``raw_output_contents`` straight from its array (protobuf would copy them twice)."""
     response = pb.ModelInferResponse(model_name=name, model_version=str(version), id=request.id)
+    buffers = []
     for index in selected:
         spec, array = model.outputs[index], outputs[index]
         wire = np.ascontiguousarray(array, dtype=wire_dtype(spec.dtype))
         response.outputs.add(name=spec.name, datatype=spec.dtype, shape=list(array.shape))
-        response.raw_output_contents.append(wire.tobytes())
-    return response
+        buffers.append(wire.reshape(-1).view(np.uint8).data)
+    parts: Encoded = [response.SerializeToString()]
+    for buffer in buffers:
+        parts += [field_prefix(RAW_OUTPUT_CONTENTS, len(buffer)), buffer]
+    return parts
+
+
+def stream_answer(response: Encoded) -> bytes:
+    """A serialized ``ModelStreamInferResponse`` carrying ``response``."""
+    size = sum(len(part) for part in response)
+    return b"".join([field_prefix(INFER_RESPONSE, size), *response])
