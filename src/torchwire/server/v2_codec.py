@@ -48,6 +48,13 @@ def wire_dtype(datatype: str) -> np.dtype[Any]:
     return found
 
 
+def wire_bytes(array: np.ndarray[Any, Any], datatype: str) -> memoryview:
+    """``array``'s bytes as V2 carries a tensor (little-endian, row-major), copied only if its
+    dtype or layout differs."""
+    wire = np.ascontiguousarray(array, dtype=wire_dtype(datatype))
+    return wire.reshape(-1).view(np.uint8).data
+
+
 @dataclass(frozen=True, slots=True)
 class WireTensor:
     """One input tensor as a V2 request carries it, whatever the transport: little-endian
@@ -252,9 +259,8 @@ def encode_infer(
     buffers = []
     for index in selected:
         spec, array = model.outputs[index], outputs[index]
-        wire = np.ascontiguousarray(array, dtype=wire_dtype(spec.dtype))
         response.outputs.add(name=spec.name, datatype=spec.dtype, shape=list(array.shape))
-        buffers.append(wire.reshape(-1).view(np.uint8).data)
+        buffers.append(wire_bytes(array, spec.dtype))
     parts: Encoded = [response.SerializeToString()]
     for buffer in buffers:
         parts += [field_prefix(RAW_OUTPUT_CONTENTS, len(buffer)), buffer]

@@ -13,12 +13,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from torchwire.errors import InvalidInputError
 from torchwire.runtime import LoadedModel
 from torchwire.runtime.model import Arrays
-from torchwire.server.v2_codec import WireTensor, decode_tensors, requested_outputs, wire_dtype
+from torchwire.server.v2_codec import WireTensor, decode_tensors, requested_outputs, wire_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -160,7 +158,7 @@ def encode(
             "shape": list(array.shape),
         }
         if binary:
-            blob = np.ascontiguousarray(array, dtype=wire_dtype(spec.dtype)).tobytes()
+            blob = wire_bytes(array, spec.dtype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
