@@ -7,9 +7,10 @@ a request too big for the GPU refused alone while its batchmates are answered, G
     python3 benchmarks/gpu.py --out $OUT                 # a GPU machine: see benchmarks/gpu.sh
     .venv/bin/python benchmarks/gpu.py --device cpu --quick --out /tmp/gpu   # the script, no GPU
 
-The load generator (``torchwire bench``'s, several processes, raw tensors over the seed API) runs
-on the same machine. For each torchwire run the server's own /metrics give the mean batch and the
-mean compute time per batch, which say what bounds it. With ``--profile`` a py-spy profile of the
+The load generator (``torchwire bench``'s, several processes, raw tensors over the seed API, and
+in one run over KServe V2 as tritonclient sends them) runs on the same machine. For each
+torchwire run the server's own /metrics give the mean batch and the mean compute time per batch,
+which say what bounds it. With ``--profile`` a py-spy profile of the
 one-process server is written too (py-spy from .whl/). Writes ``gpu.json`` and ``gpu.md``.
 """
 
@@ -102,10 +103,16 @@ def _delta(after: dict[str, float], before: dict[str, float], name: str) -> floa
 
 
 def serve_and_load(
-    repo: Path, workers: int, args: argparse.Namespace, profile: Path | None, switch_ms: float
+    repo: Path,
+    workers: int,
+    args: argparse.Namespace,
+    profile: Path | None,
+    switch_ms: float,
+    protocol: str,
 ) -> dict:
     """One closed-loop run against ``torchwire serve``; the server's own view of it alongside.
-    ``switch_ms``: ``--gil-switch-interval-ms`` if not 0 (the default)."""
+    ``switch_ms``: ``--gil-switch-interval-ms`` if not 0 (the default); ``protocol``: "seed" or
+    "v2" (KServe V2 ``ModelInfer``, the messages tritonclient sends)."""
     metrics_port = free_port()
     extra = ["--metrics-port", str(metrics_port), "--watchdog-interval-s", "1"]
     extra += ["--gil-switch-interval-ms", str(switch_ms)] if switch_ms else []
@@ -113,7 +120,7 @@ def serve_and_load(
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         config = load(
             target, "resnet18", concurrency=args.concurrency, duration_s=args.seconds,
-            warmup_s=2.0, timeout_s=30.0, channels=8,
+            warmup_s=2.0, timeout_s=30.0, channels=8, protocol=protocol, input_name="image",
         )  # fmt: skip
         # Profiled once the load processes run and are past their warm-up.
         spy = _start_profile(process.pid, profile, 5.0, 4.0) if profile else None
@@ -278,9 +285,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         save(args.out, results)
     with tempfile.TemporaryDirectory() as tmp:
-        for workers, count, precision, switch_ms in args.runs:
+        for workers, count, precision, switch_ms, protocol in args.runs:
             name = f"{precision}, {workers} worker(s) x {count} instance(s)"
             name += f", GIL switch {switch_ms} ms" if switch_ms else ""
+            name += ", KServe V2" if protocol == "v2" else ""
             console.print(f"torchwire {name} ...")
             repo = repository(
                 Path(tmp) / name.replace(" ", "_"), demo, args.device, precision, count
@@ -288,7 +296,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             profile = args.out / "gpu-profile.speedscope.json"
             first = not results["torchwire"] and args.profile
             try:
-                row = serve_and_load(repo, workers, args, profile if first else None, switch_ms)
+                row = serve_and_load(
+                    repo, workers, args, profile if first else None, switch_ms, protocol
+                )
             except Exception as exc:  # one failed run must not cost the others
                 row = {"failed": repr(exc)}
             row.update(workers=workers, instances=count, precision=precision)
@@ -364,15 +374,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     args.precisions = ["fp32", "fp16"]
-    # (workers, instances per worker, precision, GIL switch interval in ms or 0: the default)
+    # (workers, instances per worker, precision, GIL switch interval in ms or 0: the default,
+    # the API the load uses)
     args.runs = [
-        (1, 1, "fp32", 0), (1, 1, "fp32", 5), (1, 2, "fp32", 0), (1, 2, "fp16", 0),
-        (4, 2, "fp32", 0),
+        (1, 1, "fp32", 0, "seed"), (1, 1, "fp32", 5, "seed"), (1, 2, "fp32", 0, "seed"),
+        (1, 1, "fp32", 0, "v2"), (1, 2, "fp16", 0, "seed"), (4, 2, "fp32", 0, "seed"),
     ]  # fmt: skip
     if args.quick:
         args.batches, args.batch_seconds, args.seconds = [1, 8], 0.3, 2.0
         args.load_procs, args.concurrency = 1, 8
-        args.precisions, args.runs = ["fp32", "bf16"], [(1, 1, "fp32", 0), (1, 2, "bf16", 5)]
+        args.precisions = ["fp32", "bf16"]
+        args.runs = [(1, 1, "fp32", 0, "seed"), (1, 2, "bf16", 5, "seed"), (1, 1, "fp32", 0, "v2")]
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(args)
     save(args.out, results)

@@ -17,5 +17,5 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH
 out=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-timeout 240 python3 benchmarks/gpu.py --profile --out "$out" "$@"; echo "gpu.py exit $?"
+timeout 270 python3 benchmarks/gpu.py --profile --out "$out" "$@"; echo "gpu.py exit $?"
 timeout 240 python3 benchmarks/scaleout.py --gpu --out "$out" ${SCALEOUT_ARGS:-}; echo "scaleout.py exit $?"
