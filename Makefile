@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint proto proto-check check image-check
+.PHONY: install run test lint proto proto-check check image-check deploy-configs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,12 +21,16 @@ test: install
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
 
 proto: install
 	PYTHON=$(BIN)/python scripts/proto.sh
+
+# deploy/kubernetes/admission/nginx.conf from deploy/nginx/torchwire.conf (tests check it is current).
+deploy-configs: install
+	$(BIN)/python scripts/admission_conf.py
 
 proto-check: install
 	PYTHON=$(BIN)/python scripts/proto.sh --check

@@ -3,6 +3,7 @@ flags and with each other (ports, probes, shutdown timing, user), and lint-clean
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +24,15 @@ KUBERNETES_VERSION = "1.30"
 KSERVE_KINDS = {"ServingRuntime", "InferenceService"}
 
 
+ADMISSION = KUBERNETES / "admission"
+"""An overlay: its files are patches to the manifests above, not manifests."""
+
+
 def documents(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
     return [
         (path, doc)
         for path in sorted(folder.rglob("*.yaml"))
+        if ADMISSION not in path.parents
         for doc in yaml.safe_load_all(path.read_text())
         if doc and doc.get("kind") != "Kustomization"
     ]
@@ -111,6 +117,91 @@ def test_services_and_autoscaling_point_at_the_deployment() -> None:
     assert any(d["spec"].get("clusterIP") == "None" for d in headless)
     target = manifest("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+
+
+MERGE_KEYS = {"containers": "name", "volumes": "name", "volumeMounts": "name", "ports": "port"}
+"""The lists the admission patches touch, and the field kustomize's strategic merge matches their
+items by (a Service's ports by port; the new container's own ports are not merged)."""
+
+
+def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = strategic_merge(base[key], value, key) if key in base else value
+        return merged
+    if isinstance(base, list) and field in MERGE_KEYS:
+        key = MERGE_KEYS[field]
+        patches = {item[key]: item for item in patch}
+        merged_list = [strategic_merge(i, patches.pop(i[key]), field) if i[key] in patches else i
+                       for i in base]  # fmt: skip
+        return merged_list + list(patches.values())
+    return patch
+
+
+def admission_overlay() -> dict[tuple[str, str], dict[str, Any]]:
+    """The manifests as `kubectl apply -k deploy/kubernetes/admission` makes them, by kind and
+    name (the config map's hash suffix aside)."""
+    kustomization = yaml.safe_load((ADMISSION / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == [".."]
+    base = {(doc["kind"], doc["metadata"]["name"]): doc for _, doc in documents(KUBERNETES)}
+    for entry in kustomization["patches"]:
+        for patch in yaml.safe_load_all((ADMISSION / entry["path"]).read_text()):
+            key = (patch["kind"], patch["metadata"]["name"])
+            base[key] = strategic_merge(base[key], patch)
+    return base
+
+
+def test_the_admission_config_is_generated_from_the_shipped_nginx_config() -> None:
+    check = [sys.executable, str(ROOT / "scripts" / "admission_conf.py"), "--check"]
+    result = subprocess.run(check, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_admission_overlay_sends_service_calls_through_its_sidecar(tmp_path: Path) -> None:
+    settings = configmap_settings(tmp_path)
+    manifests = admission_overlay()
+    for (kind, _), doc in manifests.items():
+        if kind not in KSERVE_KINDS:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    pod = manifests["Deployment", "torchwire"]["spec"]["template"]["spec"]
+    torchwire, sidecar = (next(c for c in pod["containers"] if c["name"] == n)
+                          for n in ("torchwire", "admission"))  # fmt: skip
+    ports = {p["name"]: p["containerPort"] for c in pod["containers"] for p in c["ports"]}
+
+    # The Services' calls go to nginx; probes and metrics still reach torchwire directly.
+    for name in ("torchwire", "torchwire-headless"):
+        service = manifests["Service", name]["spec"]
+        targets = {p["name"]: p["targetPort"] for p in service["ports"]}
+        assert targets["grpc"] == "grpc-admission"
+        assert targets.get("http", "http-admission") == "http-admission"
+        assert targets.get("metrics", "metrics") == "metrics"
+        assert set(targets.values()) <= ports.keys()
+    conf = (ADMISSION / "nginx.conf").read_text()
+    listens = [int(m) for m in re.findall(r"^\s*listen (\d+)", conf, re.M)]
+    assert listens == [ports["grpc-admission"], ports["http-admission"]]
+    upstreams = [int(m) for m in re.findall(r"^\s*server 127\.0\.0\.1:(\d+) ", conf, re.M)]
+    assert upstreams == [settings.port, settings.http_port]
+
+    # nginx runs the generated file, with its pid and temp files where it can write them.
+    kustomization = yaml.safe_load((ADMISSION / "kustomization.yaml").read_text())
+    (generated,) = kustomization["configMapGenerator"]
+    assert generated["files"] == ["nginx.conf"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+    command = sidecar["command"]
+    assert volumes["admission-config"]["configMap"]["name"] == generated["name"]
+    assert command[command.index("-c") + 1] == mounts["admission-config"] + "/nginx.conf"
+    assert command[command.index("-p") + 1] == mounts["admission-run"] + "/"
+    assert "emptyDir" in volumes["admission-run"]
+    assert sidecar["resources"]["requests"] == sidecar["resources"]["limits"]  # Guaranteed QoS
+
+    # nginx keeps relaying until torchwire stops taking calls, then finishes its own in flight,
+    # all before the kubelet's SIGKILL.
+    stops_taking = torchwire["lifecycle"]["preStop"]["sleep"]["seconds"] + settings.shutdown_delay_s
+    assert sidecar["lifecycle"]["preStop"]["sleep"]["seconds"] == stops_taking
+    (finish,) = re.findall(r"^worker_shutdown_timeout (\d+)s;", conf, re.M)
+    assert stops_taking + int(finish) < pod["terminationGracePeriodSeconds"]
 
 
 KSERVE_CONTAINER = {

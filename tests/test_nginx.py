@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import shutil
 import signal
@@ -35,6 +36,7 @@ from torchwire import Client
 from torchwire._proto import modelservice_messages_pb2 as pb
 
 CONFIG = Path(__file__).parents[1] / "deploy" / "nginx" / "torchwire.conf"
+ADMISSION = Path(__file__).parents[1] / "deploy" / "kubernetes" / "admission" / "nginx.conf"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 PREDICT = "/ModelService/Predict"
 LIMIT = "limit_conn torchwire_inference 64;"
@@ -45,19 +47,23 @@ NO_INLINE = "[batching]\ninline_max_ms = 0\n"
 class Nginx:
     """nginx in the foreground on the shipped config, front and replica ports substituted."""
 
+    source = CONFIG
+    http_listen = "listen 8000;"
+    defaults = (50051, 50052, 8001, 8002)  # the replicas' gRPC ports, then their REST ports
+
     def __init__(
         self,
         prefix: Path,
         front: int,
-        replicas: tuple[int, int],
+        replicas: tuple[int, ...],
         down: int | None = None,
         limit: int | None = None,
-        http_replicas: tuple[int, int] | None = None,
+        http_replicas: tuple[int, ...] | None = None,
     ) -> None:
         self.prefix, self.front, self.replicas, self.limit = prefix, front, replicas, limit
         # The REST front and replica ports: free ones, replicas that nobody serves unless given.
         self.http_front = free_port()
-        self.http_replicas = http_replicas or (free_port(), free_port())
+        self.http_replicas = http_replicas or tuple(free_port() for _ in replicas)
         self.config = prefix / "nginx.conf"
         prefix.mkdir(exist_ok=True)
         self.write(down)
@@ -69,11 +75,12 @@ class Nginx:
         return [NGINX, "-c", str(self.config), "-p", f"{self.prefix}/"]
 
     def write(self, down: int | None = None) -> None:
-        text = CONFIG.read_text().replace("50050", str(self.front))
-        assert "listen 8000;" in text
-        text = text.replace("listen 8000;", f"listen {self.http_front};")
-        defaults = (50051, 50052, 8001, 8002)
-        for default, port in zip(defaults, (*self.replicas, *self.http_replicas), strict=True):
+        text = self.source.read_text().replace("50050", str(self.front))
+        assert self.http_listen in text
+        text = text.replace(self.http_listen, f"listen {self.http_front};")
+        ports = (*self.replicas, *self.http_replicas)
+        for default, port in zip(self.defaults, ports, strict=True):
+            assert f"server 127.0.0.1:{default} " in text
             mark = " down" if port == down else ""
             text = text.replace(f"server 127.0.0.1:{default} ", f"server 127.0.0.1:{port}{mark} ")
         if self.limit is not None:
@@ -111,6 +118,15 @@ class Nginx:
     def stop(self) -> None:
         self.process.send_signal(signal.SIGQUIT)  # graceful
         self.process.wait(30)
+
+
+class Sidecar(Nginx):
+    """The Kubernetes admission sidecar's nginx (generated from the shipped config): one
+    torchwire behind it, its REST front on 8080, its logs on stdout and stderr."""
+
+    source = ADMISSION
+    http_listen = "listen 8080;"
+    defaults = (50051, 8000)
 
 
 class OpenLoop:
@@ -400,3 +416,61 @@ def test_nginx_refuses_rest_inference_beyond_its_limit_with_429_and_retry_after(
             nginx.stop()
     log = (tmp_path / "nginx" / "access.log").read_text()
     assert log.count(" http=429 ") == 1, log
+
+
+def test_the_kubernetes_admission_sidecar_sheds_its_pods_excess_grpc_and_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # deploy/kubernetes/admission: nginx in the pod, in front of that pod's torchwire only, with
+    # a limit of 2 calls of each kind in flight.
+    write_model(tmp_path / "repo" / "scale", Scale(2.0), [2], extra=NO_INLINE)
+    http_port = free_port()
+    with ServerThread(repository=tmp_path / "repo", http_port=http_port) as server:
+        batcher = server.server.repository.get("scale")
+        nginx = Sidecar(
+            tmp_path / "nginx", free_port(), (server.server.port,), limit=2,
+            http_replicas=(http_port,),
+        )  # fmt: skip
+        path = "/v2/models/scale/infer"
+        release = threading.Event()
+        try:
+            with grpc.insecure_channel(nginx.target) as channel:
+                predict = channel.unary_unary(PREDICT)
+                assert _outputs(predict(_predict_request("scale", [1, 2]), timeout=60)) == [2, 4]
+                status, _, answer = http_request(
+                    nginx.http_front, "POST", path, _infer_body([3, 4])
+                )
+                assert status == 200 and answer["outputs"][0]["data"] == [6.0, 8.0]
+
+                release = _hold_model_calls(batcher, monkeypatch)
+                held = [predict.future(_predict_request("scale", [5, 5]), timeout=60)]
+                wait_until(lambda: batcher.computing == 1, "the first call computes")
+                held.append(predict.future(_predict_request("scale", [6, 6]), timeout=60))
+                wait_until(lambda: batcher.queued_items == 1, "the second call is queued")
+                with pytest.raises(grpc.RpcError) as refused:
+                    predict(_predict_request("scale", [7, 7]), timeout=60)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert dict(refused.value.trailing_metadata())["torchwire-retry-after-ms"] == "50"
+                assert health_status(nginx.target) == "SERVING"
+                release.set()
+                assert [_outputs(call.result()) for call in held] == [[10, 10], [12, 12]]
+
+                release = _hold_model_calls(batcher, monkeypatch)
+                with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                    post = functools.partial(http_request, nginx.http_front, "POST", path)
+                    requests = [pool.submit(post, _infer_body([1, 1]))]
+                    wait_until(lambda: batcher.computing == 1, "the first request computes")
+                    requests.append(pool.submit(post, _infer_body([2, 2])))
+                    wait_until(lambda: batcher.queued_items == 1, "the second is queued")
+                    status, headers, _ = http_request(
+                        nginx.http_front, "POST", path, _infer_body([3, 3])
+                    )
+                    assert status == 429 and headers["Retry-After"] == "1"
+                    release.set()
+                    assert sorted(r.result(60)[2]["outputs"][0]["data"] for r in requests) == [
+                        [2.0, 2.0],
+                        [4.0, 4.0],
+                    ]
+        finally:
+            release.set()
+            nginx.stop()
