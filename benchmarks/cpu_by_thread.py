@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/cpu_by_thread.py [--server echo|echo-sync|torchwire] [--load stream]
         [--rate 2000] [--concurrency 0] [--seconds 4] [--rounds 2] [--old-src DIR]
+        [--model recsys|image] [--protocol seed|v2]
 
 Starts the server as ``benchmarks/run.py`` does (the demo repository), runs the load ``--rounds``
 times, and prints per round: server CPU per answer (every process, /proc), the same split by
 thread (named as py-spy names them, when it is installed), voluntary and involuntary context
 switches per answer, P50 and QPS. ``--old-src DIR`` (e.g. a ``git worktree`` of an older commit's
 ``src``) runs that torchwire instead, then this one, in turns: old and new side by side.
+``--model image`` sends 600 KB images (raw) to a model that only averages them, so what is
+measured is the server's cost of a large request; ``--protocol v2`` sends KServe V2 ModelInfer.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 import psutil
+import torch
 from run import load, server
 from scaleout import run_with_server_cpu
+from torch import nn
 
 from torchwire.repository import ensure_demo_repository
 
@@ -44,13 +50,47 @@ def thread_names(pid: int) -> dict[int, str]:
     return {int(m[1]): m[2] for m in re.finditer(r'Thread (\d+) \([^)]*\): "([^"]*)"', dump)}
 
 
-def measure(kind: str, args: argparse.Namespace, demo: Path) -> None:
-    with server(kind, demo) as (target, process):
+class ImageMean(nn.Module):
+    """A 600 KB image in, 3 floats out, almost no compute: what the server spends on a large
+    request, without a model that would hide it."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.mean(dim=(2, 3))
+
+
+IMAGE_CONFIG = """format = "torchscript"
+[[inputs]]
+name = "image"
+dtype = "FP32"
+shape = [3, 224, 224]
+[[outputs]]
+name = "logits"
+dtype = "FP32"
+shape = [3]
+[batching]
+max_batch_size = 64
+[instances]
+threads = 1
+"""
+INPUT_NAMES = {"recsys": "features", "image": "image"}
+
+
+def image_repository(root: Path) -> Path:
+    """A repository holding ``image`` (``ImageMean``)."""
+    (root / "image" / "1").mkdir(parents=True, exist_ok=True)
+    (root / "image" / "config.toml").write_text(IMAGE_CONFIG)
+    torch.jit.script(ImageMean()).save(str(root / "image" / "1" / "model.pt"))
+    return root
+
+
+def measure(kind: str, args: argparse.Namespace, repository: Path) -> None:
+    with server(kind, repository, args.model) as (target, process):
         stream = args.load == "stream"
         config = load(
-            target, "recsys", stream=stream, channels=4 if stream else 2,
+            target, args.model, stream=stream, channels=4 if stream else 2,
             duration_s=args.seconds, rate=0.0 if args.concurrency else args.rate,
-            concurrency=args.concurrency,
+            concurrency=args.concurrency, raw=args.model == "image", protocol=args.protocol,
+            input_name=INPUT_NAMES[args.model],
         )  # fmt: skip
         for _ in range(args.rounds):
             switches, threads = process.num_ctx_switches(), thread_cpu_s(process)
@@ -83,8 +123,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--old-src", type=Path, help="an older torchwire's src, run in turns")
+    parser.add_argument(
+        "--model", choices=tuple(INPUT_NAMES), default="recsys",
+        help="recsys (1 KB requests) or image (600 KB ones, a model that does next to nothing)",
+    )  # fmt: skip
+    parser.add_argument("--protocol", choices=("seed", "v2"), default="seed")
     args = parser.parse_args()
-    demo = ensure_demo_repository(Path.home() / ".cache" / "torchwire")
+    if args.model == "image":
+        demo = image_repository(Path(tempfile.mkdtemp(prefix="torchwire-image-")))
+    else:
+        demo = ensure_demo_repository(Path.home() / ".cache" / "torchwire")
     if args.old_src is None:
         measure(args.server, args, demo)
         return
