@@ -182,15 +182,21 @@ below it, protobuf's copies cost less than reading the fields in Python (4 us ei
 def parse_infer(data: bytes) -> InferRequest:
     """Read a serialized ``ModelInferRequest``. In a large one the tensor buffers are lifted out
     at the wire level (``wire.split_field``) and protobuf parses the rest, which is small: each
-    buffer is then not copied before the batch is built (protobuf would copy it twice)."""
+    buffer is then not copied before the batch is built (protobuf would copy it twice). Whatever
+    that reader does not take (many small fields, groups, bytes that are not protobuf) protobuf
+    reads whole, and it alone decides what is malformed."""
     try:
-        if len(data) < SPLIT_BYTES:
-            message = pb.ModelInferRequest.FromString(data)
-            return InferRequest(message, message.raw_input_contents)
-        rest, raw = split_field(data, RAW_INPUT_CONTENTS)
-        return InferRequest(pb.ModelInferRequest.FromString(rest), raw)
-    except (WireError, DecodeError) as exc:
+        split = split_field(data, RAW_INPUT_CONTENTS) if len(data) >= SPLIT_BYTES else None
+    except WireError:
+        split = None
+    try:
+        if split is not None:
+            rest, raw = split
+            return InferRequest(pb.ModelInferRequest.FromString(rest), raw)
+        message = pb.ModelInferRequest.FromString(data)
+    except DecodeError as exc:
         raise InvalidInputError(f"malformed ModelInferRequest: {exc}") from None
+    return InferRequest(message, message.raw_input_contents)
 
 
 def decode_infer(request: InferRequest, model: LoadedModel) -> tuple[Arrays, int]:
