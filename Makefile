@@ -28,7 +28,7 @@ lint: install
 proto: install
 	PYTHON=$(BIN)/python scripts/proto.sh
 
-# deploy/kubernetes/admission/nginx.conf from deploy/nginx/torchwire.conf (tests check it is current).
+# deploy/kubernetes-admission/nginx.conf from deploy/nginx/torchwire.conf (tests check it is current).
 deploy-configs: install
 	$(BIN)/python scripts/admission_conf.py
 

@@ -3,7 +3,9 @@ flags and with each other (ports, probes, shutdown timing, user), and lint-clean
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +26,14 @@ KUBERNETES_VERSION = "1.30"
 KSERVE_KINDS = {"ServingRuntime", "InferenceService"}
 
 
-ADMISSION = KUBERNETES / "admission"
-"""An overlay: its files are patches to the manifests above, not manifests."""
+ADMISSION = ROOT / "deploy" / "kubernetes-admission"
+"""An overlay of the manifests above: patches, not manifests."""
 
 
 def documents(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
     return [
         (path, doc)
         for path in sorted(folder.rglob("*.yaml"))
-        if ADMISSION not in path.parents
         for doc in yaml.safe_load_all(path.read_text())
         if doc and doc.get("kind") != "Kustomization"
     ]
@@ -119,9 +120,15 @@ def test_services_and_autoscaling_point_at_the_deployment() -> None:
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
 
 
-MERGE_KEYS = {"containers": "name", "volumes": "name", "volumeMounts": "name", "ports": "port"}
-"""The lists the admission patches touch, and the field kustomize's strategic merge matches their
-items by (a Service's ports by port; the new container's own ports are not merged)."""
+MERGE_KEYS = {
+    "containers": ("name",),
+    "volumes": ("name",),
+    "volumeMounts": ("name",),
+    "ports": ("port", "protocol"),
+}
+"""The lists the admission patches touch, and the fields kustomize's strategic merge matches
+their items by (a Service's ports by port and protocol; the new container's own ports are not
+merged)."""
 
 
 def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
@@ -131,19 +138,19 @@ def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
             merged[key] = strategic_merge(base[key], value, key) if key in base else value
         return merged
     if isinstance(base, list) and field in MERGE_KEYS:
-        key = MERGE_KEYS[field]
-        patches = {item[key]: item for item in patch}
-        merged_list = [strategic_merge(i, patches.pop(i[key]), field) if i[key] in patches else i
+        key = lambda item: tuple(item.get(k) for k in MERGE_KEYS[field])  # noqa: E731
+        patches = {key(item): item for item in patch}
+        merged_list = [strategic_merge(i, patches.pop(key(i)), field) if key(i) in patches else i
                        for i in base]  # fmt: skip
         return merged_list + list(patches.values())
     return patch
 
 
 def admission_overlay() -> dict[tuple[str, str], dict[str, Any]]:
-    """The manifests as `kubectl apply -k deploy/kubernetes/admission` makes them, by kind and
-    name (the config map's hash suffix aside)."""
+    """The manifests as `kubectl apply -k deploy/kubernetes-admission` makes them, by kind and
+    name (the config map's hash suffix and the base's common labels aside)."""
     kustomization = yaml.safe_load((ADMISSION / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == [".."]
+    assert kustomization["resources"] == ["../kubernetes"]
     base = {(doc["kind"], doc["metadata"]["name"]): doc for _, doc in documents(KUBERNETES)}
     for entry in kustomization["patches"]:
         for patch in yaml.safe_load_all((ADMISSION / entry["path"]).read_text()):
@@ -169,14 +176,24 @@ def test_the_admission_overlay_sends_service_calls_through_its_sidecar(tmp_path:
                           for n in ("torchwire", "admission"))  # fmt: skip
     ports = {p["name"]: p["containerPort"] for c in pod["containers"] for p in c["ports"]}
 
-    # The Services' calls go to nginx; probes and metrics still reach torchwire directly.
-    for name in ("torchwire", "torchwire-headless"):
-        service = manifests["Service", name]["spec"]
-        targets = {p["name"]: p["targetPort"] for p in service["ports"]}
-        assert targets["grpc"] == "grpc-admission"
-        assert targets.get("http", "http-admission") == "http-admission"
-        assert targets.get("metrics", "metrics") == "metrics"
-        assert set(targets.values()) <= ports.keys()
+    # The Service's calls go to nginx; probes and metrics still reach torchwire directly.
+    # Clients of the headless Service dial pod addresses on the port they name: the sidecar's is
+    # there for them.
+    services = {
+        name: {p["name"]: (p["port"], p["targetPort"]) for p in doc["spec"]["ports"]}
+        for (kind, name), doc in manifests.items()
+        if kind == "Service"
+    }
+    assert services["torchwire"] == {
+        "grpc": (settings.port, "grpc-admission"),
+        "http": (settings.http_port, "http-admission"),
+        "metrics": (settings.metrics_port, "metrics"),
+    }
+    assert services["torchwire-headless"]["grpc-admission"] == (
+        ports["grpc-admission"],
+        "grpc-admission",
+    )
+    assert {target for rows in services.values() for _, target in rows.values()} <= ports.keys()
     conf = (ADMISSION / "nginx.conf").read_text()
     listens = [int(m) for m in re.findall(r"^\s*listen (\d+)", conf, re.M)]
     assert listens == [ports["grpc-admission"], ports["http-admission"]]
@@ -196,12 +213,39 @@ def test_the_admission_overlay_sends_service_calls_through_its_sidecar(tmp_path:
     assert "emptyDir" in volumes["admission-run"]
     assert sidecar["resources"]["requests"] == sidecar["resources"]["limits"]  # Guaranteed QoS
 
-    # nginx keeps relaying until torchwire stops taking calls, then finishes its own in flight,
-    # all before the kubelet's SIGKILL.
+    # nginx keeps relaying until just before torchwire stops taking calls, then finishes its
+    # calls in flight while torchwire still answers them, all before the kubelet's SIGKILL.
     stops_taking = torchwire["lifecycle"]["preStop"]["sleep"]["seconds"] + settings.shutdown_delay_s
-    assert sidecar["lifecycle"]["preStop"]["sleep"]["seconds"] == stops_taking
+    nginx_stops = sidecar["lifecycle"]["preStop"]["sleep"]["seconds"]
     (finish,) = re.findall(r"^worker_shutdown_timeout (\d+)s;", conf, re.M)
-    assert stops_taking + int(finish) < pod["terminationGracePeriodSeconds"]
+    assert stops_taking - 3 <= nginx_stops < stops_taking
+    assert nginx_stops + int(finish) <= stops_taking + settings.grace_period_s
+    assert stops_taking + settings.grace_period_s < pod["terminationGracePeriodSeconds"]
+    annotations = manifests["Deployment", "torchwire"]["spec"]["template"]["metadata"]
+    assert annotations["annotations"]["kubectl.kubernetes.io/default-container"] == "torchwire"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not here")
+def test_kustomize_builds_the_admission_overlay_as_the_tests_read_it() -> None:
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(ADMISSION)], capture_output=True, text=True, check=True
+    ).stdout
+    rendered = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built) if d}
+    expected = admission_overlay()
+    for name in ("torchwire", "torchwire-headless"):
+        ports = lambda doc: sorted(json.dumps(p, sort_keys=True) for p in doc["spec"]["ports"])  # noqa: E731
+        assert ports(rendered["Service", name]) == ports(expected["Service", name])
+    pods = [
+        doc["Deployment", "torchwire"]["spec"]["template"]["spec"] for doc in (rendered, expected)
+    ]
+    for field in ("containers", "volumes"):
+        got, want = ({item["name"]: item for item in pod[field]} for pod in pods)
+        admission = got["admission-config"] if field == "volumes" else None
+        if admission:  # the generated config map's name carries its content's hash
+            name = admission["configMap"]["name"]
+            assert re.fullmatch(r"torchwire-admission-[a-z0-9]{10}", name), name
+            admission["configMap"]["name"] = "torchwire-admission"
+        assert got == want
 
 
 KSERVE_CONTAINER = {

@@ -36,7 +36,7 @@ from torchwire import Client
 from torchwire._proto import modelservice_messages_pb2 as pb
 
 CONFIG = Path(__file__).parents[1] / "deploy" / "nginx" / "torchwire.conf"
-ADMISSION = Path(__file__).parents[1] / "deploy" / "kubernetes" / "admission" / "nginx.conf"
+ADMISSION = Path(__file__).parents[1] / "deploy" / "kubernetes-admission" / "nginx.conf"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 PREDICT = "/ModelService/Predict"
 LIMIT = "limit_conn torchwire_inference 64;"
