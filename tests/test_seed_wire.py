@@ -43,6 +43,25 @@ def test_unpacked_and_split_floats_and_unknown_fields_are_read_as_protobuf_does(
     assert parse_request(data).floats.tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
+def test_a_request_of_many_fields_is_read_by_protobuf_with_the_same_result() -> None:
+    # A writer that does not pack 300 floats, metadata, raw bytes and unknown fields: more
+    # fields than the wire reader steps over in Python (seed_wire.MAX_FIELDS).
+    floats = np.arange(300, dtype="<f4")
+    unpacked = b"".join(b"\x0d" + value.tobytes() for value in floats)
+    data = (
+        PredictRequest(metadata={"model": "m"}, raw_inputs=b"\x01\x02").SerializeToString()
+        + unpacked
+        + b"\x48\x96\x01" * 10
+    )
+    expected = PredictRequest.FromString(data)
+    parsed = parse_request(data)
+    assert parsed.floats.dtype == np.float32
+    np.testing.assert_array_equal(parsed.floats, np.array(expected.inputs, np.float32))
+    assert parsed.metadata == {"model": "m"} and bytes(parsed.raw) == b"\x01\x02"
+    with pytest.raises(InvalidInputError, match="malformed PredictRequest"):
+        parse_request(data + b"\x0a\x05\x00")  # a packed chunk cut short, after them
+
+
 def test_metadata_that_changes_every_request_is_read_right_in_bounded_memory() -> None:
     """Metadata entries are remembered by their bytes (the model's name comes in every request);
     a client sending a new value each time gets each read right, and the memory stays bounded."""

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
+from torchwire._proto.modelservice_messages_pb2 import PredictRequest
 from torchwire.errors import InvalidInputError
 from torchwire.server.wire import WireError, delimited, encode_varint, skip, varint
 
@@ -78,12 +80,34 @@ def _map_entry(data: bytes, start: int, end: int) -> tuple[str, str]:
         raise _malformed("metadata is not valid UTF-8") from None
 
 
+MAX_FIELDS = 64
+"""A request with more fields than this (a writer that does not pack its floats, or a hostile
+one) is read by protobuf, which steps over a million small fields in 20 ms where this reader
+takes 0.9 s, on the event loop."""
+
+
+class _ManyFields(Exception):
+    pass
+
+
 def parse_request(data: bytes) -> SeedRequest:
     """Decode a serialized ``PredictRequest``; later fields win, as protobuf's parser does."""
     try:
         return _parse(data)
     except WireError as exc:
         raise _malformed(str(exc)) from None
+    except _ManyFields:
+        return _parse_with_protobuf(data)
+
+
+def _parse_with_protobuf(data: bytes) -> SeedRequest:
+    try:
+        message = PredictRequest.FromString(data)
+    except DecodeError as exc:
+        raise _malformed(str(exc)) from None
+    return SeedRequest(
+        np.array(message.inputs, FLOAT32_LE), message.raw_inputs, dict(message.metadata)
+    )
 
 
 def _parse(data: bytes) -> SeedRequest:
@@ -91,8 +115,11 @@ def _parse(data: bytes) -> SeedRequest:
     raw: bytes | memoryview = b""
     metadata: dict[str, str] = {}
     view = memoryview(data)
-    pos, size = 0, len(data)
+    pos, size, fields = 0, len(data), 0
     while pos < size:
+        fields += 1
+        if fields > MAX_FIELDS:
+            raise _ManyFields
         tag, pos = varint(data, pos)
         if tag == _INPUTS_PACKED:
             start, pos = delimited(data, pos)
