@@ -7,7 +7,7 @@
 # Here, first (our packages for its python3.12, versions as in constraints.txt):
 #   ../shared/tools/gpu-wheels.sh py-spy==0.4.3 nvidia-ml-py==13.615.71 aiohttp==3.14.5 \
 #     multidict==7.2.1 yarl==1.25.1 propcache==0.5.4 frozenlist==1.8.0 aiosignal==1.4.0 \
-#     aiohappyeyeballs==2.7.1 attrs==26.1.0
+#     aiohappyeyeballs==2.7.1 attrs==26.1.0 orjson==3.13.0
 # Then one device call from the project root, carrying .whl:   bash benchmarks/gpu.sh
 # SCALEOUT_ARGS (e.g. "--sweep-workers 0") go to scaleout.py. Results go to $OUT (the device tool brings them back), else benchmarks/results/.
 set -uo pipefail

@@ -172,6 +172,21 @@ MISTAKES: dict[str, tuple[str, bytes | None, int, str]] = {
 }  # fmt: skip
 
 
+def test_json_numbers_only_python_reads_are_read_as_before(server: ServerThread) -> None:
+    # Python's json writes NaN and Infinity (and reads 1e400 as infinity); strict parsers refuse
+    # them. torchwire reads them as the json module does.
+    values = ["NaN", "Infinity", "-Infinity", "1e400"] + ["0.5"] * 252
+    body = (
+        '{"inputs": [{"name": "features", "shape": [1, 256], "datatype": "FP32", "data": ['
+        + ", ".join(values)
+        + "]}]}"
+    )
+    status, answer = _post(server, "/v2/models/recsys/infer", body.encode())
+    assert status == 200, answer
+    (output,) = answer["outputs"]
+    assert output["shape"] == [1, 1] and np.isnan(output["data"][0])
+
+
 @pytest.mark.parametrize("mistake", MISTAKES)
 def test_client_mistakes_get_a_4xx_and_a_json_error_saying_what_was_wrong(
     server: ServerThread, mistake: str

