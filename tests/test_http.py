@@ -147,6 +147,10 @@ INFER = "/v2/models/recsys/infer"
 NO_DATA = {"inputs": [{"name": "features", "shape": [1, 256], "datatype": "FP32"}]}
 UNKNOWN_OUTPUT = {**json.loads(_body()), "outputs": [{"name": "y"}]}
 BAD_TIMEOUT = {**json.loads(_body()), "parameters": {"timeout": -1}}
+DEEP_SHAPE = (  # 1,000 lists deep: orjson reads it, repr() of it would recurse past its limit
+    b'{"inputs": [{"name": "features", "datatype": "FP32", "data": [0], "shape": '
+    + b"[" * 1000 + b"]" * 1000 + b"}]}"
+)  # fmt: skip
 MISTAKES: dict[str, tuple[str, bytes | None, int, str]] = {
     "not JSON": (INFER, b"{bad", 400, "not valid JSON"),
     "not an object": (INFER, b"[1, 2]", 400, "must be a JSON object"),
@@ -167,6 +171,9 @@ MISTAKES: dict[str, tuple[str, bytes | None, int, str]] = {
     "unknown input": (INFER, _body(name="x"), 400, "unknown: ['x']"),
     "unknown output": (INFER, json.dumps(UNKNOWN_OUTPUT).encode(), 400, "unknown outputs ['y']"),
     "bad timeout": (INFER, json.dumps(BAD_TIMEOUT).encode(), 400, "microseconds"),
+    "nested too deep": (INFER, b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "too deeply"),
+    "too many digits": (INFER, b'{"a": 1' + b"0" * 5000 + b"}", 400, "not valid JSON"),
+    "deep shape": (INFER, DEEP_SHAPE, 400, "'shape' must be a list of integers, got [[[[[[["),
     "no endpoint": ("/v2/nothing", None, 404, "no such endpoint: GET /v2/nothing"),
     "too large": (INFER, b" " * (3 * 2**20), 413, "too large"),
 }  # fmt: skip
