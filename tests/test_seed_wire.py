@@ -62,6 +62,23 @@ def test_a_request_of_many_fields_is_read_by_protobuf_with_the_same_result() -> 
         parse_request(data + b"\x0a\x05\x00")  # a packed chunk cut short, after them
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        b"\x0a\x05model\x12\x06recsys",  # key, value
+        b"\x0a\x05model\x12\x06recsys\x18\x01",  # and an unknown field: protobuf drops it
+        b"\x0a\x05model\x10\x01\x12\x06recsys",  # a value of the wrong wire type: dropped
+        b"\x0a\x05model\x12\x06recsys\x0a\x01x",  # the key again: the last one wins
+    ],
+)
+@pytest.mark.parametrize("padding", [0, seed_wire.MAX_FIELDS + 1], ids=["wire", "protobuf"])
+def test_odd_metadata_entries_are_read_as_protobuf_reads_them(entry: bytes, padding: int) -> None:
+    # With few fields the wire reader reads the message, with many protobuf does: the same
+    # entry must name the same model either way.
+    data = b"\x78\x00" * padding + b"\x12" + bytes([len(entry)]) + entry
+    assert parse_request(data).metadata == dict(PredictRequest.FromString(data).metadata)
+
+
 def test_metadata_that_changes_every_request_is_read_right_in_bounded_memory() -> None:
     """Metadata entries are remembered by their bytes (the model's name comes in every request);
     a client sending a new value each time gets each read right, and the memory stays bounded."""
@@ -101,6 +118,7 @@ def test_encoded_responses_parse_with_protobuf(
         (b"\x1a\xff", "truncated varint"),
         (b"\x12\x04\x0a\x02\xff\xfe", "not valid UTF-8"),
         (b"\x0b", "unsupported wire type 3"),
+        (b"\x80\x80\x80\x80\x10\x00", "field number 2\\^29 or more"),
     ],
 )
 def test_malformed_bytes_are_invalid_input(data: bytes, why: str) -> None:

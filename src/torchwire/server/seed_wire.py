@@ -42,16 +42,17 @@ def _malformed(why: str) -> InvalidInputError:
     return InvalidInputError(f"malformed PredictRequest: {why}")
 
 
-_ENTRIES: dict[bytes, tuple[str, str]] = {}
+_ENTRIES: dict[bytes, tuple[str, str] | None] = {}
 """Metadata entries already read, by their bytes: a client sends the same few (the model's name)
 in every request, and reading one costs more than the rest of the message."""
 _ENTRIES_MAX = 1024
+_UNREAD = ("", "")
 
 
-def _cached_entry(data: bytes, start: int, end: int) -> tuple[str, str]:
+def _cached_entry(data: bytes, start: int, end: int) -> tuple[str, str] | None:
     raw = data[start:end]
-    entry = _ENTRIES.get(raw)
-    if entry is None:
+    entry = _ENTRIES.get(raw, _UNREAD)
+    if entry is _UNREAD:
         entry = _map_entry(data, start, end)
         if len(_ENTRIES) >= _ENTRIES_MAX:  # a client sending a new entry every time
             _ENTRIES.clear()
@@ -59,25 +60,39 @@ def _cached_entry(data: bytes, start: int, end: int) -> tuple[str, str]:
     return entry
 
 
-def _map_entry(data: bytes, start: int, end: int) -> tuple[str, str]:
+def _map_entry(data: bytes, start: int, end: int) -> tuple[str, str] | None:
+    """An entry's key and value; None for one that protobuf drops (it has another field)."""
     key = value = b""
+    kept = True
     pos = start
     while pos < end:
         tag, pos = varint(data, pos)
         if tag in (0x0A, 0x12):
             begin, pos = delimited(data, pos)
-            if pos > end:
-                raise _malformed("a metadata entry runs past its end")
             if tag == 0x0A:
                 key = data[begin:pos]
             else:
                 value = data[begin:pos]
         else:
+            _check_unknown(tag)
+            kept = False
             pos = skip(data, pos, tag & 7)
+        if pos > end:
+            raise _malformed("a metadata entry runs past its end")
+    if not kept:
+        return None
     try:
         return key.decode(), value.decode()
     except UnicodeDecodeError:
         raise _malformed("metadata is not valid UTF-8") from None
+
+
+def _check_unknown(tag: int) -> None:
+    """Refuse a tag that no field can have, as protobuf does."""
+    if tag >> 3 == 0:
+        raise _malformed("field number 0")
+    if tag >> 32:
+        raise _malformed("field number 2^29 or more")
 
 
 MAX_FIELDS = 64
@@ -133,14 +148,14 @@ def _parse(data: bytes) -> SeedRequest:
             pos += 4
         elif tag == _METADATA:
             start, pos = delimited(data, pos)
-            key, value = _cached_entry(data, start, pos)
-            metadata[key] = value
+            entry = _cached_entry(data, start, pos)
+            if entry is not None:
+                metadata[entry[0]] = entry[1]
         elif tag == _RAW_INPUTS:
             start, pos = delimited(data, pos)
             raw = view[start:pos]
         else:
-            if tag >> 3 == 0:
-                raise _malformed("field number 0")
+            _check_unknown(tag)
             pos = skip(data, pos, tag & 7)
     if not chunks:
         floats = np.empty(0, FLOAT32_LE)
