@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from torchwire._proto.modelservice_messages_pb2 import PredictRequest
 from torchwire.errors import InvalidInputError
-from torchwire.server.wire import WireError, delimited, encode_varint, skip, varint
+from torchwire.server.wire import WireError, delimited, encode_varint, skip, tag
 
 FLOAT32_LE = np.dtype("<f4")
 
@@ -66,17 +66,16 @@ def _map_entry(data: bytes, start: int, end: int) -> tuple[str, str] | None:
     kept = True
     pos = start
     while pos < end:
-        tag, pos = varint(data, pos)
-        if tag in (0x0A, 0x12):
+        field, pos = tag(data, pos)
+        if field in (0x0A, 0x12):
             begin, pos = delimited(data, pos)
-            if tag == 0x0A:
+            if field == 0x0A:
                 key = data[begin:pos]
             else:
                 value = data[begin:pos]
         else:
-            _check_unknown(tag)
             kept = False
-            pos = skip(data, pos, tag & 7)
+            pos = skip(data, pos, field & 7)
         if pos > end:
             raise _malformed("a metadata entry runs past its end")
     if not kept:
@@ -85,14 +84,6 @@ def _map_entry(data: bytes, start: int, end: int) -> tuple[str, str] | None:
         return key.decode(), value.decode()
     except UnicodeDecodeError:
         raise _malformed("metadata is not valid UTF-8") from None
-
-
-def _check_unknown(tag: int) -> None:
-    """Refuse a tag that no field can have, as protobuf does."""
-    if tag >> 3 == 0:
-        raise _malformed("field number 0")
-    if tag >> 32:
-        raise _malformed("field number 2^29 or more")
 
 
 MAX_FIELDS = 64
@@ -135,28 +126,27 @@ def _parse(data: bytes) -> SeedRequest:
         fields += 1
         if fields > MAX_FIELDS:
             raise _ManyFields
-        tag, pos = varint(data, pos)
-        if tag == _INPUTS_PACKED:
+        field, pos = tag(data, pos)
+        if field == _INPUTS_PACKED:
             start, pos = delimited(data, pos)
             if (pos - start) % 4:
                 raise _malformed("packed inputs are not a whole number of floats")
             chunks.append(np.frombuffer(data, FLOAT32_LE, (pos - start) // 4, start))
-        elif tag == _INPUTS_SINGLE:
+        elif field == _INPUTS_SINGLE:
             if pos + 4 > size:
                 raise _malformed("truncated float")
             chunks.append(np.frombuffer(data, FLOAT32_LE, 1, pos))  # unpacked: rare
             pos += 4
-        elif tag == _METADATA:
+        elif field == _METADATA:
             start, pos = delimited(data, pos)
             entry = _cached_entry(data, start, pos)
             if entry is not None:
                 metadata[entry[0]] = entry[1]
-        elif tag == _RAW_INPUTS:
+        elif field == _RAW_INPUTS:
             start, pos = delimited(data, pos)
             raw = view[start:pos]
         else:
-            _check_unknown(tag)
-            pos = skip(data, pos, tag & 7)
+            pos = skip(data, pos, field & 7)
     if not chunks:
         floats = np.empty(0, FLOAT32_LE)
     elif len(chunks) == 1:
@@ -169,8 +159,8 @@ def _parse(data: bytes) -> SeedRequest:
 def encode_response(flat: np.ndarray[Any, Any], raw: bool, elapsed_s: float) -> bytes:
     """A serialized ``PredictResponse``: the floats (packed, or raw bytes) and the server time."""
     payload = flat.astype(FLOAT32_LE, copy=False).tobytes()
-    tag = b"\x1a" if raw else b"\x0a"  # raw_outputs = 3, or packed outputs = 1
-    parts = [tag, encode_varint(len(payload)), payload] if payload else []
+    prefix = b"\x1a" if raw else b"\x0a"  # raw_outputs = 3, or packed outputs = 1
+    parts = [prefix, encode_varint(len(payload)), payload] if payload else []
     millis, micros = round(elapsed_s * 1e3), round(elapsed_s * 1e6)
     if millis:
         parts += [b"\x10", encode_varint(millis)]  # processing_time_ms = 2

@@ -37,6 +37,19 @@ def varint(data: bytes, pos: int) -> tuple[int, int]:
             raise WireError("varint longer than 10 bytes")
 
 
+def tag(data: bytes, pos: int) -> tuple[int, int]:
+    """The field tag at ``pos`` and the position after it. WireError for a tag no field can
+    have (field number 0, or 2^29 and up), which protobuf refuses too."""
+    if pos < len(data) and 0x08 <= data[pos] < 0x80:  # one byte: fields 1 to 15
+        return data[pos], pos + 1
+    value, end = varint(data, pos)
+    if value >> 3 == 0:
+        raise WireError("field number 0")
+    if value >> 32:
+        raise WireError("field number 2^29 or more")
+    return value, end
+
+
 def delimited(data: bytes, pos: int) -> tuple[int, int]:
     """Start and end of the length-delimited payload whose length is at ``pos``."""
     length, pos = varint(data, pos)
@@ -82,10 +95,10 @@ def split_field(
     size = len(data)
     while pos < size:
         field_start = pos
-        tag, pos = varint(data, pos)
-        if tag >> 3 == 0 or pos - field_start > 5:
-            raise WireError("not a field's tag")
-        if tag == wanted:
+        field_tag, pos = tag(data, pos)
+        if pos - field_start > 5:
+            raise WireError("a tag longer than 5 bytes")
+        if field_tag == wanted:
             start, pos = delimited(data, pos)
             found.append(view[start:pos])
             if field_start > kept_from:
@@ -95,7 +108,7 @@ def split_field(
             others += 1
             if others > max_other_fields:
                 return None
-            pos = skip(data, pos, tag & 7)
+            pos = skip(data, pos, field_tag & 7)
     if not found:
         return data, found
     if kept_from < size:
