@@ -12,7 +12,8 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -281,14 +282,32 @@ def _hold_model_calls(batcher: Any, monkeypatch: pytest.MonkeyPatch) -> threadin
     return release
 
 
+@contextmanager
+def _scale_server(tmp_path: Path) -> Iterator[tuple[ServerThread, Any]]:
+    """``scale`` (doubles 2 values) served over gRPC and REST on free ports, its batches on its
+    inference thread (inline runs off, so that a test can hold them); yields the server and the
+    model's batcher."""
+    write_model(tmp_path / "repo" / "scale", Scale(2.0), [2], extra=NO_INLINE)
+    with ServerThread(repository=tmp_path / "repo", http_port=free_port()) as server:
+        yield server, server.server.repository.get("scale")
+
+
+def _fill(batcher: Any, send: Callable[[list[float]], Any], values: list[list[float]]) -> list[Any]:
+    """Two held calls made by ``send`` with ``values``: the first computing, the second queued
+    behind it; returns what ``send`` returned for each."""
+    first = send(values[0])
+    wait_until(lambda: batcher.computing == 1, "the first call computes")
+    second = send(values[1])
+    wait_until(lambda: batcher.queued_items == 1, "the second call is queued")
+    return [first, second]
+
+
 def test_nginx_refuses_inference_calls_beyond_its_limit_at_once_with_a_retry_hint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A model whose calls the test holds (on its inference thread: inline runs off), behind the
     # shipped config with a limit of 2 inference calls in flight.
-    write_model(tmp_path / "repo" / "scale", Scale(2.0), [2], extra=NO_INLINE)
-    with ServerThread(repository=tmp_path / "repo") as server:
-        batcher = server.server.repository.get("scale")
+    with _scale_server(tmp_path) as (server, batcher):
         release = _hold_model_calls(batcher, monkeypatch)
         spare = free_port()
         nginx = Nginx(
@@ -297,10 +316,8 @@ def test_nginx_refuses_inference_calls_beyond_its_limit_at_once_with_a_retry_hin
         try:
             with grpc.insecure_channel(nginx.target) as channel:
                 predict = channel.unary_unary(PREDICT)
-                first = predict.future(_predict_request("scale", [1, 1]), timeout=60)
-                wait_until(lambda: batcher.computing == 1, "the first call computes")
-                second = predict.future(_predict_request("scale", [2, 2]), timeout=60)
-                wait_until(lambda: batcher.queued_items == 1, "the second call is queued")
+                send = lambda v: predict.future(_predict_request("scale", v), timeout=60)  # noqa: E731
+                first, second = _fill(batcher, send, [[1, 1], [2, 2]])
 
                 # A third inference call, seed or KServe V2, is refused by nginx, never sent on.
                 with pytest.raises(grpc.RpcError) as refused:
@@ -378,24 +395,20 @@ def test_nginx_refuses_rest_inference_beyond_its_limit_with_429_and_retry_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As the gRPC admission test: a held model, a limit of 2 inference requests in flight.
-    write_model(tmp_path / "repo" / "scale", Scale(2.0), [2], extra=NO_INLINE)
-    http_port = free_port()
-    with ServerThread(repository=tmp_path / "repo", http_port=http_port) as server:
-        batcher = server.server.repository.get("scale")
+    with _scale_server(tmp_path) as (server, batcher):
         release = _hold_model_calls(batcher, monkeypatch)
         spare = free_port()
         nginx = Nginx(
             tmp_path / "nginx", free_port(), (server.server.port, spare), down=spare, limit=2,
-            http_replicas=(http_port, free_port()),
+            http_replicas=(server.server.http_port, free_port()),
         )  # fmt: skip
         front = nginx.http_front
         try:
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 path = "/v2/models/scale/infer"
-                first = pool.submit(http_request, front, "POST", path, _infer_body([1, 1]))
-                wait_until(lambda: batcher.computing == 1, "the first request computes")
-                second = pool.submit(http_request, front, "POST", path, _infer_body([2, 2]))
-                wait_until(lambda: batcher.queued_items == 1, "the second request is queued")
+                post = functools.partial(http_request, front, "POST", path)
+                send = lambda v: pool.submit(post, _infer_body(v))  # noqa: E731
+                first, second = _fill(batcher, send, [[1, 1], [2, 2]])
 
                 # A third is refused by nginx at once and never reaches the replica.
                 status, headers, body = http_request(front, "POST", path, _infer_body([3, 3]))
@@ -423,13 +436,10 @@ def test_the_kubernetes_admission_sidecar_sheds_its_pods_excess_grpc_and_rest(
 ) -> None:
     # deploy/kubernetes/admission: nginx in the pod, in front of that pod's torchwire only, with
     # a limit of 2 calls of each kind in flight.
-    write_model(tmp_path / "repo" / "scale", Scale(2.0), [2], extra=NO_INLINE)
-    http_port = free_port()
-    with ServerThread(repository=tmp_path / "repo", http_port=http_port) as server:
-        batcher = server.server.repository.get("scale")
+    with _scale_server(tmp_path) as (server, batcher):
         nginx = Sidecar(
             tmp_path / "nginx", free_port(), (server.server.port,), limit=2,
-            http_replicas=(http_port,),
+            http_replicas=(server.server.http_port,),
         )  # fmt: skip
         path = "/v2/models/scale/infer"
         release = threading.Event()
@@ -443,10 +453,8 @@ def test_the_kubernetes_admission_sidecar_sheds_its_pods_excess_grpc_and_rest(
                 assert status == 200 and answer["outputs"][0]["data"] == [6.0, 8.0]
 
                 release = _hold_model_calls(batcher, monkeypatch)
-                held = [predict.future(_predict_request("scale", [5, 5]), timeout=60)]
-                wait_until(lambda: batcher.computing == 1, "the first call computes")
-                held.append(predict.future(_predict_request("scale", [6, 6]), timeout=60))
-                wait_until(lambda: batcher.queued_items == 1, "the second call is queued")
+                send = lambda v: predict.future(_predict_request("scale", v), timeout=60)  # noqa: E731
+                held = _fill(batcher, send, [[5, 5], [6, 6]])
                 with pytest.raises(grpc.RpcError) as refused:
                     predict(_predict_request("scale", [7, 7]), timeout=60)
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -458,10 +466,9 @@ def test_the_kubernetes_admission_sidecar_sheds_its_pods_excess_grpc_and_rest(
                 release = _hold_model_calls(batcher, monkeypatch)
                 with concurrent.futures.ThreadPoolExecutor(2) as pool:
                     post = functools.partial(http_request, nginx.http_front, "POST", path)
-                    requests = [pool.submit(post, _infer_body([1, 1]))]
-                    wait_until(lambda: batcher.computing == 1, "the first request computes")
-                    requests.append(pool.submit(post, _infer_body([2, 2])))
-                    wait_until(lambda: batcher.queued_items == 1, "the second is queued")
+                    requests = _fill(
+                        batcher, lambda v: pool.submit(post, _infer_body(v)), [[1, 1], [2, 2]]
+                    )
                     status, headers, _ = http_request(
                         nginx.http_front, "POST", path, _infer_body([3, 3])
                     )
