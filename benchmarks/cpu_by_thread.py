@@ -41,6 +41,13 @@ def thread_cpu_s(process: psutil.Process) -> Counter[int]:
     return Counter({t.id: t.user_time + t.system_time for t in process.threads()})
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of process ``pid`` so far (``/proc/PID/stat`` field 10): each one a
+    page the kernel mapped (and zeroed) for it, e.g. for a large buffer malloc took from mmap."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[7])
+
+
 def thread_names(pid: int) -> dict[int, str]:
     """Thread id -> Python thread name, from ``py-spy dump`` (empty without py-spy)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -94,8 +101,10 @@ def measure(kind: str, args: argparse.Namespace, repository: Path) -> None:
         )  # fmt: skip
         for _ in range(args.rounds):
             switches, threads = process.num_ctx_switches(), thread_cpu_s(process)
+            faults = minor_faults(process.pid)
             result, cpu_s = run_with_server_cpu(config, 1, process)
             after, spent = process.num_ctx_switches(), thread_cpu_s(process) - threads
+            faults = minor_faults(process.pid) - faults
             answers = max(1, result.ok * (1 + config.warmup_s / config.duration_s))
             names = thread_names(process.pid)
             by_thread: Counter[str] = Counter()
@@ -109,6 +118,7 @@ def measure(kind: str, args: argparse.Namespace, repository: Path) -> None:
             print(
                 f"{kind} {args.load}: {cpu_s * 1e6:.0f} us CPU per answer ({split}); context "
                 f"switches per answer {voluntary:.2f} voluntary, {involuntary:.2f} involuntary; "
+                f"{faults / answers:.1f} page faults per answer; "
                 f"P50 {result.summary().get('p50_ms')} ms, {result.qps:,.0f} QPS",
                 flush=True,
             )

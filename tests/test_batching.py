@@ -192,7 +192,7 @@ def test_a_model_without_a_threads_setting_weighs_every_core_after_another_model
             assert list(answer.outputs) == [3, 6, 9, 12]
         repository = server.server.repository
         assert repository.get("light").intra_op_threads == 1
-        assert sorted(repository.get("other").cost.full_batch_s) == [1, DEFAULT_TORCH_THREADS]
+        assert sorted(repository.get("other").cost.batch_s) == [1, DEFAULT_TORCH_THREADS]
     fresh = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
         capture_output=True, text=True, check=True,

@@ -16,7 +16,7 @@ from torch import nn
 
 from support import Scale, write_model
 from torchwire.config import ModelConfig, TensorSpec, load_model_config
-from torchwire.runtime import Batcher, LoadedModel, batcher
+from torchwire.runtime import Batcher, LoadedModel, batcher, cost
 from torchwire.runtime.cost import DEFAULT_TORCH_THREADS, CallCost, choose_threads, measure
 
 CHEAP = CallCost(1, "test", one_item_s=20e-6, per_item_s=1e-6)
@@ -178,9 +178,38 @@ def test_a_small_model_is_timed_at_load_and_gets_one_thread_and_inline_batches(
 ) -> None:
     cost = measure(_loaded(tmp_path, [4]))
     expected = [1, DEFAULT_TORCH_THREADS] if DEFAULT_TORCH_THREADS > 1 else [1]
-    assert sorted(cost.full_batch_s) == expected and cost.threads == 1
+    assert sorted(cost.batch_s) == expected and cost.threads == 1
+    assert cost.batch_items == 64
     assert 0 < cost.one_item_s < 0.01 and cost.seconds(64) >= cost.one_item_s
     assert cost.inline_items(1e-3, 64) > 0
+
+
+class Slow(nn.Module):
+    """Takes 10 ms of CPU per item; remembers the batch sizes it was called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(int(x.shape[0]))
+        until = time.thread_time() + 0.01 * x.shape[0]
+        while time.thread_time() < until:
+            pass
+        return x
+
+
+def test_a_slow_model_is_timed_on_a_smaller_batch_than_its_full_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cost, "TIMING_BUDGET_S", 0.05)
+    slow = Slow()
+    config = ModelConfig(inputs=[TensorSpec(name="x", dtype="FP32", shape=(1,))])
+    measured = measure(LoadedModel(slow, config, Path("slow"), torch.device("cpu")), 1)
+    # one item takes at least 10 ms, so at most 5 fit in 50 ms; never the 64 of a full batch
+    assert 2 <= max(slow.sizes) == measured.batch_items <= 5
+    assert sorted(set(slow.sizes)) == [1, measured.batch_items]
+    assert measured.per_item_s >= 0.005 and measured.seconds(64) > 0.3
 
 
 def test_what_the_config_or_the_command_line_says_wins_and_variable_shapes_are_not_timed(
