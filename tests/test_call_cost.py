@@ -212,6 +212,16 @@ def test_a_slow_model_is_timed_on_a_smaller_batch_than_its_full_one(
     assert measured.per_item_s >= 0.005 and measured.seconds(64) > 0.3
 
 
+def test_a_workers_share_of_the_cores_is_what_its_models_choose_threads_within(
+    tmp_path: Path,
+) -> None:
+    alone = measure(_loaded(tmp_path / "a", [4]), cores=1)
+    assert (alone.threads, alone.why) == (1, "one core per instance")
+    assert sorted(alone.batch_s) == [1]
+    two = measure(_loaded(tmp_path / "b", [4]), cores=2)
+    assert sorted(two.batch_s) == [1, 2] and two.why.startswith("64 items: ")
+
+
 def test_what_the_config_or_the_command_line_says_wins_and_variable_shapes_are_not_timed(
     tmp_path: Path,
 ) -> None:

@@ -62,6 +62,18 @@ def test_model_config_errors_name_file_key_and_expectation(tmp_path: Path) -> No
         load_model_config(path)
 
 
+def test_two_tensors_of_one_name_are_refused(tmp_path: Path) -> None:
+    # Each input has its own staging buffer, found by name: two of one name would share it.
+    path = tmp_path / "config.toml"
+    spec = 'name = "x"\nshape = [2]\n'
+    path.write_text(f"[[inputs]]\n{spec}[[inputs]]\n{spec}[[outputs]]\n{spec}")
+    with pytest.raises(ConfigError, match="inputs: Value error, tensor names must differ; x is"):
+        load_model_config(path)
+    path.write_text(f"[[inputs]]\n{spec}[[outputs]]\n{spec}[[outputs]]\n{spec}")
+    with pytest.raises(ConfigError, match="outputs: Value error, tensor names must differ"):
+        load_model_config(path)
+
+
 def test_workers_auto_is_one_per_available_core() -> None:
     from torchwire.config import ServerSettings, available_cores
 

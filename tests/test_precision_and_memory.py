@@ -6,8 +6,10 @@ real thing on one)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import urllib.request
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from support import ServerThread, health_status, write_model
 from torchwire.config import ModelConfig, TensorSpec
 from torchwire.errors import ModelOutOfMemoryError
 from torchwire.runtime import Batcher, LoadedModel
+from torchwire.runtime.exported import load_exported
 from torchwire.runtime.gpu import GpuReading
 
 MIB = 2**20
@@ -215,3 +218,42 @@ def test_gpu_memory_reaches_metrics_and_turns_health_not_serving_when_short(
             )
             == 1
         )
+
+
+class MakesItsOwn(nn.Module):
+    """Adds a tensor it creates itself (on the CPU, where it is exported) to its weighted input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((3,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight + torch.ones(3)
+
+
+def test_an_exported_model_moves_whole_to_its_device_and_its_weights_go_when_unloaded(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "model.pt2"
+    batch = {"x": {0: torch.export.Dim("batch")}}
+    program = torch.export.export(MakesItsOwn(), (torch.zeros(2, 3),), dynamic_shapes=batch)
+    torch.export.save(program, str(path))
+    # "meta" stands in for a GPU: a tensor left on the CPU does not mix with it.
+    with pytest.raises(RuntimeError, match="not on the expected device"):
+        torch.export.load(str(path)).module().to("meta")(torch.zeros(2, 3, device="meta"))
+    on_meta = load_exported(path, torch.device("meta"))
+    assert on_meta(torch.zeros(2, 3, device="meta")).device.type == "meta"
+
+    module = load_exported(path, torch.device("cpu"))
+    weights = [weakref.ref(tensor) for tensor in module.parameters()]
+    config = ModelConfig(format="exported", inputs=[TensorSpec(name="x", dtype="FP32", shape=(3,))])
+    model = LoadedModel(module, config, path, torch.device("cpu"))
+    del module
+    model.warm_up()
+    assert model([np.ones((1, 3), np.float32)])[0].tolist() == [[3.0, 3.0, 3.0]]
+    gc.disable()  # the module refers to itself: only a garbage collection would free it
+    try:
+        model.release()
+        assert weights and all(weight() is None for weight in weights)
+    finally:
+        gc.enable()

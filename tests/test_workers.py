@@ -85,6 +85,11 @@ def test_two_workers_answer_on_one_port_and_metrics_count_each_request_once(
     server = serve(servers, "--repository", str(test_repo))
     target = server.wait_ready()
     assert "with 2 workers" in server.output
+    # Each worker times its models and chooses their threads within its share of the cores, as
+    # a lone server does (only --torch-threads, not given here, would fix the number).
+    loaded = r"\[worker \d\] .*loaded scale version \d+ .* intra-op thread\(s\) \(([^)]*)\)"
+    assert {match.group(1) for match in server.wait_for(loaded, count=2)} - {"--torch-threads"}
+    assert "(--torch-threads)" not in server.output
 
     for i in range(60):  # each on a new connection: the kernel picks the worker
         assert predict(target, seed, [i, 1, 2, 3], f"r{i}") == [3.0 * i, 3.0, 6.0, 9.0]

@@ -225,6 +225,15 @@ class ModelConfig(_Strict):
     instances: InstancesConfig = InstancesConfig()
     versions: VersionsConfig = VersionsConfig()
 
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _one_name_each(cls, specs: list[TensorSpec]) -> list[TensorSpec]:
+        names = [spec.name for spec in specs]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"tensor names must differ; {', '.join(repeated)} is used twice")
+        return specs
+
 
 def _field_docs(cls: type[BaseModel]) -> dict[str, str]:
     """Read the docstrings written under each field (the source is the single definition)."""

@@ -215,20 +215,15 @@ class Supervisor:
 
     async def _spawn(self, index: int) -> Worker:
         parent_end, child_end = socket.socketpair()
-        threads = self.settings.torch_threads or max(1, available_cores() // self.count)
         settings = self.settings.model_copy(
-            update={
-                "port": self.port,
-                "http_port": self.http_port or 0,
-                "metrics_enabled": False,
-                "torch_threads": threads,
-            }
+            update={"port": self.port, "http_port": self.http_port or 0, "metrics_enabled": False}
         )
         unloaded = frozenset(self._unloaded)
         spec = {
             "index": index,
             "link_fd": child_end.fileno(),
             "unloaded": sorted(unloaded),
+            "cores": max(1, available_cores() // self.count),
             "settings": settings.model_dump(mode="json"),
         }
         env = {

@@ -37,6 +37,7 @@ class WorkerSpec:
     index: int
     link_fd: int
     unloaded: frozenset[str]
+    cores: int
     settings: ServerSettings
 
     @classmethod
@@ -46,6 +47,7 @@ class WorkerSpec:
             index=int(spec["index"]),
             link_fd=int(spec["link_fd"]),
             unloaded=frozenset(spec["unloaded"]),
+            cores=int(spec["cores"]),
             settings=ServerSettings.model_validate(spec["settings"]),
         )
 
@@ -80,7 +82,9 @@ async def serve_as_worker(spec: WorkerSpec) -> int:
         return {}
 
     link = await Link.open(socket.socket(fileno=spec.link_fd), on_message)
-    server = Server(spec.settings, WorkerRole(spec.index, FleetControl(link), spec.unloaded))
+    server = Server(
+        spec.settings, WorkerRole(spec.index, FleetControl(link), spec.unloaded, spec.cores)
+    )
     stop = asyncio.Event()
 
     async def supervisor_gone() -> None:

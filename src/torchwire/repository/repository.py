@@ -44,13 +44,13 @@ class ServedModel:
 
 
 def load_version(
-    source: ModelSource, version: int, torch_threads: int, metrics: Metrics
+    source: ModelSource, version: int, torch_threads: int, cores: int, metrics: Metrics
 ) -> Batcher:
     """Load, warm up and wrap one version (blocking: call it from a thread)."""
     started = time.monotonic()
     model = LoadedModel.load(source.files[version], source.config)
     model.warm_up()
-    cost = measure(model, torch_threads)
+    cost = measure(model, torch_threads, cores)
     batcher = Batcher(model, source.name, version, cost, metrics.for_model(source.name))
     log.info(
         "loaded %s version %d from %s in %.2f s: %d intra-op thread(s) (%s), %s",
@@ -83,7 +83,8 @@ class ModelRepository:
     Args:
         scanner: reads the repository directory or model file.
         default_model: the model answering requests that name none (default: first by name).
-        torch_threads: intra-op threads per model (0: all cores).
+        torch_threads: intra-op threads per model (``--torch-threads``; 0: chosen at load).
+        cores: the cores this process's models share (a worker's share; 0: all).
         metrics: where loads, versions and batches are counted.
         on_model_change: awaited with (name, True) when a model becomes served and
             (name, False) when it stops being served.
@@ -99,10 +100,11 @@ class ModelRepository:
         metrics: Metrics | None = None,
         on_model_change: ModelListener | None = None,
         unloaded: Iterable[str] = (),
+        cores: int = 0,
     ) -> None:
         self.scanner = scanner
         self.default_model = default_model or ""
-        self._torch_threads = torch_threads
+        self._torch_threads, self._cores = torch_threads, cores
         self.metrics = metrics or Metrics(process_metrics=False)
         self.on_model_change = on_model_change
         self.models: dict[str, ServedModel] = {}
@@ -162,7 +164,7 @@ class ModelRepository:
         outcomes = self.metrics.model_loads
         try:
             batcher = await asyncio.to_thread(
-                load_version, source, version, self._torch_threads, self.metrics
+                load_version, source, version, self._torch_threads, self._cores, self.metrics
             )
             batcher.start(asyncio.get_running_loop())
             if served is not None:

@@ -78,10 +78,11 @@ class CallCost:
         return min(max_items, 1 + int((budget_s - self.one_item_s) / self.per_item_s))
 
 
-def measure(model: LoadedModel, torch_threads: int = 0) -> CallCost:
+def measure(model: LoadedModel, torch_threads: int = 0, cores: int = 0) -> CallCost:
     """Time ``model`` (already warmed up) and choose its intra-op threads: its ``[instances]
     threads``, else ``torch_threads`` (``--torch-threads``) shared among its instances, else
-    torch's threads where the measurement says they pay (``choose_threads``).
+    ``cores`` (a worker's share of the machine; 0: torch's threads) shared among its instances
+    where the measurement says they pay (``choose_threads``).
 
     Nothing is timed, and nothing will run inline, on a GPU (the device computes; intra-op
     threads would only spin beside the event loop: 16 of them cost 10 ms of CPU per image on an
@@ -90,7 +91,7 @@ def measure(model: LoadedModel, torch_threads: int = 0) -> CallCost:
     (blocking: call it where the model is loaded).
     """
     instances = model.config.instances
-    shared = max(1, (torch_threads or DEFAULT_TORCH_THREADS) // instances.count)
+    shared = max(1, (torch_threads or cores or DEFAULT_TORCH_THREADS) // instances.count)
     if instances.threads:
         threads, why = instances.threads, "set in config"
     elif torch_threads:

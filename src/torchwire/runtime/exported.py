@@ -20,6 +20,16 @@ import torch
 from torchwire.errors import ConfigError
 
 
+def load_exported(path: Path, device: torch.device) -> torch.nn.Module:
+    """The archive at ``path`` (checked first: ``check_archive``) as a module on ``device``, the
+    tensors its graph creates included: ``.module().to(device)`` moves the weights only, and a
+    ``torch.ones(..., device="cpu")`` traced at export stays on the CPU beside them."""
+    check_archive(path)
+    from torch.export.passes import move_to_device_pass  # torch._dynamo: see check_archive
+
+    return move_to_device_pass(torch.export.load(str(path)), device).module()
+
+
 def check_archive(path: Path) -> None:
     """Raise ``ConfigError`` if loading the archive at ``path`` could run code from it."""
     # Imported here: torch.export.pt2_archive pulls in torch._dynamo, 1.4 s of every server's

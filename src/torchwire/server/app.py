@@ -117,6 +117,7 @@ class Server:
             self.metrics,
             on_model_change=self.health.model,
             unloaded=self.worker.unloaded if self.worker else (),
+            cores=self.worker.cores if self.worker else 0,
         )
         self.repository = repository
         self._start_metrics()

@@ -27,8 +27,11 @@ class WorkerRole:
         index: the worker's number, 0 to N-1 (a restarted worker keeps its number).
         control: applies load/unload requests on every worker.
         unloaded: models unloaded through the API before this worker started: not loaded.
+        cores: the cores this worker's models share, its share of the machine (0: all); what
+            ``--torch-threads`` does not set is chosen within it.
     """
 
     index: int
     control: ModelControl
     unloaded: frozenset[str] = frozenset()
+    cores: int = 0
