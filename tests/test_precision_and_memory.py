@@ -75,20 +75,26 @@ def test_reduced_precision_answers_in_the_declared_fp32(tmp_path: Path, precisio
 
 class RunsOutAbove(nn.Module):
     """Doubles its input, but raises CUDA's out-of-memory error on a batch of more than
-    ``limit`` items. An item of -1 holds the model until ``release`` is set."""
+    ``limit`` items. An item of -1 holds the model until ``release`` is set. Each call notes
+    whether the input of the last batch that failed is still held by anything."""
 
     def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
         self.calls: list[int] = []
+        self.failed_input_held: list[bool] = []
+        self._failed: weakref.ref[torch.Tensor] | None = None
         self.entered, self.release = threading.Event(), threading.Event()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append(int(x.shape[0]))
+        if self._failed is not None:
+            self.failed_input_held.append(self._failed() is not None)
         if bool((x == -1).any()):
             self.entered.set()
             self.release.wait(30)
         if x.shape[0] > self.limit:
+            self._failed = weakref.ref(x)
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory. Tried to allocate {x.shape[0]}.00 GiB. GPU 0 has a total "
                 "capacity of 79.19 GiB of which 1.50 GiB is free."
@@ -125,6 +131,8 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_only_a_request_too_big_alo
     assert " free of " in str(refused)
     # One batch of 7 items, then halves of it: [1,1] ran; [1,1,3] -> [1] ran, [1,3] -> [1], [3].
     assert model.calls == [1, 7, 2, 5, 1, 4, 1, 3]
+    # The halves run without the failed batch in memory: nothing (a traceback) keeps it.
+    assert model.failed_input_held == [False] * 6
     assert batcher.stats.success_count == 5 and batcher.stats.fail_count == 1
 
 

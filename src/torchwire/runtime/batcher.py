@@ -438,12 +438,15 @@ class Batcher:
         try:
             return self._run_batch(batch)
         except ModelExecutionError as exc:
-            if len(batch) == 1:
-                return [(batch[0], exc)]
-            if isinstance(exc, ModelOutOfMemoryError):  # the model logged a warning already
-                log.info("%s: splitting a batch of %d requests", self.label, len(batch))
-            half = len(batch) // 2
-            return self._run_or_split(batch[:half]) + self._run_or_split(batch[half:])
+            failed = _without_frames(exc)
+        # The halves run outside the except block, with no traceback: its frames would keep
+        # the failed batch's tensors in (device) memory.
+        if len(batch) == 1:
+            return [(batch[0], failed)]
+        if isinstance(failed, ModelOutOfMemoryError):  # the model logged a warning already
+            log.info("%s: splitting a batch of %d requests", self.label, len(batch))
+        half = len(batch) // 2
+        return self._run_or_split(batch[:half]) + self._run_or_split(batch[half:])
 
     def _run_batch(self, batch: list[_Request]) -> list[_Outcome]:
         started = time.monotonic()
@@ -503,3 +506,13 @@ def _deliver(outcomes: list[_Outcome]) -> None:
             request.future.set_exception(outcome)
         else:
             request.future.set_result(outcome)
+
+
+def _without_frames(exc: ModelExecutionError) -> ModelExecutionError:
+    """``exc`` and the exceptions it was raised from, their tracebacks dropped (the message is
+    what reaches the caller; the model's own error was logged where it was raised)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__
+    return exc
