@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
@@ -187,8 +188,22 @@ class Greedy(nn.Module):
         return x.sum(dim=1, keepdim=True) + scratch[0]
 
 
+class OutOfRange(nn.Module):
+    """Each item's first value looked up in a table of 4: 100 is out of range. On a GPU that is
+    a device-side assert, after which the process's CUDA context fails every call; on a CPU an
+    ordinary IndexError."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.arange(4.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x[:, 0].long()].unsqueeze(1)
+
+
 def checks(root: Path, demo: Path, device: str, out: Path) -> dict[str, Any]:
-    """fp16 with FP32 outputs, out of memory, GPU gauges, memory back after an unload."""
+    """fp16 with FP32 outputs, out of memory, GPU gauges, memory back after an unload, then a
+    device-side assert (the server stops with exit code 4)."""
     repo = repository(root / "checks", demo, device, "fp32", 1)
     fp16 = repo / "resnet18_fp16"
     shutil.copytree(repo / "resnet18", fp16)
@@ -201,16 +216,23 @@ def checks(root: Path, demo: Path, device: str, out: Path) -> dict[str, Any]:
     )
     per_item = 2**42 if device.startswith("cuda") else 2**55
     torch.jit.script(Greedy(per_item)).save(str(repo / "greedy" / "1" / "model.pt"))
+    shutil.copytree(repo / "greedy", repo / "out_of_range")
+    torch.jit.script(OutOfRange()).save(str(repo / "out_of_range" / "1" / "model.pt"))
     metrics_port = free_port()
     log = out / "gpu-checks-server.log"
     found: dict[str, Any] = {}
     # --model-control open: the last check unloads every model over the API (off by default).
     extra = ["--metrics-port", str(metrics_port), "--watchdog-interval-s", "0.5",
              "--log-level", "info", "--model-control", "open"]  # fmt: skip
-    with log.open("wb") as stderr, torchwire(repo, 1, "resnet18", extra, stderr) as (target, _):
+    with (
+        log.open("wb") as stderr,
+        torchwire(repo, 1, "resnet18", extra, stderr) as (target, process),
+    ):
         client = triton.InferenceServerClient(target)
         deadline = time.monotonic() + 120
-        while not all(client.is_model_ready(m) for m in ("resnet18_fp16", "greedy")):
+        while not all(
+            client.is_model_ready(m) for m in ("resnet18_fp16", "greedy", "out_of_range")
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError("the check models did not load")
             time.sleep(0.2)
@@ -238,9 +260,22 @@ def checks(root: Path, demo: Path, device: str, out: Path) -> dict[str, Any]:
         for model in ("resnet18", "resnet18_fp16", "greedy"):
             client.unload_model(model)
         time.sleep(1.5)
-        found["gauges_after_unloading_all"] = {
+        found["gauges_after_unloading_all_but_one"] = {
             k: v for k, v in scrape(url).items() if k.startswith("torchwire_gpu_")
         }
+        found["in_range_answer"] = float(
+            infer("out_of_range", np.ones((1, 3), np.float32), "x", "output")[0, 0]
+        )
+        try:
+            infer("out_of_range", np.full((1, 3), 100.0, np.float32), "x", "output")
+            found["out_of_range"] = "answered (expected INTERNAL)"
+        except Exception as exc:
+            found["out_of_range"] = f"{exc.status()}: {exc.message()}"  # type: ignore[attr-defined]
+        wait_s = 60 if device.startswith("cuda") else 2
+        try:  # on a GPU the process stops (exit code 4); on a CPU it serves on
+            found["exit_code_after"] = process.wait(wait_s)
+        except psutil.TimeoutExpired:
+            found["exit_code_after"] = f"still serving after {wait_s} s"
         client.close()
     found["server_log_splits"] = log.read_text().count("splitting a batch")
     return found

@@ -143,6 +143,17 @@ class Poisoned(nn.Module):
         return x.sum(dim=1, keepdim=True)
 
 
+class DeviceFault(nn.Module):
+    """Sums each item; a batch holding -3 fails as a GPU does after a device-side assert, with
+    CUDA's message (TorchScript raises its own error type, carrying it). On the CPU nothing
+    can check the device, so torchwire takes it as failed for good."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x == -3.0).any()):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return x.sum(dim=1, keepdim=True)
+
+
 class Busy(nn.Module):
     """Burns CPU for x[0, 0] + 10 rounds of matrix products, then returns the row sums: a slow
     model (TorchScript has no sleep), too slow to run on the event loop even on zeros."""

@@ -11,8 +11,10 @@ import threading
 import urllib.request
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -21,9 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 from tritonclient.utils import InferenceServerException
 
-from support import ServerThread, health_status, write_model
+from support import CliServer, DeviceFault, ServerThread, connection, health_status, write_model
 from torchwire.config import ModelConfig, TensorSpec
-from torchwire.errors import ModelOutOfMemoryError
+from torchwire.errors import DeviceFailedError, ModelOutOfMemoryError, UnavailableError
 from torchwire.runtime import Batcher, LoadedModel
 from torchwire.runtime.exported import load_exported
 from torchwire.runtime.gpu import GpuReading
@@ -265,3 +267,78 @@ def test_an_exported_model_moves_whole_to_its_device_and_its_weights_go_when_unl
         assert weights and all(weight() is None for weight in weights)
     finally:
         gc.enable()
+
+
+# -- a device that fails for good ---------------------------------------------------------------
+
+
+class DeviceFailsOn(nn.Module):
+    """Doubles its input; a batch holding -3 raises CUDA's error after a device-side assert
+    (on the CPU nothing can check the device: torchwire takes it as failed for good). An item
+    of -1 holds the model until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(int(x.shape[0]))
+        if bool((x == -1).any()):
+            self.entered.set()
+            self.release.wait(30)
+        if bool((x == -3).any()):
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered\nCUDA kernel...")
+        return x * 2
+
+
+def test_a_failed_device_fails_its_batch_once_then_refuses_every_request() -> None:
+    model = DeviceFailsOn()
+    config = ModelConfig(inputs=[TensorSpec(name="x", dtype="FP32", shape=(1,))])
+    failures: list[DeviceFailedError] = []
+    loaded = LoadedModel(model, config, Path("fails"), torch.device("cpu"))
+    batcher = Batcher(loaded, "m", 1, on_device_failure=failures.append)
+
+    async def scenario() -> tuple[list[Any], UnavailableError]:
+        batcher.start(asyncio.get_running_loop())
+        holder = batcher.submit([np.array([[-1.0]], np.float32)], 1)
+        await asyncio.to_thread(model.entered.wait, 30)  # the model is busy: the rest queue
+        batch = [batcher.submit([np.array([[v]], np.float32)], 1) for v in (1.0, -3.0, 2.0)]
+        model.release.set()
+        answers = await asyncio.gather(holder, *batch, return_exceptions=True)
+        with pytest.raises(UnavailableError) as later:
+            batcher.submit([np.array([[1.0]], np.float32)], 1)
+        await batcher.close(10)
+        return answers, later.value
+
+    (held, *answers), later = asyncio.run(scenario())
+    assert held[0].tolist() == [[-2.0]]
+    # The batch it failed on: the same error for each, not split (each half would fail too).
+    assert model.calls == [1, 3]
+    assert all(isinstance(answer, DeviceFailedError) for answer in answers)
+    assert str(answers[0]) == "cpu failed: CUDA error: device-side assert triggered"
+    assert answers[0].code == "INTERNAL"  # not retried: this request may be the cause
+    assert failures == [answers[0]]  # the server is told, once
+    assert later.code == "UNAVAILABLE" and "this server restarts, retry" in str(later)
+
+
+def test_a_server_whose_device_fails_stops_with_exit_code_4(
+    tmp_path: Path, seed: SimpleNamespace
+) -> None:
+    write_model(tmp_path / "repo" / "fault", DeviceFault(), [2])
+    server = CliServer("--port", "0", "--repository", str(tmp_path / "repo"))
+    try:
+        target = server.wait_ready()
+        with connection(target) as channel:
+            stub = seed.grpc.ModelServiceStub(channel)
+            assert list(
+                stub.Predict(seed.pb2.PredictRequest(inputs=[1, 2]), timeout=30).outputs
+            ) == [3.0]
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Predict(seed.pb2.PredictRequest(inputs=[-3, 2]), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INTERNAL
+            assert "device-side assert triggered" in str(caught.value.details())
+            assert server.process.wait(60) == 4
+        assert "stopping this process to start again with a working device" in server.output
+    finally:
+        server.close()

@@ -27,7 +27,7 @@ import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from support import CliServer, Scale, connection, write_model
+from support import CliServer, DeviceFault, Scale, connection, write_model
 
 ANSWERED_BY = r"\[worker (\d+)\] torchwire\.access: .*code={code}.*request_id={request_id}"
 
@@ -143,6 +143,25 @@ def test_unload_on_one_connection_holds_on_every_worker_even_one_restarted_after
         unknown.value
     )
     control.close()
+    assert server.stop() == 0
+
+
+def test_a_worker_whose_device_fails_is_started_again_and_the_server_serves_on(
+    servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+) -> None:
+    write_model(tmp_path / "fault", DeviceFault(), [2])
+    server = serve(servers, "--repository", str(tmp_path))
+    target = server.wait_ready()
+    with pytest.raises(grpc.RpcError) as caught:
+        predict(target, seed, [-3, 2], "poison", model="fault")
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "device-side assert triggered" in str(caught.value.details())
+    failed = server.wait_for(
+        r"worker (\d) \(pid \d+\) exited with code 4 \(a model's device failed\); starting it"
+    )[0].group(1)
+    server.wait_for(rf"worker {failed} \(pid \d+\) ready on", count=2)  # started again
+    for i in range(20):  # each on a new connection: either worker
+        assert predict(target, seed, [i, 1], f"after{i}", model="fault") == [i + 1.0]
     assert server.stop() == 0
 
 

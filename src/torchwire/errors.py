@@ -13,7 +13,8 @@ name. This module imports no gRPC::
     ├── UnauthenticatedError    UNAUTHENTICATED    no valid bearer token (--auth-token-file)
     ├── PermissionDeniedError   PERMISSION_DENIED  repository control not allowed (--model-control)
     ├── ModelExecutionError     INTERNAL           the model raised; its message is passed on
-    │   └── ModelOutOfMemoryError RESOURCE_EXHAUSTED the request does not fit in memory alone
+    │   ├── ModelOutOfMemoryError RESOURCE_EXHAUSTED the request does not fit in memory alone
+    │   └── DeviceFailedError   INTERNAL           the GPU failed for good (the process restarts)
     └── ConfigError             (start-up)         a config file, flag or model file is wrong
 
 Unexpected exceptions (bugs) are sent as INTERNAL with a generic message and logged in full. A
@@ -99,6 +100,15 @@ class ModelOutOfMemoryError(ModelExecutionError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class DeviceFailedError(ModelExecutionError):
+    """The model's device failed for the rest of this process: a CUDA error that sticks (a
+    device-side assert, an illegal address) after which every call fails. The requests of the
+    batch it failed on get it (INTERNAL, not retried: one of them may have caused it); the
+    model's other requests get ``UnavailableError`` (retried), and the process stops with exit
+    code ``DEVICE_FAILED`` to be started again (by the supervisor of ``--workers``, or
+    Kubernetes) with a working device."""
+
+
 class ConfigError(TorchwireError):
     """A configuration file, a flag or a model file is invalid."""
 
@@ -117,6 +127,8 @@ START_FAILED = 2
 Retrying will not help, so a supervisor gives up on it."""
 ABANDONED_CALLS = 3
 """Exit code of a server that stopped while a model call still ran (a hung model)."""
+DEVICE_FAILED = 4
+"""Exit code of a server that stopped because a model's device failed (``DeviceFailedError``)."""
 
 ITEM_SHAPE_METADATA = "torchwire-item-shape"
 """Trailing metadata of a wrong-length seed request: the model's per-item input shape, so that a

@@ -33,7 +33,13 @@ import time
 from dataclasses import dataclass, field
 
 from torchwire.config import ServerSettings, available_cores
-from torchwire.errors import START_FAILED, ConfigError, TorchwireError
+from torchwire.errors import (
+    ABANDONED_CALLS,
+    DEVICE_FAILED,
+    START_FAILED,
+    ConfigError,
+    TorchwireError,
+)
 from torchwire.fleet.link import Link, Message
 from torchwire.fleet.metrics import FleetMetrics
 
@@ -75,12 +81,13 @@ class Worker:
 
 
 def exit_cause(code: int) -> str:
-    """``exited with code 3`` or ``killed by SIGKILL``."""
+    """``exited with code 3 (a model call hung)`` or ``killed by SIGKILL``."""
     if code < 0:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-code).name}"
         return f"killed by signal {-code}"
-    return f"exited with code {code}"
+    why = {ABANDONED_CALLS: " (a model call hung)", DEVICE_FAILED: " (a model's device failed)"}
+    return f"exited with code {code}{why.get(code, '')}"
 
 
 class Supervisor:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-from torchwire.errors import ConfigError, ModelNotFoundError, UnavailableError
+from torchwire.errors import ConfigError, DeviceFailedError, ModelNotFoundError, UnavailableError
 from torchwire.metrics import Metrics
 from torchwire.repository.sources import ModelSource, Scanner, Stamp
 from torchwire.runtime import Batcher, LoadedModel
@@ -43,30 +43,6 @@ class ServedModel:
         return max(self.versions)
 
 
-def load_version(
-    source: ModelSource, version: int, torch_threads: int, cores: int, metrics: Metrics
-) -> Batcher:
-    """Load, warm up and wrap one version (blocking: call it from a thread)."""
-    started = time.monotonic()
-    model = LoadedModel.load(source.files[version], source.config)
-    model.warm_up()
-    cost = measure(model, torch_threads, cores)
-    batcher = Batcher(model, source.name, version, cost, metrics.for_model(source.name))
-    log.info(
-        "loaded %s version %d from %s in %.2f s: %d intra-op thread(s) (%s), %s",
-        source.name,
-        version,
-        source.files[version],
-        time.monotonic() - started,
-        cost.threads,
-        cost.why,
-        f"batches of <= {batcher.inline_items} items inline"
-        if batcher.inline_items
-        else "no batch inline",
-    )
-    return batcher
-
-
 def _signature(batcher: Batcher) -> list[tuple[str, str, tuple[int, ...]]]:
     return [(o.name, o.dtype, o.shape) for o in batcher.model.outputs]
 
@@ -85,6 +61,7 @@ class ModelRepository:
         default_model: the model answering requests that name none (default: first by name).
         torch_threads: intra-op threads per model (``--torch-threads``; 0: chosen at load).
         cores: the cores this process's models share (a worker's share; 0: all).
+        on_device_failure: called (on the event loop) when a model's device fails for good.
         metrics: where loads, versions and batches are counted.
         on_model_change: awaited with (name, True) when a model becomes served and
             (name, False) when it stops being served.
@@ -101,12 +78,14 @@ class ModelRepository:
         on_model_change: ModelListener | None = None,
         unloaded: Iterable[str] = (),
         cores: int = 0,
+        on_device_failure: Callable[[DeviceFailedError], None] | None = None,
     ) -> None:
         self.scanner = scanner
         self.default_model = default_model or ""
         self._torch_threads, self._cores = torch_threads, cores
         self.metrics = metrics or Metrics(process_metrics=False)
         self.on_model_change = on_model_change
+        self.on_device_failure = on_device_failure
         self.models: dict[str, ServedModel] = {}
         self._loaded = False
         self._lock = asyncio.Lock()  # one reconcile at a time: never two loads of one model
@@ -157,15 +136,37 @@ class ModelRepository:
                     )
                     await self._remove(name)
 
+    def _load_version(self, source: ModelSource, version: int) -> Batcher:
+        """Load, warm up and wrap one version (blocking: call it from a thread)."""
+        started = time.monotonic()
+        model = LoadedModel.load(source.files[version], source.config)
+        model.warm_up()
+        cost = measure(model, self._torch_threads, self._cores)
+        batcher = Batcher(
+            model, source.name, version, cost, self.metrics.for_model(source.name),
+            on_device_failure=self.on_device_failure,
+        )  # fmt: skip
+        log.info(
+            "loaded %s version %d from %s in %.2f s: %d intra-op thread(s) (%s), %s",
+            source.name,
+            version,
+            source.files[version],
+            time.monotonic() - started,
+            cost.threads,
+            cost.why,
+            f"batches of <= {batcher.inline_items} items inline"
+            if batcher.inline_items
+            else "no batch inline",
+        )
+        return batcher
+
     async def _load(
         self, source: ModelSource, version: int, served: ServedModel | None = None
     ) -> Batcher:
         """Load and validate one version off the loop, counting the outcome; start it."""
         outcomes = self.metrics.model_loads
         try:
-            batcher = await asyncio.to_thread(
-                load_version, source, version, self._torch_threads, self._cores, self.metrics
-            )
+            batcher = await asyncio.to_thread(self._load_version, source, version)
             batcher.start(asyncio.get_running_loop())
             if served is not None:
                 self._check_signature(served, batcher, source)

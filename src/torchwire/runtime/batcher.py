@@ -6,7 +6,9 @@ queued request that fits in ``max_batch_size`` items (a request is never split; 
 view of its own. A lone request is taken at once: nobody waits for company that is not coming,
 while requests that arrive during a model call fill the next batch. When the model fails on a
 batch (it raises, or runs out of memory), the halves are run again, down to single requests, so
-that only a request that fails alone gets the error.
+that only a request that fails alone gets the error. When the device fails for good (a sticky CUDA
+error), the batch's requests get the error, every other request UNAVAILABLE, and
+``on_device_failure`` tells the server, which stops the process so that it starts again.
 
 With several instances, a thread that finds a partial batch while another instance is computing
 waits for more requests until the batch is full or its oldest request has waited
@@ -23,12 +25,13 @@ after that turn's requests are queued. A busy server still batches in the infere
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +42,7 @@ from torchwire.errors import (
     RETRY_AFTER_METADATA,
     RETRY_PUSHBACK_METADATA,
     DeadlineExceededError,
+    DeviceFailedError,
     InvalidInputError,
     ModelExecutionError,
     ModelOutOfMemoryError,
@@ -151,6 +155,8 @@ class Batcher:
         cost: the model's measured call times and intra-op threads (``runtime.cost.measure``;
             None: one thread, nothing runs inline).
         metrics: where to observe queue time, compute time and batch sizes.
+        on_device_failure: called on the event loop with the ``DeviceFailedError`` when the
+            model's device fails for good (once).
     """
 
     def __init__(
@@ -160,12 +166,16 @@ class Batcher:
         version: int,
         cost: CallCost | None = None,
         metrics: ModelMetrics | None = None,
+        on_device_failure: Callable[[DeviceFailedError], None] | None = None,
     ) -> None:
         self.model = model
         self.name = name
         self.version = version
         self.label = f"{name}:{version}"
         self._metrics = metrics
+        self._on_device_failure = on_device_failure
+        self.device_failure: DeviceFailedError | None = None
+        """Set when the model's device failed: every request is refused from then on."""
         batching = model.config.batching
         self.max_batch_size = batching.max_batch_size
         self.max_queue = batching.max_queue
@@ -231,6 +241,8 @@ class Batcher:
         """
         if self._closing or self._loop is None:
             raise UnavailableError(f"model {self.label} is shutting down")
+        if self.device_failure is not None:
+            raise self._unavailable()
         future: asyncio.Future[Arrays] = self._loop.create_future()
         with self._cond:
             if items > self.max_queue:
@@ -417,6 +429,9 @@ class Batcher:
         for request in batch:
             if request.future.cancelled():  # the caller went away: compute nothing for nobody
                 continue
+            if self.device_failure is not None:
+                outcomes.append((request, self._unavailable()))
+                continue
             if request.deadline is not None and now >= request.deadline:
                 waited_ms = (now - request.enqueued_at) * 1000
                 outcomes.append(
@@ -437,6 +452,9 @@ class Batcher:
         about 2 log2(n) calls for one poisoned request among n."""
         try:
             return self._run_batch(batch)
+        except DeviceFailedError as exc:
+            self._device_failed(exc)
+            return [(request, _without_frames(exc)) for request in batch]
         except ModelExecutionError as exc:
             failed = _without_frames(exc)
         # The halves run outside the except block, with no traceback: its frames would keep
@@ -447,6 +465,23 @@ class Batcher:
             log.info("%s: splitting a batch of %d requests", self.label, len(batch))
         half = len(batch) // 2
         return self._run_or_split(batch[:half]) + self._run_or_split(batch[half:])
+
+    def _device_failed(self, failure: DeviceFailedError) -> None:
+        """The device failed for good: refuse every request from now on, and say so (once)."""
+        with self._cond:
+            if self.device_failure is not None:
+                return
+            self.device_failure = failure
+        log.critical("%s: %s; every request to it is refused from now on", self.label, failure)
+        if self._on_device_failure is not None and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+                self._loop.call_soon_threadsafe(self._on_device_failure, failure)
+
+    def _unavailable(self) -> UnavailableError:
+        return UnavailableError(
+            f"model {self.label} cannot compute: {self.device_failure}; this server restarts,"
+            " retry (on another replica)"
+        )
 
     def _run_batch(self, batch: list[_Request]) -> list[_Outcome]:
         started = time.monotonic()

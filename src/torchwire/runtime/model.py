@@ -9,7 +9,9 @@ blocking, and the outputs copied back on the same stream, so that two instances 
 copies with each other's compute and no batch pays for a pinned allocation.
 
 Running out of memory (CUDA's or the host allocator's) raises ``ModelOutOfMemoryError``, which the
-batcher answers by splitting the batch; what was cached by the allocator is released first.
+batcher answers by splitting the batch; what was cached by the allocator is released first. A CUDA
+error after which the device no longer computes raises ``DeviceFailedError``: the process must
+start again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torchwire.config import DType, ModelConfig, TensorSpec
 from torchwire.errors import (
     RETRY_PUSHBACK_METADATA,
     ConfigError,
+    DeviceFailedError,
     InvalidInputError,
     ModelExecutionError,
     ModelOutOfMemoryError,
@@ -87,6 +90,7 @@ def _last_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {' '.join(lines)}"
 
 
+_CUDA_ERROR = re.compile(r'CUDA error: [^\n"]+')
 _ASKED = (
     re.compile(r"[Tt]ried to allocate ([\d.]+ [KMGTP]?i?B)"),  # CUDA: "Tried to allocate 2.00 GiB"
     re.compile(r"you tried to allocate (\d+) bytes"),  # the host allocator
@@ -99,6 +103,19 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or any(
         marker in text for marker in ("out of memory", "can't allocate memory", "ALLOC_FAILED")
     )
+
+
+def _is_accelerator_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an error of the device (CUDA's), not of the model's code."""
+    return isinstance(exc, torch.AcceleratorError) or "CUDA error: " in str(exc)
+
+
+def _device_error(exc: Exception) -> str:
+    """CUDA's own words of a device error ("CUDA error: device-side assert triggered"), without
+    its advice on debugging or TorchScript's traceback (the last: the code quoted before it may
+    hold the same words)."""
+    found = _CUDA_ERROR.findall(str(exc))
+    return found[-1] if found else _last_line(exc)
 
 
 def _bytes(size: int) -> str:
@@ -219,6 +236,7 @@ class LoadedModel:
 
         Raises:
             ModelOutOfMemoryError: an allocation failed (the allocator cache is released).
+            DeviceFailedError: the device failed and no longer computes (CUDA's sticky errors).
             ModelExecutionError: the model raised, or its outputs do not fit the batch.
         """
         rows = sum(int(request[0].shape[0]) for request in requests)
@@ -231,9 +249,13 @@ class LoadedModel:
                 with self._on_stream():
                     return self._run(requests, rows)
         except Exception as exc:
-            if (failed := self._failed_allocation(exc, rows)) is None:
-                raise
-            raise failed from exc
+            if (failed := self._failed_allocation(exc, rows)) is not None:
+                raise failed from exc
+            if _is_accelerator_error(exc):  # raised by the model, a copy or the wait for them
+                if not self._device_works():
+                    raise DeviceFailedError(f"{self.device} failed: {_device_error(exc)}") from exc
+                raise ModelExecutionError(f"model raised {_device_error(exc)}") from exc
+            raise
 
     def release(self) -> None:
         """Drop the module (the version is retired; its threads have ended), give its streams
@@ -250,6 +272,19 @@ class LoadedModel:
             streams, self._streams = self._streams, []
         _STREAMS.give(self.device, streams)
         self.release_cache()
+
+    def _device_works(self) -> bool:
+        """After a device error: whether the device still computes. Some CUDA errors stick to
+        the process (a device-side assert, an illegal address) and fail every later call; others
+        (a bad launch) fail only theirs. A model on the CPU that raises one used a device this
+        process cannot check: taken as failed."""
+        if not self._cuda:
+            return False
+        try:
+            torch.cuda.synchronize(self.device)
+            return bool((torch.ones(1, device=self.device) + 1).item() == 2)
+        except Exception:
+            return False
 
     def release_cache(self) -> None:
         """Return the CUDA allocator's unused cached blocks to the device (after an OOM, an
@@ -301,8 +336,11 @@ class LoadedModel:
                     for a, spec in zip(arrays, self.inputs, strict=True)
                 ]
                 outputs = self._forward(inputs)
-        except ModelExecutionError as exc:
-            raise ConfigError(f"{self.path}: warm-up run failed: {exc}") from exc
+        except Exception as exc:
+            if not isinstance(exc, ModelExecutionError) and not _is_accelerator_error(exc):
+                raise
+            why = exc if isinstance(exc, ModelExecutionError) else _device_error(exc)
+            raise ConfigError(f"{self.path}: warm-up run failed: {why}") from exc
         # What the client will receive: under reduced precision, outputs in their declared dtype.
         return [
             TensorSpec(name=name, dtype=self._answer_dtype(i, t.dtype), shape=tuple(t.shape[1:]))
@@ -400,8 +438,8 @@ class LoadedModel:
                 with torch.autocast(self.device.type, dtype=self._autocast_dtype):
                     result = self._module(*inputs)
         except Exception as exc:
-            if _is_out_of_memory(exc):
-                raise  # run_batch (or _memory_guard) says so
+            if _is_out_of_memory(exc) or _is_accelerator_error(exc):
+                raise  # run_batch (or _memory_guard, _warm_run) says so
             log.warning("%s raised on a batch of %d", self.path, len(inputs[0]), exc_info=exc)
             raise ModelExecutionError(f"model raised {_last_line(exc)}") from exc
         return self._named(result)

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from tritonclient.grpc import service_pb2
 
 from torchwire.config import ServerSettings
-from torchwire.errors import ConfigError
+from torchwire.errors import ConfigError, DeviceFailedError
 from torchwire.metrics import Metrics, serve_metrics
 from torchwire.repository import (
     ModelRepository,
@@ -99,6 +99,9 @@ class Server:
         self.access = Access(settings, lambda api, reason: denied.labels(api, reason).inc())
         self._metrics_http: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.device_failed = asyncio.Event()
+        """Set when a model's device failed for good: the process must stop and start again
+        (``serve_until_stopped`` stops it with exit code ``DEVICE_FAILED``)."""
 
     async def start(self) -> int:
         """Bind, load every model, report SERVING; return the bound port.
@@ -118,6 +121,7 @@ class Server:
             on_model_change=self.health.model,
             unloaded=self.worker.unloaded if self.worker else (),
             cores=self.worker.cores if self.worker else 0,
+            on_device_failure=self._device_failed,
         )
         self.repository = repository
         self._start_metrics()
@@ -228,6 +232,11 @@ class Server:
         """Stop serving ``name`` after its queued requests finish; its health goes NOT_SERVING."""
         assert self.repository is not None
         await self.repository.unload(name)
+
+    def _device_failed(self, failure: DeviceFailedError) -> None:
+        if not self.device_failed.is_set():
+            log.critical("%s: stopping this process to start again with a working device", failure)
+            self.device_failed.set()
 
     def rescan(self) -> None:
         """Look at the model files now (SIGHUP), whatever the watcher last saw."""

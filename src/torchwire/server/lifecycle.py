@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from torchwire.config import ServerSettings
-from torchwire.errors import ABANDONED_CALLS, START_FAILED, ConfigError
+from torchwire.errors import ABANDONED_CALLS, DEVICE_FAILED, START_FAILED, ConfigError
 from torchwire.server.app import Server
 
 log = logging.getLogger("torchwire")
@@ -28,9 +28,10 @@ def run_in_loop(settings: ServerSettings, main: Callable[[], Coroutine[Any, Any,
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
         code = runner.run(main())
-    if code == ABANDONED_CALLS:
-        # A thread still runs a model call: the interpreter's normal exit would wait on or
-        # tear down torch's threads under it (abort). Leave at once, logs flushed.
+    if code in (ABANDONED_CALLS, DEVICE_FAILED):
+        # A thread still runs a model call, or the device is broken: the interpreter's normal
+        # exit would wait on or tear down torch's threads, or free device memory, under it
+        # (abort). Leave at once, logs flushed.
         logging.shutdown()
         os._exit(code)
     return code
@@ -54,7 +55,8 @@ async def serve_until_stopped(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
-    """Serve until SIGTERM, SIGINT or ``stop``; return the process's exit code."""
+    """Serve until SIGTERM, SIGINT, ``stop`` or a model's device fails; return the process's
+    exit code."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
 
@@ -83,12 +85,18 @@ async def serve_until_stopped(
             return START_FAILED
         if on_ready is not None:
             await on_ready()
-        await stopping
+        failing = asyncio.create_task(server.device_failed.wait())
+        await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        failing.cancel()
     else:
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)
     if not await server.stop():
         log.error("stopped, leaving a model call running (see above)")
         return ABANDONED_CALLS
+    if server.device_failed.is_set():
+        log.error("stopped: a model's device failed (see above)")
+        return DEVICE_FAILED
     log.info("stopped")
     return 0
