@@ -209,7 +209,7 @@ def test_a_slow_model_is_timed_on_a_smaller_batch_than_its_full_one(
     # one item takes at least 10 ms, so at most 5 fit in 50 ms; never the 64 of a full batch
     assert 2 <= max(slow.sizes) == measured.batch_items <= 5
     assert sorted(set(slow.sizes)) == [1, measured.batch_items]
-    assert measured.per_item_s >= 0.005 and measured.seconds(64) > 0.3
+    assert measured.one_item_s >= 0.01
 
 
 def test_a_workers_share_of_the_cores_is_what_its_models_choose_threads_within(

@@ -25,8 +25,14 @@ from tritonclient.utils import InferenceServerException
 
 from support import CliServer, DeviceFault, ServerThread, connection, health_status, write_model
 from torchwire.config import ModelConfig, TensorSpec
-from torchwire.errors import DeviceFailedError, ModelOutOfMemoryError, UnavailableError
+from torchwire.errors import (
+    DeviceFailedError,
+    ModelExecutionError,
+    ModelOutOfMemoryError,
+    UnavailableError,
+)
 from torchwire.runtime import Batcher, LoadedModel
+from torchwire.runtime import model as model_module
 from torchwire.runtime.exported import load_exported
 from torchwire.runtime.gpu import GpuReading
 
@@ -292,26 +298,42 @@ class DeviceFailsOn(nn.Module):
         return x * 2
 
 
-def test_a_failed_device_fails_its_batch_once_then_refuses_every_request() -> None:
-    model = DeviceFailsOn()
-    config = ModelConfig(inputs=[TensorSpec(name="x", dtype="FP32", shape=(1,))])
-    failures: list[DeviceFailedError] = []
-    loaded = LoadedModel(model, config, Path("fails"), torch.device("cpu"))
-    batcher = Batcher(loaded, "m", 1, on_device_failure=failures.append)
+@pytest.fixture
+def no_failed_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Devices found failed are the process's: here, the test's alone (the CPU is one)."""
+    monkeypatch.setattr(model_module, "_FAILED_DEVICES", set())
 
-    async def scenario() -> tuple[list[Any], UnavailableError]:
+
+def _scenario(batcher: Batcher, model: DeviceFailsOn) -> list[Any]:
+    """One held request, then 1, -3 and 2 queued behind it (one batch); their answers."""
+
+    async def scenario() -> list[Any]:
         batcher.start(asyncio.get_running_loop())
         holder = batcher.submit([np.array([[-1.0]], np.float32)], 1)
         await asyncio.to_thread(model.entered.wait, 30)  # the model is busy: the rest queue
         batch = [batcher.submit([np.array([[v]], np.float32)], 1) for v in (1.0, -3.0, 2.0)]
         model.release.set()
         answers = await asyncio.gather(holder, *batch, return_exceptions=True)
-        with pytest.raises(UnavailableError) as later:
-            batcher.submit([np.array([[1.0]], np.float32)], 1)
         await batcher.close(10)
-        return answers, later.value
+        return answers
 
-    (held, *answers), later = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def _on_cpu(model: nn.Module) -> LoadedModel:
+    config = ModelConfig(inputs=[TensorSpec(name="x", dtype="FP32", shape=(1,))])
+    return LoadedModel(model, config, Path("fails"), torch.device("cpu"))
+
+
+def test_a_failed_device_fails_its_batch_once_then_refuses_every_request(
+    no_failed_device: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, other = DeviceFailsOn(), DeviceFailsOn()
+    failures: list[DeviceFailedError] = []
+    batcher = Batcher(_on_cpu(model), "m", 1, on_device_failure=failures.append)
+    beside = Batcher(_on_cpu(other), "other", 1, on_device_failure=failures.append)
+
+    held, *answers = _scenario(batcher, model)
     assert held[0].tolist() == [[-2.0]]
     # The batch it failed on: the same error for each, not split (each half would fail too).
     assert model.calls == [1, 3]
@@ -319,7 +341,37 @@ def test_a_failed_device_fails_its_batch_once_then_refuses_every_request() -> No
     assert str(answers[0]) == "cpu failed: CUDA error: device-side assert triggered"
     assert answers[0].code == "INTERNAL"  # not retried: this request may be the cause
     assert failures == [answers[0]]  # the server is told, once
-    assert later.code == "UNAVAILABLE" and "this server restarts, retry" in str(later)
+
+    def release() -> None:  # as emptying CUDA's cache does on a failed device
+        raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(beside.model, "release", release)
+
+    async def later() -> UnavailableError:  # this model, and another on the same device
+        for refusing in (batcher, beside):
+            refusing.start(asyncio.get_running_loop())
+            with pytest.raises(UnavailableError) as refused:
+                refusing.submit([np.array([[1.0]], np.float32)], 1)
+            assert await refusing.close(10)  # stopping goes on, whatever the device says
+        return refused.value
+
+    refused = asyncio.run(later())
+    assert refused.code == "UNAVAILABLE" and "its device cpu failed" in str(refused)
+    assert "this server restarts, retry" in str(refused) and other.calls == []
+
+
+def test_a_device_error_after_which_the_device_computes_fails_only_its_request(
+    no_failed_device: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The one-element sum that checks a GPU after a device error passes (no GPU here).
+    monkeypatch.setattr(LoadedModel, "_device_works", lambda self: True)
+    model, failures = DeviceFailsOn(), []
+    batcher = Batcher(_on_cpu(model), "m", 1, on_device_failure=failures.append)
+    held, one, poisoned, two = _scenario(batcher, model)
+    assert (held[0].tolist(), one[0].tolist(), two[0].tolist()) == ([[-2.0]], [[2.0]], [[4.0]])
+    assert type(poisoned) is ModelExecutionError and poisoned.code == "INTERNAL"
+    assert str(poisoned) == "model raised CUDA error: device-side assert triggered"
+    assert model.calls == [1, 3, 1, 2, 1, 1] and failures == []  # split, as any model error
 
 
 def test_a_server_whose_device_fails_stops_with_exit_code_4(
@@ -339,6 +391,6 @@ def test_a_server_whose_device_fails_stops_with_exit_code_4(
             assert caught.value.code() == grpc.StatusCode.INTERNAL
             assert "device-side assert triggered" in str(caught.value.details())
             assert server.process.wait(60) == 4
-        assert "stopping this process to start again with a working device" in server.output
+        server.wait_for("stopping this process to start again with a working device")
     finally:
         server.close()

@@ -106,7 +106,16 @@ class DeviceFailedError(ModelExecutionError):
     batch it failed on get it (INTERNAL, not retried: one of them may have caused it); the
     model's other requests get ``UnavailableError`` (retried), and the process stops with exit
     code ``DEVICE_FAILED`` to be started again (by the supervisor of ``--workers``, or
-    Kubernetes) with a working device."""
+    Kubernetes) with a working device.
+
+    Attributes:
+        seen_before: the device was found failed before this call failed (by another batch,
+            maybe of another model on it): this call's requests did not cause it.
+    """
+
+    def __init__(self, message: str, seen_before: bool = False) -> None:
+        super().__init__(message)
+        self.seen_before = seen_before
 
 
 class ConfigError(TorchwireError):

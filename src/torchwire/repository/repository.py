@@ -170,6 +170,11 @@ class ModelRepository:
             batcher.start(asyncio.get_running_loop())
             if served is not None:
                 self._check_signature(served, batcher, source)
+        except DeviceFailedError as exc:  # in its warm-up or timing: the process must restart
+            outcomes.labels(source.name, "failed").inc()
+            if self.on_device_failure is not None:
+                self.on_device_failure(exc)
+            raise ConfigError(f"{source.files[version]}: {exc}") from exc
         except Exception:
             outcomes.labels(source.name, "failed").inc()
             raise

@@ -174,8 +174,7 @@ class Batcher:
         self.label = f"{name}:{version}"
         self._metrics = metrics
         self._on_device_failure = on_device_failure
-        self.device_failure: DeviceFailedError | None = None
-        """Set when the model's device failed: every request is refused from then on."""
+        self._device_failure_told = False
         batching = model.config.batching
         self.max_batch_size = batching.max_batch_size
         self.max_queue = batching.max_queue
@@ -241,7 +240,7 @@ class Batcher:
         """
         if self._closing or self._loop is None:
             raise UnavailableError(f"model {self.label} is shutting down")
-        if self.device_failure is not None:
+        if self.model.device_failed:
             raise self._unavailable()
         future: asyncio.Future[Arrays] = self._loop.create_future()
         with self._cond:
@@ -348,7 +347,12 @@ class Batcher:
                 )
         if any(thread.is_alive() for thread in threads):
             return False
-        self.model.release()  # its device memory back to the device
+        # Its device memory back to the device, off the loop (emptying CUDA's cache waits for
+        # the device).
+        try:
+            await asyncio.to_thread(self.model.release)
+        except Exception as exc:  # the process goes on (or is stopping): the memory is lost
+            log.warning("%s: could not release its memory: %s", self.label, exc)
         return True
 
     # -- inference threads -------------------------------------------------------------------
@@ -429,9 +433,6 @@ class Batcher:
         for request in batch:
             if request.future.cancelled():  # the caller went away: compute nothing for nobody
                 continue
-            if self.device_failure is not None:
-                outcomes.append((request, self._unavailable()))
-                continue
             if request.deadline is not None and now >= request.deadline:
                 waited_ms = (now - request.enqueued_at) * 1000
                 outcomes.append(
@@ -450,11 +451,15 @@ class Batcher:
         """Run ``batch``; if the model fails on it (raises, or runs out of memory), run each half
         again, down to single requests: only the request that fails alone gets the error, in
         about 2 log2(n) calls for one poisoned request among n."""
+        if self.model.device_failed:  # found failed (by any model on it): nothing runs there
+            return [(request, self._unavailable()) for request in batch]
         try:
             return self._run_batch(batch)
         except DeviceFailedError as exc:
             self._device_failed(exc)
-            return [(request, _without_frames(exc)) for request in batch]
+            # A batch that failed on a device found failed before did not cause it: retried.
+            failure = self._unavailable() if exc.seen_before else _without_frames(exc)
+            return [(request, failure) for request in batch]
         except ModelExecutionError as exc:
             failed = _without_frames(exc)
         # The halves run outside the except block, with no traceback: its frames would keep
@@ -467,11 +472,11 @@ class Batcher:
         return self._run_or_split(batch[:half]) + self._run_or_split(batch[half:])
 
     def _device_failed(self, failure: DeviceFailedError) -> None:
-        """The device failed for good: refuse every request from now on, and say so (once)."""
+        """The device failed for good (requests are refused from now on): say so, once."""
         with self._cond:
-            if self.device_failure is not None:
+            if self._device_failure_told:
                 return
-            self.device_failure = failure
+            self._device_failure_told = True
         log.critical("%s: %s; every request to it is refused from now on", self.label, failure)
         if self._on_device_failure is not None and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
@@ -479,8 +484,8 @@ class Batcher:
 
     def _unavailable(self) -> UnavailableError:
         return UnavailableError(
-            f"model {self.label} cannot compute: {self.device_failure}; this server restarts,"
-            " retry (on another replica)"
+            f"model {self.label} cannot compute: its device {self.model.device} failed; this "
+            "server restarts, retry (on another replica)"
         )
 
     def _run_batch(self, batch: list[_Request]) -> list[_Outcome]:
@@ -547,7 +552,9 @@ def _without_frames(exc: ModelExecutionError) -> ModelExecutionError:
     """``exc`` and the exceptions it was raised from, their tracebacks dropped (the message is
     what reaches the caller; the model's own error was logged where it was raised)."""
     seen: BaseException | None = exc
-    while seen is not None:
+    done: set[int] = set()  # a chain may loop (an exception raised from one it caused)
+    while seen is not None and id(seen) not in done:
+        done.add(id(seen))
         seen.__traceback__ = None
         seen = seen.__cause__ or seen.__context__
     return exc

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchwire.errors import DeviceFailedError
 from torchwire.runtime.dtypes import numpy_dtype
 from torchwire.runtime.model import LoadedModel
 
@@ -112,6 +113,8 @@ def measure(model: LoadedModel, torch_threads: int = 0, cores: int = 0) -> CallC
         if not why and shared > 1:
             batch[shared] = _time(model, items, shared)
     except Exception as exc:  # it answered the warm-up: a full batch may still fail
+        if isinstance(exc, DeviceFailedError):
+            raise
         log.warning("%s: could not time a batch of %d: %s", model.path, size, exc)
         return CallCost(threads, why or f"a batch of {size} failed when timed")
     if not why:

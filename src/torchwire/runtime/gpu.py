@@ -36,8 +36,8 @@ class GpuReading:
 def read_gpus() -> list[GpuReading]:
     """A reading of every CUDA device this process has allocated memory on (ever: a device
     whose models were unloaded still reads, at 0 used)."""
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        return []
+    if not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return []  # (is_available() would start CUDA's driver in a CPU-only server)
     readings = []
     for index in range(torch.cuda.device_count()):
         if not torch.cuda.max_memory_reserved(index):

@@ -105,9 +105,16 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+_ACCELERATOR_ERRORS = (torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()
+_FAILED_DEVICES: set[torch.device] = set()
+"""Devices found failed in this process (a CUDA context is the whole process's): no model runs
+on them again."""
+
+
 def _is_accelerator_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is an error of the device (CUDA's), not of the model's code."""
-    return isinstance(exc, torch.AcceleratorError) or "CUDA error: " in str(exc)
+    """Whether ``exc`` is an error of the device (CUDA's), not of the model's code (torch 2.8
+    and later raise ``AcceleratorError``; TorchScript wraps it, keeping CUDA's words)."""
+    return isinstance(exc, _ACCELERATOR_ERRORS) or "CUDA error: " in str(exc)
 
 
 def _device_error(exc: Exception) -> str:
@@ -249,13 +256,18 @@ class LoadedModel:
                 with self._on_stream():
                     return self._run(requests, rows)
         except Exception as exc:
-            if (failed := self._failed_allocation(exc, rows)) is not None:
+            # A device error may come from the model, a copy or the wait for them.
+            failed = self._failed_allocation(exc, rows) or self._failed_device(exc)
+            if failed is not None:
                 raise failed from exc
-            if _is_accelerator_error(exc):  # raised by the model, a copy or the wait for them
-                if not self._device_works():
-                    raise DeviceFailedError(f"{self.device} failed: {_device_error(exc)}") from exc
+            if _is_accelerator_error(exc):  # and the device still computes
                 raise ModelExecutionError(f"model raised {_device_error(exc)}") from exc
             raise
+
+    @property
+    def device_failed(self) -> bool:
+        """Whether this model's device was found failed (by any model on it)."""
+        return self.device in _FAILED_DEVICES
 
     def release(self) -> None:
         """Drop the module (the version is retired; its threads have ended), give its streams
@@ -271,7 +283,19 @@ class LoadedModel:
         with self._streams_lock:
             streams, self._streams = self._streams, []
         _STREAMS.give(self.device, streams)
-        self.release_cache()
+        if not self.device_failed:  # a failed device fails this too
+            self.release_cache()
+
+    def _failed_device(self, exc: Exception) -> DeviceFailedError | None:
+        """``exc`` as ``DeviceFailedError`` if it is a device error and the device no longer
+        computes (or was found failed already); else None."""
+        if not _is_accelerator_error(exc):
+            return None
+        seen_before = self.device_failed
+        if not seen_before and self._device_works():
+            return None
+        _FAILED_DEVICES.add(self.device)
+        return DeviceFailedError(f"{self.device} failed: {_device_error(exc)}", seen_before)
 
     def _device_works(self) -> bool:
         """After a device error: whether the device still computes. Some CUDA errors stick to
@@ -283,6 +307,8 @@ class LoadedModel:
         try:
             torch.cuda.synchronize(self.device)
             return bool((torch.ones(1, device=self.device) + 1).item() == 2)
+        except torch.OutOfMemoryError:
+            return True  # full, not failed
         except Exception:
             return False
 
@@ -337,6 +363,8 @@ class LoadedModel:
                 ]
                 outputs = self._forward(inputs)
         except Exception as exc:
+            if (failed := self._failed_device(exc)) is not None:
+                raise failed from exc
             if not isinstance(exc, ModelExecutionError) and not _is_accelerator_error(exc):
                 raise
             why = exc if isinstance(exc, ModelExecutionError) else _device_error(exc)

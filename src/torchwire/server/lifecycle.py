@@ -82,7 +82,7 @@ async def serve_until_stopped(
             log.error("%s", exc)
             stopping.cancel()
             await server.stop(grace_s=0)
-            return START_FAILED
+            return DEVICE_FAILED if server.device_failed.is_set() else START_FAILED
         if on_ready is not None:
             await on_ready()
         failing = asyncio.create_task(server.device_failed.wait())
