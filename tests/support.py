@@ -144,12 +144,16 @@ class Poisoned(nn.Module):
 
 
 class DeviceFault(nn.Module):
-    """Sums each item; a batch holding -3 fails as a GPU does after a device-side assert, with
-    CUDA's message (TorchScript raises its own error type, carrying it). On the CPU nothing
-    can check the device, so torchwire takes it as failed for good."""
+    """Sums each item; a batch holding ``trigger`` (-3; 0 fails the warm-up) fails as a GPU does
+    after a device-side assert, with CUDA's message (TorchScript raises its own error type,
+    carrying it). On the CPU nothing can check the device: torchwire takes it as failed."""
+
+    def __init__(self, trigger: float = -3.0) -> None:
+        super().__init__()
+        self.trigger = trigger
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool((x == -3.0).any()):
+        if bool((x == self.trigger).any()):
             raise RuntimeError("CUDA error: device-side assert triggered")
         return x.sum(dim=1, keepdim=True)
 

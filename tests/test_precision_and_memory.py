@@ -374,10 +374,11 @@ def test_a_device_error_after_which_the_device_computes_fails_only_its_request(
     assert model.calls == [1, 3, 1, 2, 1, 1] and failures == []  # split, as any model error
 
 
+@pytest.mark.parametrize("found_by", ["a request", "a new version's warm-up"])
 def test_a_server_whose_device_fails_stops_with_exit_code_4(
-    tmp_path: Path, seed: SimpleNamespace
+    tmp_path: Path, seed: SimpleNamespace, found_by: str
 ) -> None:
-    write_model(tmp_path / "repo" / "fault", DeviceFault(), [2])
+    directory = write_model(tmp_path / "repo" / "fault", DeviceFault(), [2])
     server = CliServer("--port", "0", "--repository", str(tmp_path / "repo"))
     try:
         target = server.wait_ready()
@@ -386,10 +387,14 @@ def test_a_server_whose_device_fails_stops_with_exit_code_4(
             assert list(
                 stub.Predict(seed.pb2.PredictRequest(inputs=[1, 2]), timeout=30).outputs
             ) == [3.0]
-            with pytest.raises(grpc.RpcError) as caught:
-                stub.Predict(seed.pb2.PredictRequest(inputs=[-3, 2]), timeout=30)
-            assert caught.value.code() == grpc.StatusCode.INTERNAL
-            assert "device-side assert triggered" in str(caught.value.details())
+            if found_by == "a request":
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Predict(seed.pb2.PredictRequest(inputs=[-3, 2]), timeout=30)
+                assert caught.value.code() == grpc.StatusCode.INTERNAL
+                assert "device-side assert triggered" in str(caught.value.details())
+            else:  # hot reload: a version whose warm-up trips the device
+                (directory / "2").mkdir()
+                torch.jit.script(DeviceFault(trigger=0.0)).save(str(directory / "2" / "model.pt"))
             assert server.process.wait(60) == 4
         server.wait_for("stopping this process to start again with a working device")
     finally:
