@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,8 +17,9 @@ import numpy as np
 import pytest
 
 import torchwire
-from support import ServerThread, free_port, in_process
+from support import CliServer, ServerThread, free_port, in_process
 from torchwire import TLS, AsyncClient, Client
+from torchwire.client._channel import HEDGE_BURST, HEDGE_RATIO
 
 
 @pytest.mark.parametrize("raw", [True, False])
@@ -262,3 +266,71 @@ def test_a_timed_out_wait_for_a_server_leaves_no_thread_polling_the_channel() ->
         for poller in pollers:
             poller.join(timeout=10)
             assert not poller.is_alive(), "the channel is still being polled after the wait"
+
+
+# -- hedging: a second attempt on another server cuts the tail a stalled one makes -------------
+
+
+@pytest.fixture
+def stalled(test_repo: Path) -> Iterator[CliServer]:
+    """A server process that answers, until the test stops it (SIGSTOP: a long GC pause, a
+    starved container); it is let go on before it is stopped."""
+    server = CliServer("--port", "0", "--repository", str(test_repo))
+    try:
+        yield server
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+        server.close()
+
+
+def _stall(server: CliServer) -> None:
+    os.kill(server.process.pid, signal.SIGSTOP)
+
+
+def test_a_hedged_call_is_answered_by_the_other_server_while_one_is_stalled(
+    stalled: CliServer, repo_server: ServerThread
+) -> None:
+    # Channel 0 goes to the stalled server, channel 1 to the other: the 1st, 3rd, 5th call's
+    # first attempt is sent to the stalled one, and its hedge to the other.
+    targets = [stalled.wait_ready(), repo_server.target]
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with (
+        Client(targets, pool_size=2, timeout=1.0, retries=0) as plain,
+        Client(targets, pool_size=2, timeout=30, retries=0, hedge_after=0.05) as hedging,
+    ):
+        plain.wait_ready()
+        hedging.wait_ready()
+        _stall(stalled)
+        answers = [hedging.predict("scale", x) for _ in range(4)]
+        with pytest.raises(torchwire.InvalidInputError):  # the other's answer ends the call
+            hedging.predict("scale", np.zeros((1, 3), np.float32))
+        with pytest.raises(torchwire.DeadlineExceededError):
+            plain.predict("scale", x)  # without a hedge: until its deadline
+    for answer in answers:
+        assert answer.tolist() == (x * 3).tolist()
+    assert hedging.hedged >= 3 and plain.hedged == 0  # more if a healthy call was slow
+
+
+def test_hedges_stay_within_their_budget_however_slow_the_servers_get(
+    stalled: CliServer, repo_server: ServerThread
+) -> None:
+    targets = [stalled.wait_ready(), repo_server.target]
+    x = np.ones((1, 4), np.float32)
+
+    async def main() -> tuple[int, int]:
+        async with AsyncClient(
+            targets, pool_size=2, timeout=1.0, retries=0, hedge_after=0.02
+        ) as client:
+            await client.wait_ready()
+            assert (await client.predict("scale", x)).tolist() == [[3.0] * 4]
+            _stall(stalled)
+            for calls in range(2, 100):
+                try:
+                    await client.predict("scale", x)
+                except torchwire.DeadlineExceededError:
+                    return calls, client.hedged
+        raise AssertionError("hedged without end")
+
+    calls, hedged = asyncio.run(main())
+    # Every call needs a hedge now; the budget gives HEDGE_BURST, then HEDGE_RATIO per call.
+    assert HEDGE_BURST <= hedged <= HEDGE_BURST + HEDGE_RATIO * calls

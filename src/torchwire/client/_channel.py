@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,39 @@ def service_config(retries: int) -> str:
     )
 
 
+HEDGE_RATIO = 0.1
+"""Each call earns this much of a hedge, and each hedge spends one: hedged calls stay under a
+tenth of all calls (after the first ``HEDGE_BURST``), however slow the servers get, so that a
+slow fleet is never sent its load twice."""
+HEDGE_BURST = 10.0
+"""Hedges a client may send before its calls have earned any (and the most it saves up)."""
+NON_FATAL = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+"""Statuses of one attempt of a hedged call after which the other attempt is awaited (gRFC A6's
+non-fatal codes); any other ends the call at once."""
+
+
+class HedgeBudget:
+    """How many calls may be sent a second time (``HEDGE_RATIO``, ``HEDGE_BURST``)."""
+
+    def __init__(self) -> None:
+        self._tokens = HEDGE_BURST
+        self._lock = threading.Lock()  # a blocking client may be shared by threads
+        self.hedged = 0
+
+    def earn(self) -> None:
+        with self._lock:
+            self._tokens = min(HEDGE_BURST, self._tokens + HEDGE_RATIO)
+
+    def spend(self) -> bool:
+        """Take one hedge if the budget has it."""
+        with self._lock:
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            self.hedged += 1
+            return True
+
+
 def channel_options(retries: int, keepalive_s: float, tls: TLS | None) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         # Each channel of the pool gets its own connection (gRPC shares them by default).
@@ -128,6 +162,12 @@ class ClientBase:
         token: sent as ``authorization: Bearer <token>`` on every call (a server started with
             ``--auth-token-file``); ``None``: the ``TORCHWIRE_TOKEN`` environment variable, if
             set.
+        hedge_after: seconds after which a ``predict`` still unanswered is sent again on the
+            channel after its own (another connection: another worker or replica; the next
+            target when there are several); the first answer wins, the other is cancelled.
+            Hedged calls stay under ``HEDGE_RATIO`` of all calls (``hedged`` counts them).
+            Set it near the P95 of the calls: it cuts the tail that one slow server makes.
+            ``None`` (default): never. Streams are never hedged.
 
     Raises (from each call): ``InvalidInputError``, ``ModelNotFoundError``, ``QueueFullError``,
     ``DeadlineExceededError``, ``UnavailableError``, ``ModelExecutionError``, or
@@ -148,9 +188,14 @@ class ClientBase:
         keepalive_s: float = 30.0,
         tls: TLS | None = None,
         token: str | None = None,
+        hedge_after: float | None = None,
     ) -> None:
         if protocol not in ("seed", "v2"):
             raise ValueError(f"protocol must be 'seed' or 'v2', got {protocol!r}")
+        if hedge_after is not None and hedge_after < 0:
+            raise ValueError(f"hedge_after is in seconds, >= 0 or None; got {hedge_after!r}")
+        self.hedge_after = hedge_after
+        self._hedges = HedgeBudget()
         self.protocol = protocol
         token = token if token is not None else os.environ.get("TORCHWIRE_TOKEN")
         self._auth = (("authorization", f"Bearer {token}"),) if token else None
@@ -173,6 +218,11 @@ class ClientBase:
     def _next(self) -> int:
         """The index of the next channel, round-robin."""
         return next(self._turn) % len(self._channels)
+
+    @property
+    def hedged(self) -> int:
+        """Calls sent a second time so far (``hedge_after``)."""
+        return self._hedges.hedged
 
     def _encode(self, model: str, array: NDArray, version: int | str | None) -> bytes:
         if self.protocol == "seed":

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from torchwire.client import _v2 as v2
-from torchwire.client._channel import ClientBase
+from torchwire.client._channel import NON_FATAL, ClientBase
 from torchwire.client._seed import NDArray, error_from, item_shape_from
 from torchwire.errors import TorchwireError
 
@@ -47,10 +47,50 @@ class AsyncClient(ClientBase):
         await self._spec(model, version, timeout)
         body = self._encode(model, array, version)
         try:
-            data = await self._predict[self._next()](body, timeout=timeout, metadata=self._auth)
+            data = await self._call(body, timeout)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
         return self._decode(data, array)
+
+    async def _call(self, body: bytes, timeout: float | None) -> bytes:
+        """One unary call, hedged after ``hedge_after`` (see ``ClientBase``). Until a hedge is
+        sent, a call costs one timer and one callback more than an unhedged one (no task)."""
+        index = self._next()
+        call = self._predict[index](body, timeout=timeout, metadata=self._auth)
+        if self.hedge_after is None:
+            return await call  # type: ignore[no-any-return]
+        self._hedges.earn()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        calls = [call]
+        woken: asyncio.Future[None] = loop.create_future()  # an answer, or the hedge's time
+
+        def wake(_: object = None) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        call.add_done_callback(wake)
+        timer = loop.call_later(self.hedge_after, wake)
+        try:
+            await woken
+            if call.done() or not self._hedges.spend():
+                return await call  # type: ignore[no-any-return]
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            other = self._predict[(index + 1) % len(self._predict)]  # another connection (target)
+            calls.append(other(body, timeout=left, metadata=self._auth))
+            pending = {asyncio.ensure_future(attempt) for attempt in calls}
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for attempt in done:
+                    error = attempt.exception()
+                    if error is None:
+                        return attempt.result()  # type: ignore[no-any-return]
+                    if not pending or error.code() not in NON_FATAL:
+                        raise error
+        finally:
+            timer.cancel()
+            for attempt in calls:
+                attempt.cancel()  # the slower attempt: the server drops it (nothing if done)
 
     async def stream(
         self,

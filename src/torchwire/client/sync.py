@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -10,7 +12,7 @@ import grpc
 import numpy as np
 
 from torchwire.client import _v2 as v2
-from torchwire.client._channel import ClientBase
+from torchwire.client._channel import NON_FATAL, ClientBase
 from torchwire.client._seed import NDArray, error_from, item_shape_from
 from torchwire.errors import TorchwireError
 
@@ -45,10 +47,42 @@ class Client(ClientBase):
         self._spec(model, version, timeout)
         body = self._encode(model, array, version)
         try:
-            data = self._predict[self._next()](body, timeout=timeout, metadata=self._auth)
+            data = self._call(body, timeout)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
         return self._decode(data, array)
+
+    def _call(self, body: bytes, timeout: float | None) -> bytes:
+        """One unary call, hedged after ``hedge_after`` (see ``ClientBase``)."""
+        if self.hedge_after is None:
+            return self._predict[self._next()](body, timeout=timeout, metadata=self._auth)  # type: ignore[no-any-return]
+        self._hedges.earn()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        index = self._next()
+        first = self._predict[index].future(body, timeout=timeout, metadata=self._auth)
+        try:
+            return first.result(timeout=self.hedge_after)  # type: ignore[no-any-return]
+        except grpc.FutureTimeoutError:
+            if not self._hedges.spend():
+                return first.result()  # type: ignore[no-any-return]
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        other = self._predict[(index + 1) % len(self._predict)]  # another connection (target)
+        calls = [first, other.future(body, timeout=left, metadata=self._auth)]
+        finished: queue.SimpleQueue[grpc.Future] = queue.SimpleQueue()
+        for call in calls:
+            call.add_done_callback(finished.put)
+        try:
+            for waiting in range(len(calls), 0, -1):
+                call = finished.get()
+                error = call.exception()
+                if error is None:
+                    return call.result()  # type: ignore[no-any-return]
+                if waiting == 1 or error.code() not in NON_FATAL:
+                    raise error
+            raise AssertionError("unreachable")
+        finally:
+            for call in calls:
+                call.cancel()  # the slower attempt: the server drops it (nothing if done)
 
     def stream(
         self,
