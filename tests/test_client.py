@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,8 @@ import pytest
 import torchwire
 from support import CliServer, ServerThread, free_port, in_process
 from torchwire import TLS, AsyncClient, Client
-from torchwire.client._channel import HEDGE_BURST, HEDGE_RATIO
+from torchwire._proto import modelservice_messages_pb2 as pb
+from torchwire.client._channel import HEDGE_BURST, HEDGE_RATIO, hedge_channels
 
 
 @pytest.mark.parametrize("raw", [True, False])
@@ -296,7 +298,7 @@ def test_a_hedged_call_is_answered_by_the_other_server_while_one_is_stalled(
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     with (
         Client(targets, pool_size=2, timeout=1.0, retries=0) as plain,
-        Client(targets, pool_size=2, timeout=30, retries=0, hedge_after=0.05) as hedging,
+        Client(targets, pool_size=2, timeout=3, retries=0, hedge_after=0.05) as hedging,
     ):
         plain.wait_ready()
         hedging.wait_ready()
@@ -334,3 +336,71 @@ def test_hedges_stay_within_their_budget_however_slow_the_servers_get(
     calls, hedged = asyncio.run(main())
     # Every call needs a hedge now; the budget gives HEDGE_BURST, then HEDGE_RATIO per call.
     assert HEDGE_BURST <= hedged <= HEDGE_BURST + HEDGE_RATIO * calls
+
+
+def test_a_hedge_goes_to_another_target_whatever_the_pool_size(
+    stalled: CliServer, repo_server: ServerThread
+) -> None:
+    assert hedge_channels(["a", "b", "a"]) == [1, 2, 1]
+    assert hedge_channels(["a", "b", "c", "a"]) == [1, 2, 3, 1]
+    assert hedge_channels(["a", "a"]) == [1, 0] and hedge_channels(["a"]) == [0]
+    # Channels: stalled, healthy, stalled: the third's next channel is the stalled server's.
+    targets = [stalled.wait_ready(), repo_server.target]
+    x = np.ones((1, 4), np.float32)
+    with Client(targets, pool_size=3, timeout=3, retries=0, hedge_after=0.05) as client:
+        client.wait_ready()
+        _stall(stalled)
+        answers = [client.predict("scale", x) for _ in range(3)]
+    assert [answer.tolist() for answer in answers] == [[[3.0] * 4]] * 3
+    assert client.hedged >= 2
+
+
+class Scripted:
+    """A gRPC server that answers the seed API's Predict after ``delay_s`` with one float, or
+    with the status ``fails_with``: what the client must cope with, at set times. ``called`` is
+    set when a call arrives."""
+
+    def __init__(self, delay_s: float, fails_with: grpc.StatusCode | None = None) -> None:
+        self.delay_s, self.fails_with = delay_s, fails_with
+        self.called = threading.Event()
+        self.server = grpc.server(ThreadPoolExecutor(4))
+        handler = grpc.unary_unary_rpc_method_handler(self._predict)
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("ModelService", {"Predict": handler}),)
+        )
+        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def _predict(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.called.set()
+        time.sleep(self.delay_s)
+        if self.fails_with is not None:
+            context.abort(self.fails_with, "scripted failure")
+        return pb.PredictResponse(outputs=[7.0]).SerializeToString()
+
+
+@pytest.mark.parametrize("status", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL])
+def test_an_answer_wins_over_a_failure_that_ends_in_the_same_loop_turn(
+    status: grpc.StatusCode,
+) -> None:
+    # The first attempt fails 150 ms after it arrives; its hedge (sent after 10 ms) is answered
+    # 80 ms after it arrives. The client's loop is then busy (a GC pause, CPU work) until both
+    # have ended: it sees them at once.
+    failing, answering = Scripted(0.15, status), Scripted(0.08)
+
+    async def main() -> np.ndarray:
+        targets = [failing.target, answering.target]
+        async with AsyncClient(
+            targets, pool_size=2, timeout=5, retries=0, hedge_after=0.01
+        ) as client:
+            await client.wait_ready()
+            call = asyncio.ensure_future(client.predict("m", np.ones((1, 4), np.float32)))
+            assert await asyncio.to_thread(answering.called.wait, 5)  # the hedge has arrived
+            time.sleep(0.4)  # noqa: ASYNC251 (blocks the loop on purpose)
+            return await call
+
+    try:
+        assert asyncio.run(main()).tolist() == [[7.0]]
+    finally:
+        failing.server.stop(0)
+        answering.server.stop(0)

@@ -71,26 +71,34 @@ class AsyncClient(ClientBase):
 
         call.add_done_callback(wake)
         timer = loop.call_later(self.hedge_after, wake)
+        tasks: list[asyncio.Future[Any]] = []
         try:
             await woken
-            if call.done() or not self._hedges.spend():
+            left = None if deadline is None else deadline - loop.time()
+            if call.done() or (left is not None and left <= 0) or not self._hedges.spend():
                 return await call  # type: ignore[no-any-return]
-            left = None if deadline is None else max(0.0, deadline - loop.time())
-            other = self._predict[(index + 1) % len(self._predict)]  # another connection (target)
+            other = self._predict[self._hedge_to[index]]
             calls.append(other(body, timeout=left, metadata=self._auth))
-            pending = {asyncio.ensure_future(attempt) for attempt in calls}
-            while True:
+            tasks = [asyncio.ensure_future(attempt) for attempt in calls]
+            pending, failure = set(tasks), None
+            while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for attempt in done:
-                    error = attempt.exception()
+                # Both may be done in one turn: an answer wins over a failure, whatever order.
+                outcomes = [(task, task.exception()) for task in done]
+                for task, error in outcomes:
                     if error is None:
-                        return attempt.result()  # type: ignore[no-any-return]
-                    if not pending or error.code() not in NON_FATAL:
-                        raise error
+                        return task.result()  # type: ignore[no-any-return]
+                for _, error in outcomes:
+                    if error.code() not in NON_FATAL:  # type: ignore[union-attr]
+                        raise error  # type: ignore[misc]
+                    failure = error
+            raise failure  # type: ignore[misc]
         finally:
             timer.cancel()
             for attempt in calls:
                 attempt.cancel()  # the slower attempt: the server drops it (nothing if done)
+            for task in tasks:  # its outcome is read here if not above: nothing to log later
+                task.add_done_callback(_read_outcome)
 
     async def stream(
         self,
@@ -150,3 +158,8 @@ class AsyncClient(ClientBase):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _read_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -63,10 +63,13 @@ class Client(ClientBase):
         try:
             return first.result(timeout=self.hedge_after)  # type: ignore[no-any-return]
         except grpc.FutureTimeoutError:
-            if not self._hedges.spend():
+            left = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or not self._hedges.spend():
                 return first.result()  # type: ignore[no-any-return]
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        other = self._predict[(index + 1) % len(self._predict)]  # another connection (target)
+        except BaseException:  # interrupted (Ctrl-C): the call must not run on
+            first.cancel()
+            raise
+        other = self._predict[self._hedge_to[index]]
         calls = [first, other.future(body, timeout=left, metadata=self._auth)]
         finished: queue.SimpleQueue[grpc.Future] = queue.SimpleQueue()
         for call in calls:
