@@ -45,10 +45,16 @@ console = Console(stderr=True)
 
 # -- the in-process ceiling -----------------------------------------------------------------
 
+MIXED = (32, 64)
+"""Batch sizes drawn at random for the in-process run at changing sizes."""
+
 
 def in_process(demo: Path, device: str, precision: str, batches: list[int], seconds: float) -> dict:
     """Images/s of the TorchScript file, host tensors in and out as a server must (pinned
-    input, copied to the device and back each call)."""
+    input, copied to the device and back each call), at each batch size; then at batch sizes
+    that change every call (``MIXED``), as a server's batches do: TorchScript's profiling
+    executor specialises its fused kernels by shape on a GPU, and a new size may cost a
+    re-specialisation (the slowest call shows it)."""
     module = torch.jit.load(str(demo / "resnet18" / "1" / "model.pt")).eval().to(device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     cuda = device.startswith("cuda")
@@ -67,8 +73,26 @@ def in_process(demo: Path, device: str, precision: str, batches: list[int], seco
                 "images_per_s": round(calls * batch / (time.perf_counter() - started), 1),
                 "ms_per_batch": round((time.perf_counter() - started) / calls * 1000, 2),
             }
+        sizes = np.random.default_rng(0).integers(MIXED[0], MIXED[1] + 1, 10_000).tolist()
+        x = torch.randn(MIXED[1], 3, 224, 224)
+        x = x.pin_memory() if cuda else x
+        images, slowest, calls, started = 0, 0.0, 0, time.perf_counter()
+        while time.perf_counter() - started < seconds and calls < len(sizes):
+            call = time.perf_counter()
+            module(x[: sizes[calls]].to(device, non_blocking=True)).float().cpu()
+            slowest = max(slowest, time.perf_counter() - call)
+            images, calls = images + sizes[calls], calls + 1
+        mixed = {
+            "images_per_s": round(images / (time.perf_counter() - started), 1),
+            "ms_per_batch": round((time.perf_counter() - started) / calls * 1000, 2),
+            "slowest_ms": round(slowest * 1000, 1),
+            "sizes_seen": len(set(sizes[:calls])),
+        }
     best = max(rows, key=lambda b: rows[b]["images_per_s"])
-    return {"by_batch": rows, "best_batch": best, "best_images_per_s": rows[best]["images_per_s"]}
+    return {
+        "by_batch": rows, "best_batch": best, "best_images_per_s": rows[best]["images_per_s"],
+        "mixed": mixed,
+    }  # fmt: skip
 
 
 # -- torchwire ------------------------------------------------------------------------------
@@ -381,16 +405,20 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "In-process (pinned host tensor copied in, logits copied out, each call), images/s:",
         "",
-        "| precision | " + " | ".join(f"batch {b}" for b in batches) + " | best |",
-        "|---|" + "---|" * (len(batches) + 1),
+        "| precision | " + " | ".join(f"batch {b}" for b in batches) + " | best "
+        f"| batch {MIXED[0]}-{MIXED[1]}, changing (slowest call) |",
+        "|---|" + "---|" * (len(batches) + 2),
     ]
     for precision, row in r["in_process"].items():
         cells = [
             f"{v['images_per_s']:,.0f} ({v['ms_per_batch']} ms)" for v in row["by_batch"].values()
         ]
-        lines.append(
-            f"| {precision} | " + " | ".join(cells) + f" | {row['best_images_per_s']:,.0f} |"
-        )
+        mixed = row["mixed"]
+        cells += [
+            f"{row['best_images_per_s']:,.0f}",
+            f"{mixed['images_per_s']:,.0f} ({mixed['ms_per_batch']} ms, {mixed['slowest_ms']})",
+        ]
+        lines.append(f"| {precision} | " + " | ".join(cells) + " |")
     lines += ["", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for name, row in r["torchwire"].items():
         if "failed" in row:
