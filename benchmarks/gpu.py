@@ -98,15 +98,18 @@ def in_process(demo: Path, device: str, precision: str, batches: list[int], seco
 # -- torchwire ------------------------------------------------------------------------------
 
 
-def repository(root: Path, demo: Path, device: str, precision: str, count: int) -> Path:
-    """resnet18 of the demo (outputs declared FP32) on ``device``, batches up to 64."""
+def repository(
+    root: Path, demo: Path, device: str, precision: str, count: int, pad_to: tuple[int, ...] = ()
+) -> Path:
+    """resnet18 of the demo (outputs declared FP32) on ``device``, batches up to 64 (padded to
+    the sizes of ``pad_to``, if any)."""
     model = root / "resnet18"
     shutil.rmtree(model, ignore_errors=True)
     (model / "1").mkdir(parents=True)
     shutil.copy(demo / "resnet18" / "1" / "model.pt", model / "1" / "model.pt")
     config = (demo / "resnet18" / "config.toml").read_text().split("[batching]")[0]
     (model / "config.toml").write_text(
-        config + "[batching]\nmax_batch_size = 64\nmax_queue = 4096\n"
+        config + f"[batching]\nmax_batch_size = 64\nmax_queue = 4096\npad_to = {list(pad_to)}\n"
         f'[instances]\ncount = {count}\ndevice = "{device}"\nprecision = "{precision}"\n'
     )
     return root
@@ -361,14 +364,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 demo, args.device, precision, args.batches, args.batch_seconds
             )
             done(f"in-process {precision}")
-        for workers, count, precision, switch_ms, protocol in args.runs:
+        for workers, count, precision, switch_ms, protocol, pad_to in args.runs:
             name = f"{precision}, {workers} worker(s) x {count} instance(s)"
             name += f", GIL switch {switch_ms} ms" if switch_ms else ""
             name += ", KServe V2" if protocol == "v2" else ""
+            name += f", batches padded to {'/'.join(map(str, pad_to))}" if pad_to else ""
             console.print(f"torchwire {name} ...")
             repo = repository(
-                Path(tmp) / name.replace(" ", "_"), demo, args.device, precision, count
-            )
+                Path(tmp) / name.replace(" ", "_").replace("/", "-"),
+                demo, args.device, precision, count, pad_to,
+            )  # fmt: skip
             profile = args.out / "gpu-profile.speedscope.json"
             first = not results["torchwire"] and args.profile
             try:
@@ -452,17 +457,23 @@ def main() -> None:
     args = parser.parse_args()
     args.precisions = ["fp32", "fp16"]
     # (workers, instances per worker, precision, GIL switch interval in ms or 0: the default,
-    # the API the load uses). The 5 ms interval was measured against the 0.5 ms default on the
-    # H200 (run 2: 990 vs 1,196 images/s): 8 workers take its place.
+    # the API the load uses, [batching] pad_to). The 5 ms interval was measured against the
+    # 0.5 ms default on the H200 (run 2: 990 vs 1,196 images/s): 8 workers take its place.
+    pad = (16, 32, 48, 64)
     args.runs = [
-        (1, 1, "fp32", 0, "seed"), (1, 2, "fp32", 0, "seed"), (1, 1, "fp32", 0, "v2"),
-        (1, 2, "fp16", 0, "seed"), (4, 2, "fp32", 0, "seed"), (8, 1, "fp32", 0, "seed"),
+        (1, 1, "fp32", 0, "seed", ()), (1, 1, "fp32", 0, "seed", pad),
+        (1, 2, "fp32", 0, "seed", ()), (1, 1, "fp32", 0, "v2", ()),
+        (1, 2, "fp16", 0, "seed", ()), (4, 2, "fp32", 0, "seed", ()),
+        (8, 1, "fp32", 0, "seed", ()),
     ]  # fmt: skip
     if args.quick:
         args.batches, args.batch_seconds, args.seconds = [1, 8], 0.3, 2.0
         args.load_procs, args.concurrency = 1, 8
         args.precisions = ["fp32", "bf16"]
-        args.runs = [(1, 1, "fp32", 0, "seed"), (1, 2, "bf16", 5, "seed"), (1, 1, "fp32", 0, "v2")]
+        args.runs = [
+            (1, 1, "fp32", 0, "seed", ()), (1, 1, "fp32", 0, "seed", (4, 8)),
+            (1, 2, "bf16", 5, "seed", ()), (1, 1, "fp32", 0, "v2", ()),
+        ]  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(args)
     save(args.out, results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -14,9 +15,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from support import Busy, Scale, ServerThread, in_process, wait_until, write_model
-from torchwire.runtime import Batcher, batcher
+from torchwire.config import BatchingConfig, ModelConfig, TensorSpec
+from torchwire.runtime import Batcher, LoadedModel, batcher
 from torchwire.runtime.cost import DEFAULT_TORCH_THREADS
 
 
@@ -198,3 +202,56 @@ def test_a_model_without_a_threads_setting_weighs_every_core_after_another_model
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert int(fresh.stdout) == DEFAULT_TORCH_THREADS  # torch's own default, not a thread's
+
+
+class Sizes(nn.Module):
+    """Doubles its input; notes the batch size of each call. An item of -1 holds the call until
+    ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(int(x.shape[0]))
+        if bool((x == -1).any()):
+            self.entered.set()
+            assert self.release.wait(30)
+        return x * 2
+
+
+SPLIT = [(10.0, 1), (20.0, 2), (30.0, 2)]  # (first value, items) of three requests
+
+
+def test_batches_padded_to_set_sizes_reach_the_model_at_those_sizes_only() -> None:
+    model = Sizes()
+    config = ModelConfig(
+        inputs=[TensorSpec(name="x", dtype="FP32", shape=(2,))],
+        batching=BatchingConfig(max_batch_size=16, pad_to=[4, 8]),
+    )
+    padded = Batcher(LoadedModel(model, config, Path("sizes"), torch.device("cpu")), "m", 1)
+
+    def rows(first: float, count: int) -> np.ndarray:
+        return np.arange(first, first + 2 * count, dtype=np.float32).reshape(count, 2)
+
+    async def scenario() -> list[Any]:
+        padded.start(asyncio.get_running_loop())
+        holder = padded.submit([np.full((1, 2), -1.0, np.float32)], 1)  # 1 item: padded to 4
+        await asyncio.to_thread(model.entered.wait, 30)
+        queued = [padded.submit([rows(first, n)], n) for first, n in SPLIT]  # 5 items: to 8
+        model.release.set()
+        answers = await asyncio.gather(holder, *queued)
+        answers.append(await padded.submit([rows(100, 12)], 12))  # more than 8: as it is
+        await padded.close(10)
+        return answers
+
+    holder, *answers = asyncio.run(scenario())
+    assert model.sizes == [4, 8, 12]
+    assert holder[0].tolist() == [[-2.0, -2.0]]
+    for (first, n), answer in zip([*SPLIT, (100, 12)], answers, strict=True):
+        assert answer[0].tolist() == (rows(first, n) * 2).tolist()  # its own rows, no padding
+    with pytest.raises(ValueError, match="pad_to must be ascending sizes from 1 to max_batch"):
+        BatchingConfig(max_batch_size=16, pad_to=[8, 4])
+    with pytest.raises(ValueError, match="pad_to must be ascending"):
+        BatchingConfig(max_batch_size=16, pad_to=[32])

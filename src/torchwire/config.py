@@ -7,13 +7,14 @@ defaults below. Every option is defined once, here; the CLI builds its flags fro
 
 from __future__ import annotations
 
+import itertools
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from torchwire.errors import ConfigError
 
@@ -194,6 +195,23 @@ class BatchingConfig(_Strict):
     inline_max_ms: float = Field(0.2, ge=0)
     """A batch whose call is measured (at load) to take at most this long on one thread runs on
     the event loop when it is idle, without a hand-off to an inference thread; 0: never."""
+    pad_to: list[int] = Field(default_factory=list)
+    """Batch sizes the model is called with: a batch is padded with items of zeros up to the
+    smallest that holds it (their outputs are dropped), so that a GPU sees a few shapes only
+    (TorchScript specialises its fused kernels by shape). Ascending, each at most
+    max_batch_size; a batch larger than the last is not padded. Empty (default): no padding."""
+
+    @model_validator(mode="after")
+    def _pad_sizes_fit(self) -> BatchingConfig:
+        sizes = self.pad_to
+        if any(b <= a for a, b in itertools.pairwise(sizes)) or any(
+            not 1 <= size <= self.max_batch_size for size in sizes
+        ):
+            raise ValueError(
+                f"pad_to must be ascending sizes from 1 to max_batch_size "
+                f"({self.max_batch_size}); got {sizes}"
+            )
+        return self
 
 
 class InstancesConfig(_Strict):

@@ -421,11 +421,15 @@ class LoadedModel:
 
     def _run(self, requests: Sequence[Sequence[np.ndarray[Any, Any]]], rows: int) -> Arrays:
         """``run_batch``'s work, inside inference mode (and this thread's CUDA stream)."""
-        inputs = [
-            self._batch_input([request[i] for request in requests], spec)
-            for i, spec in enumerate(self.inputs)
-        ]
-        return self._to_arrays(self._forward(inputs), rows)
+        padded = next((size for size in self.config.batching.pad_to if size >= rows), rows)
+        inputs = []
+        for i, spec in enumerate(self.inputs):
+            parts = [request[i] for request in requests]
+            if padded > rows:  # items of zeros up to a size of [batching] pad_to
+                parts.append(np.zeros((padded - rows, *parts[0].shape[1:]), parts[0].dtype))
+            inputs.append(self._batch_input(parts, spec))
+        outputs = self._to_arrays(self._forward(inputs), padded)
+        return outputs if padded == rows else [output[:rows] for output in outputs]
 
     def _batch_input(self, parts: list[np.ndarray[Any, Any]], spec: TensorSpec) -> torch.Tensor:
         """One input of the batch on the model's device, in the declared dtype."""
