@@ -411,7 +411,7 @@ def markdown(r: dict[str, Any]) -> str:
         "In-process (pinned host tensor copied in, logits copied out, each call), images/s:",
         "",
         "| precision | " + " | ".join(f"batch {b}" for b in batches) + " | best "
-        f"| batch {MIXED[0]}-{MIXED[1]}, changing (slowest call) |",
+        f"| batch {MIXED[0]}-{MIXED[1]}, changing (slowest call ms) |",
         "|---|" + "---|" * (len(batches) + 2),
     ]
     for precision, row in r["in_process"].items():

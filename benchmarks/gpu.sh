@@ -23,7 +23,7 @@ python3 -c "import torchwire.server.app, tritonclient.grpc" || { echo "missing w
 out=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 timeout 300 python3 benchmarks/gpu.py --profile --out "$out" "$@"; echo "gpu.py exit $?"
-if [[ -n "${SCALEOUT:-}" ]]; then
+if [[ "${SCALEOUT:-0}" == 1 ]]; then
   timeout 210 python3 benchmarks/scaleout.py --gpu --out "$out" ${SCALEOUT_ARGS:-}
   echo "scaleout.py exit $?"
 fi

@@ -230,7 +230,9 @@ def test_batches_padded_to_set_sizes_reach_the_model_at_those_sizes_only() -> No
         inputs=[TensorSpec(name="x", dtype="FP32", shape=(2,))],
         batching=BatchingConfig(max_batch_size=16, pad_to=[4, 8]),
     )
-    padded = Batcher(LoadedModel(model, config, Path("sizes"), torch.device("cpu")), "m", 1)
+    loaded = LoadedModel(model, config, Path("sizes"), torch.device("cpu"))
+    loaded.warm_up()  # at the first size too
+    padded = Batcher(loaded, "m", 1)
 
     def rows(first: float, count: int) -> np.ndarray:
         return np.arange(first, first + 2 * count, dtype=np.float32).reshape(count, 2)
@@ -242,16 +244,18 @@ def test_batches_padded_to_set_sizes_reach_the_model_at_those_sizes_only() -> No
         queued = [padded.submit([rows(first, n)], n) for first, n in SPLIT]  # 5 items: to 8
         model.release.set()
         answers = await asyncio.gather(holder, *queued)
+        answers.append(await padded.submit([rows(50, 4)], 4))  # just 4: as it is
         answers.append(await padded.submit([rows(100, 12)], 12))  # more than 8: as it is
         await padded.close(10)
         return answers
 
     holder, *answers = asyncio.run(scenario())
-    assert model.sizes == [4, 8, 12]
+    assert model.sizes == [4, 4, 8, 4, 12]
     assert holder[0].tolist() == [[-2.0, -2.0]]
-    for (first, n), answer in zip([*SPLIT, (100, 12)], answers, strict=True):
+    for (first, n), answer in zip([*SPLIT, (50, 4), (100, 12)], answers, strict=True):
         assert answer[0].tolist() == (rows(first, n) * 2).tolist()  # its own rows, no padding
-    with pytest.raises(ValueError, match="pad_to must be ascending sizes from 1 to max_batch"):
-        BatchingConfig(max_batch_size=16, pad_to=[8, 4])
-    with pytest.raises(ValueError, match="pad_to must be ascending"):
-        BatchingConfig(max_batch_size=16, pad_to=[32])
+    for wrong in ([8, 4], [4, 4], [0, 4], [32]):
+        with pytest.raises(
+            ValueError, match=r"pad_to\n.*sizes must ascend, from 1 to max_batch_size \(16\)"
+        ):
+            BatchingConfig(max_batch_size=16, pad_to=wrong)

@@ -14,7 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from torchwire.errors import ConfigError
 
@@ -201,17 +208,15 @@ class BatchingConfig(_Strict):
     (TorchScript specialises its fused kernels by shape). Ascending, each at most
     max_batch_size; a batch larger than the last is not padded. Empty (default): no padding."""
 
-    @model_validator(mode="after")
-    def _pad_sizes_fit(self) -> BatchingConfig:
-        sizes = self.pad_to
+    @field_validator("pad_to")
+    @classmethod
+    def _pad_sizes_fit(cls, sizes: list[int], info: ValidationInfo) -> list[int]:
+        largest = info.data.get("max_batch_size", 0)
         if any(b <= a for a, b in itertools.pairwise(sizes)) or any(
-            not 1 <= size <= self.max_batch_size for size in sizes
+            not 1 <= size <= largest for size in sizes
         ):
-            raise ValueError(
-                f"pad_to must be ascending sizes from 1 to max_batch_size "
-                f"({self.max_batch_size}); got {sizes}"
-            )
-        return self
+            raise ValueError(f"sizes must ascend, from 1 to max_batch_size ({largest})")
+        return sizes
 
 
 class InstancesConfig(_Strict):

@@ -105,6 +105,8 @@ def measure(model: LoadedModel, torch_threads: int = 0, cores: int = 0) -> CallC
         return CallCost(threads, why)
     if any(-1 in spec.shape for spec in model.inputs):
         return CallCost(threads, why or "variable input dimensions: not timed")
+    if model.config.batching.pad_to:  # its cost moves in steps, not by item
+        return CallCost(threads, why or "batches padded ([batching] pad_to): not timed")
     size = model.config.batching.max_batch_size
     try:
         one = _time(model, 1, 1)

@@ -247,17 +247,18 @@ class LoadedModel:
             ModelExecutionError: the model raised, or its outputs do not fit the batch.
         """
         rows = sum(int(request[0].shape[0]) for request in requests)
+        padded = self._padded(rows)
         # On every batch's path: plain try and with statements, no generator-based context
         # managers (each costs a few microseconds, as much as a small model's call).
         try:
             with torch.inference_mode():
                 if not self._cuda:
-                    return self._run(requests, rows)
+                    return self._run(requests, rows, padded)
                 with self._on_stream():
-                    return self._run(requests, rows)
+                    return self._run(requests, rows, padded)
         except Exception as exc:
             # A device error may come from the model, a copy or the wait for them.
-            failed = self._failed_allocation(exc, rows) or self._failed_device(exc)
+            failed = self._failed_allocation(exc, padded) or self._failed_device(exc)
             if failed is not None:
                 raise failed from exc
             if _is_accelerator_error(exc):  # and the device still computes
@@ -321,7 +322,9 @@ class LoadedModel:
     def warm_up(self) -> None:
         """Run one item of zeros; check the outputs against the config, or take them from it.
         A model with variable input dimensions runs again with those dimensions at 2: an output
-        dimension that follows them is variable (-1) too, not the first run's size."""
+        dimension that follows them is variable (-1) too, not the first run's size. Batches
+        padded (``[batching] pad_to``) run at the first size; on a GPU at every size too, which
+        checks that each fits in memory and compiles what TorchScript specialises by shape."""
         found = self._warm_run(1)
         if any(-1 in spec.shape for spec in self.inputs):
             again = self._warm_run(2)
@@ -337,28 +340,31 @@ class LoadedModel:
                 else one
                 for one, two in zip(found, again, strict=True)
             ]
-        if not self.outputs:
-            self.outputs = found
-            return
+        self.outputs = self.outputs or found
         for want, got in zip(self.outputs, found, strict=True):
             if want.dtype != got.dtype or not shape_matches(got.shape, want.shape):
                 raise ConfigError(
                     f"{self.path}: output '{want.name}' should be {want.dtype}"
                     f"{list(want.shape)} per item, the model gives {got.dtype}{list(got.shape)}"
                 )
+        if self._cuda:
+            for size in self.config.batching.pad_to[1:]:
+                self._warm_run(1, size)
 
-    def _warm_run(self, size: int) -> list[TensorSpec]:
-        """One item of zeros, variable dimensions at ``size``: the outputs the client gets."""
+    def _warm_run(self, size: int, items: int = 0) -> list[TensorSpec]:
+        """One item of zeros, variable dimensions at ``size``, padded to ``items`` (default: as
+        a batch of one is): the outputs the client gets."""
         arrays = [
             np.zeros(
                 (1, *(size if d == -1 else d for d in spec.shape)), dtype=numpy_dtype(spec.dtype)
             )
             for spec in self.inputs
         ]
+        items = items or self._padded(1)
         try:
-            with self._memory_guard(1), torch.inference_mode(), self._on_stream(keep=False):
+            with self._memory_guard(items), torch.inference_mode(), self._on_stream(keep=False):
                 inputs = [
-                    self._batch_input([a], spec)
+                    self._batch_input([a], spec, items)
                     for a, spec in zip(arrays, self.inputs, strict=True)
                 ]
                 outputs = self._forward(inputs)
@@ -419,22 +425,32 @@ class LoadedModel:
                 _STREAMS.give(self.device, [local.stream])
                 local.stream = local.staging = None
 
-    def _run(self, requests: Sequence[Sequence[np.ndarray[Any, Any]]], rows: int) -> Arrays:
+    def _padded(self, rows: int) -> int:
+        """The items a batch of ``rows`` is run at: the smallest ``[batching] pad_to`` size that
+        holds it, else ``rows``."""
+        return next((size for size in self.config.batching.pad_to if size >= rows), rows)
+
+    def _run(
+        self, requests: Sequence[Sequence[np.ndarray[Any, Any]]], rows: int, padded: int
+    ) -> Arrays:
         """``run_batch``'s work, inside inference mode (and this thread's CUDA stream)."""
-        padded = next((size for size in self.config.batching.pad_to if size >= rows), rows)
-        inputs = []
-        for i, spec in enumerate(self.inputs):
-            parts = [request[i] for request in requests]
-            if padded > rows:  # items of zeros up to a size of [batching] pad_to
-                parts.append(np.zeros((padded - rows, *parts[0].shape[1:]), parts[0].dtype))
-            inputs.append(self._batch_input(parts, spec))
+        inputs = [
+            self._batch_input([request[i] for request in requests], spec, padded)
+            for i, spec in enumerate(self.inputs)
+        ]
         outputs = self._to_arrays(self._forward(inputs), padded)
         return outputs if padded == rows else [output[:rows] for output in outputs]
 
-    def _batch_input(self, parts: list[np.ndarray[Any, Any]], spec: TensorSpec) -> torch.Tensor:
-        """One input of the batch on the model's device, in the declared dtype."""
+    def _batch_input(
+        self, parts: list[np.ndarray[Any, Any]], spec: TensorSpec, padded: int = 0
+    ) -> torch.Tensor:
+        """One input of the batch on the model's device, in the declared dtype, with items of
+        zeros after the requests' up to ``padded`` items."""
         dtype = TORCH_DTYPES[spec.dtype]
+        rows = sum(part.shape[0] for part in parts)
         if not self._cuda:
+            if padded > rows:
+                parts = [*parts, np.zeros((padded - rows, *parts[0].shape[1:]), parts[0].dtype)]
             part = parts[0]
             if len(parts) == 1 and part.flags.writeable:
                 tensor = torch.from_numpy(part)  # no copy
@@ -445,9 +461,14 @@ class LoadedModel:
             else:
                 tensor = _concatenate(parts)
             return tensor if tensor.dtype == dtype else tensor.to(dtype)
-        rows = sum(part.shape[0] for part in parts)
         host = _concatenate(parts, self._staging(spec, parts[0], rows))
-        return host.to(self.device, non_blocking=True).to(dtype)
+        if padded <= rows:
+            return host.to(self.device, non_blocking=True).to(dtype)
+        # The padding is zeroed on the device: nothing to write or copy for it on the host.
+        tensor = torch.empty((padded, *host.shape[1:]), dtype=host.dtype, device=self.device)
+        tensor[:rows].copy_(host, non_blocking=True)
+        tensor[rows:].zero_()
+        return tensor.to(dtype)
 
     def _staging(self, spec: TensorSpec, like: np.ndarray[Any, Any], rows: int) -> torch.Tensor:
         """This thread's pinned buffer for input ``spec``, as ``rows`` items shaped like
