@@ -143,6 +143,28 @@ class Poisoned(nn.Module):
         return x.sum(dim=1, keepdim=True)
 
 
+class Held(nn.Module):
+    """Doubles its input and notes each call's batch size (``calls``). An item of -1 holds its
+    call until ``release`` is set (``entered`` says it is held): requests sent meanwhile queue
+    and form the next batch together. A subclass fails the calls it chooses in ``fail``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(int(x.shape[0]))
+        if bool((x == -1).any()):
+            self.entered.set()
+            assert self.release.wait(30)
+        self.fail(x)
+        return x * 2
+
+    def fail(self, x: torch.Tensor) -> None:
+        """Raise to fail this call (nothing here)."""
+
+
 class DeviceFault(nn.Module):
     """Sums each item; a batch holding ``trigger`` (-3; 0 fails the warm-up) fails as a GPU does
     after a device-side assert, with CUDA's message (TorchScript raises its own error type,

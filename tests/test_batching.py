@@ -16,9 +16,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from support import Busy, Scale, ServerThread, in_process, wait_until, write_model
+from support import Busy, Held, Scale, ServerThread, in_process, wait_until, write_model
 from torchwire.config import BatchingConfig, ModelConfig, TensorSpec
 from torchwire.runtime import Batcher, LoadedModel, batcher
 from torchwire.runtime.cost import DEFAULT_TORCH_THREADS
@@ -204,28 +203,11 @@ def test_a_model_without_a_threads_setting_weighs_every_core_after_another_model
     assert int(fresh.stdout) == DEFAULT_TORCH_THREADS  # torch's own default, not a thread's
 
 
-class Sizes(nn.Module):
-    """Doubles its input; notes the batch size of each call. An item of -1 holds the call until
-    ``release`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sizes: list[int] = []
-        self.entered, self.release = threading.Event(), threading.Event()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.sizes.append(int(x.shape[0]))
-        if bool((x == -1).any()):
-            self.entered.set()
-            assert self.release.wait(30)
-        return x * 2
-
-
 SPLIT = [(10.0, 1), (20.0, 2), (30.0, 2)]  # (first value, items) of three requests
 
 
 def test_batches_padded_to_set_sizes_reach_the_model_at_those_sizes_only() -> None:
-    model = Sizes()
+    model = Held()
     config = ModelConfig(
         inputs=[TensorSpec(name="x", dtype="FP32", shape=(2,))],
         batching=BatchingConfig(max_batch_size=16, pad_to=[4, 8]),
@@ -250,7 +232,7 @@ def test_batches_padded_to_set_sizes_reach_the_model_at_those_sizes_only() -> No
         return answers
 
     holder, *answers = asyncio.run(scenario())
-    assert model.sizes == [4, 4, 8, 4, 12]
+    assert model.calls == [4, 4, 8, 4, 12]
     assert holder[0].tolist() == [[-2.0, -2.0]]
     for (first, n), answer in zip([*SPLIT, (50, 4), (100, 12)], answers, strict=True):
         assert answer[0].tolist() == (rows(first, n) * 2).tolist()  # its own rows, no padding

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import threading
 import urllib.request
 import weakref
 from pathlib import Path
@@ -23,7 +22,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 from tritonclient.utils import InferenceServerException
 
-from support import CliServer, DeviceFault, ServerThread, connection, health_status, write_model
+from support import (
+    CliServer,
+    DeviceFault,
+    Held,
+    ServerThread,
+    connection,
+    health_status,
+    write_model,
+)
 from torchwire.config import ModelConfig, TensorSpec
 from torchwire.errors import (
     DeviceFailedError,
@@ -81,33 +88,25 @@ def test_reduced_precision_answers_in_the_declared_fp32(tmp_path: Path, precisio
 # -- out of memory ------------------------------------------------------------------------------
 
 
-class RunsOutAbove(nn.Module):
-    """Doubles its input, but raises CUDA's out-of-memory error on a batch of more than
-    ``limit`` items. An item of -1 holds the model until ``release`` is set. Each call notes
-    whether the input of the last batch that failed is still held by anything."""
+class RunsOutAbove(Held):
+    """``Held``, but a batch of more than ``limit`` items raises CUDA's out-of-memory error.
+    Each call notes whether the input of the last batch that failed is still held by anything."""
 
     def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
-        self.calls: list[int] = []
         self.failed_input_held: list[bool] = []
         self._failed: weakref.ref[torch.Tensor] | None = None
-        self.entered, self.release = threading.Event(), threading.Event()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls.append(int(x.shape[0]))
+    def fail(self, x: torch.Tensor) -> None:
         if self._failed is not None:
             self.failed_input_held.append(self._failed() is not None)
-        if bool((x == -1).any()):
-            self.entered.set()
-            self.release.wait(30)
         if x.shape[0] > self.limit:
             self._failed = weakref.ref(x)
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory. Tried to allocate {x.shape[0]}.00 GiB. GPU 0 has a total "
                 "capacity of 79.19 GiB of which 1.50 GiB is free."
             )
-        return x * 2
 
 
 def test_a_batch_that_runs_out_of_memory_is_split_and_only_a_request_too_big_alone_fails() -> None:
@@ -278,24 +277,13 @@ def test_an_exported_model_moves_whole_to_its_device_and_its_weights_go_when_unl
 # -- a device that fails for good ---------------------------------------------------------------
 
 
-class DeviceFailsOn(nn.Module):
-    """Doubles its input; a batch holding -3 raises CUDA's error after a device-side assert
-    (on the CPU nothing can check the device: torchwire takes it as failed for good). An item
-    of -1 holds the model until ``release`` is set."""
+class DeviceFailsOn(Held):
+    """``Held``, but a batch holding -3 raises CUDA's error after a device-side assert (on the
+    CPU nothing can check the device: torchwire takes it as failed for good)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[int] = []
-        self.entered, self.release = threading.Event(), threading.Event()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls.append(int(x.shape[0]))
-        if bool((x == -1).any()):
-            self.entered.set()
-            self.release.wait(30)
+    def fail(self, x: torch.Tensor) -> None:
         if bool((x == -3).any()):
             raise torch.AcceleratorError("CUDA error: device-side assert triggered\nCUDA kernel...")
-        return x * 2
 
 
 @pytest.fixture
