@@ -136,3 +136,11 @@ def test_malformed_bytes_over_the_wire_get_invalid_argument(repo_server: ServerT
         # and the server goes on serving
         ok = predict(PredictRequest(inputs=[1, 2, 3, 4]).SerializeToString(), timeout=10)
         assert list(PredictResponse.FromString(ok).outputs) == [3, 6, 9, 12]
+
+
+def test_a_strided_or_big_endian_output_is_sent_as_little_endian_floats() -> None:
+    column = np.arange(70, dtype=">f4").reshape(10, 7)[:, 2]  # a view: strided, big-endian
+    for raw in (True, False):
+        response = PredictResponse.FromString(encode_response(column, raw, 0.0))
+        got = np.frombuffer(response.raw_outputs, "<f4") if raw else np.array(response.outputs)
+        assert got.tolist() == column.tolist()
