@@ -360,9 +360,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         done("checks")
         for precision in args.precisions:
             console.print(f"in-process, {precision} ...")
-            results["in_process"][precision] = in_process(
-                demo, args.device, precision, args.batches, args.batch_seconds
-            )
+            try:
+                results["in_process"][precision] = in_process(
+                    demo, args.device, precision, args.batches, args.batch_seconds
+                )
+            except Exception as exc:  # the torchwire runs still tell how one process does
+                results["in_process"][precision] = {"failed": f"{exc!r}"}
             done(f"in-process {precision}")
         for workers, count, precision, switch_ms, protocol, pad_to in args.runs:
             name = f"{precision}, {workers} worker(s) x {count} instance(s)"
@@ -396,7 +399,8 @@ def save(out: Path, results: dict[str, Any]) -> None:
 
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
-    batches = list(next(iter(r["in_process"].values()), {"by_batch": {}})["by_batch"])
+    measured = [row for row in r["in_process"].values() if "by_batch" in row]
+    batches = list(measured[0]["by_batch"]) if measured else []
     columns = [
         "torchwire", "images/s", "vs in-process best", "P50 ms", "P99 ms", "mean batch",
         "compute ms/batch", "mean queue ms", "server CPU us/image", "errors",
@@ -415,6 +419,9 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|" + "---|" * (len(batches) + 2),
     ]
     for precision, row in r["in_process"].items():
+        if "failed" in row:
+            lines.append(f"| {precision} | failed: {row['failed']} |")
+            continue
         cells = [
             f"{v['images_per_s']:,.0f} ({v['ms_per_batch']} ms)" for v in row["by_batch"].values()
         ]
