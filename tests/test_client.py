@@ -344,6 +344,8 @@ def test_a_hedge_goes_to_another_target_whatever_the_pool_size(
     assert hedge_channels(["a", "b", "a"]) == [1, 2, 1]
     assert hedge_channels(["a", "b", "c", "a"]) == [1, 2, 3, 1]
     assert hedge_channels(["a", "a"]) == [1, 0] and hedge_channels(["a"]) == [0]
+    with Client(repo_server.target, pool_size=1, hedge_after=0.01) as alone:
+        assert alone.hedge_after is None  # one connection: a hedge would reach the same server
     # Channels: stalled, healthy, stalled: the third's next channel is the stalled server's.
     targets = [stalled.wait_ready(), repo_server.target]
     x = np.ones((1, 4), np.float32)

@@ -182,7 +182,8 @@ class ClientBase:
             them); none is sent once the call's deadline has passed. Set it a little above the
             calls' usual P99: it cuts the tail that one slow server makes. The blocking client
             then waits on a future (about 250 us more per call measured here), the async one
-            on a timer. ``None`` (default): never. Streams are never hedged.
+            on a timer. ``None`` (default): never. Streams are never hedged, nor is anything
+            with a pool of one channel (a hedge would reach the same server as its call).
 
     Raises (from each call): ``InvalidInputError``, ``ModelNotFoundError``, ``QueueFullError``,
     ``DeadlineExceededError``, ``UnavailableError``, ``ModelExecutionError``, or
@@ -226,6 +227,8 @@ class ClientBase:
             for t in spread_targets
         ]
         self._hedge_to = hedge_channels(spread_targets)
+        if len(self._channels) == 1:
+            self.hedge_after = None
         unary, stream = (PREDICT, PREDICT_STREAM) if protocol == "seed" else (v2.INFER, v2.STREAM)
         self._predict = [ch.unary_unary(unary) for ch in self._channels]
         self._streams = [ch.stream_stream(stream) for ch in self._channels]
