@@ -174,7 +174,6 @@ class Batcher:
         self.label = f"{name}:{version}"
         self._metrics = metrics
         self._on_device_failure = on_device_failure
-        self._device_failure_told = False
         batching = model.config.batching
         self.max_batch_size = batching.max_batch_size
         self.max_queue = batching.max_queue
@@ -456,9 +455,10 @@ class Batcher:
         try:
             return self._run_batch(batch)
         except DeviceFailedError as exc:
+            if exc.seen_before:  # another batch found it (and said so): this one is retried
+                return [(request, self._unavailable()) for request in batch]
             self._device_failed(exc)
-            # A batch that failed on a device found failed before did not cause it: retried.
-            failure = self._unavailable() if exc.seen_before else _without_frames(exc)
+            failure = _without_frames(exc)
             return [(request, failure) for request in batch]
         except ModelExecutionError as exc:
             failed = _without_frames(exc)
@@ -472,11 +472,8 @@ class Batcher:
         return self._run_or_split(batch[:half]) + self._run_or_split(batch[half:])
 
     def _device_failed(self, failure: DeviceFailedError) -> None:
-        """The device failed for good (requests are refused from now on): say so, once."""
-        with self._cond:
-            if self._device_failure_told:
-                return
-            self._device_failure_told = True
+        """This batch found the device failed for good (requests are refused from now on):
+        say so."""
         log.critical("%s: %s; every request to it is refused from now on", self.label, failure)
         if self._on_device_failure is not None and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending

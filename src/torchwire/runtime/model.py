@@ -257,13 +257,10 @@ class LoadedModel:
                 with self._on_stream():
                     return self._run(requests, rows, padded)
         except Exception as exc:
-            # A device error may come from the model, a copy or the wait for them.
-            failed = self._failed_allocation(exc, padded) or self._failed_device(exc)
-            if failed is not None:
-                raise failed from exc
-            if _is_accelerator_error(exc):  # and the device still computes
-                raise ModelExecutionError(f"model raised {_device_error(exc)}") from exc
-            raise
+            failed = self._batch_error(exc, padded)
+            if failed is None or failed is exc:
+                raise
+            raise failed from exc
 
     @property
     def device_failed(self) -> bool:
@@ -362,19 +359,19 @@ class LoadedModel:
         ]
         items = items or self._padded(1)
         try:
-            with self._memory_guard(items), torch.inference_mode(), self._on_stream(keep=False):
+            with torch.inference_mode(), self._on_stream(keep=False):
                 inputs = [
                     self._batch_input([a], spec, items)
                     for a, spec in zip(arrays, self.inputs, strict=True)
                 ]
                 outputs = self._forward(inputs)
         except Exception as exc:
-            if (failed := self._failed_device(exc)) is not None:
-                raise failed from exc
-            if not isinstance(exc, ModelExecutionError) and not _is_accelerator_error(exc):
+            failed = self._batch_error(exc, items)
+            if failed is None:
                 raise
-            why = exc if isinstance(exc, ModelExecutionError) else _device_error(exc)
-            raise ConfigError(f"{self.path}: warm-up run failed: {why}") from exc
+            if isinstance(failed, DeviceFailedError):  # the process must restart, not refuse
+                raise failed from exc
+            raise ConfigError(f"{self.path}: warm-up run failed: {failed}") from exc
         # What the client will receive: under reduced precision, outputs in their declared dtype.
         return [
             TensorSpec(name=name, dtype=self._answer_dtype(i, t.dtype), shape=tuple(t.shape[1:]))
@@ -383,23 +380,20 @@ class LoadedModel:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _failed_allocation(self, exc: Exception, items: int) -> ModelOutOfMemoryError | None:
-        """``exc`` as ``ModelOutOfMemoryError`` if it is a failed allocation anywhere in a batch
-        (staging, copies, the model) not yet said so; else None: raise ``exc`` as it is."""
-        if isinstance(exc, ModelOutOfMemoryError) or not _is_out_of_memory(exc):
-            return None
-        return self._out_of_memory(exc, items)
-
-    @contextlib.contextmanager
-    def _memory_guard(self, items: int) -> Iterator[None]:
-        """``_failed_allocation`` around a block (``run_batch`` does it without a context
-        manager, on every batch's path)."""
-        try:
-            yield
-        except Exception as exc:
-            if (failed := self._failed_allocation(exc, items)) is None:
-                raise
-            raise failed from exc
+    def _batch_error(self, exc: Exception, items: int) -> ModelExecutionError | None:
+        """What ``exc``, raised anywhere in a call on ``items`` items (staging, copies, the
+        model, the wait for them), amounts to: ``ModelOutOfMemoryError`` for a failed
+        allocation, ``DeviceFailedError`` for a device that no longer computes, a
+        ``ModelExecutionError`` for another device error (or ``exc`` itself if it is one
+        already); None for anything else (a bug: raise it as it is)."""
+        if isinstance(exc, ModelExecutionError):
+            return exc
+        if _is_out_of_memory(exc):
+            return self._out_of_memory(exc, items)
+        if _is_accelerator_error(exc):
+            failed = self._failed_device(exc)
+            return failed or ModelExecutionError(f"model raised {_device_error(exc)}")
+        return None
 
     @contextlib.contextmanager
     def _on_stream(self, keep: bool = True) -> Iterator[None]:
@@ -492,7 +486,7 @@ class LoadedModel:
                     result = self._module(*inputs)
         except Exception as exc:
             if _is_out_of_memory(exc) or _is_accelerator_error(exc):
-                raise  # run_batch (or _memory_guard, _warm_run) says so
+                raise  # run_batch (or _warm_run) says what it amounts to
             log.warning("%s raised on a batch of %d", self.path, len(inputs[0]), exc_info=exc)
             raise ModelExecutionError(f"model raised {_last_line(exc)}") from exc
         return self._named(result)
