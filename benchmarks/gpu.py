@@ -26,6 +26,8 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +40,14 @@ from rich.console import Console
 from scaleout import ROOT, closed, free_port, load, machine, torchwire
 from torch import nn
 
+from torchwire.config import load_model_config
 from torchwire.repository import ensure_demo_repository
+from torchwire.runtime.model import LoadedModel
 
 console = Console(stderr=True)
 
+
+STAGES = ("checks", "device-failure", "in-process", "model-path", "runs")
 
 # -- the in-process ceiling -----------------------------------------------------------------
 
@@ -95,14 +101,83 @@ def in_process(demo: Path, device: str, precision: str, batches: list[int], seco
     }  # fmt: skip
 
 
+def model_path(
+    root: Path, demo: Path, device: str, batches: list[int], seconds: float, threads: list[int]
+) -> dict[str, Any]:
+    """Images/s of torchwire's own model path without the server around it:
+    ``LoadedModel.run_batch`` on requests as the batcher hands them over (one read-only array
+    per image, a view of received bytes), at each batch size and at changing sizes, fp32, with
+    each number of intra-op threads in ``threads`` (the requests' concatenation into pinned
+    memory is the thread's one CPU-heavy step). Beside the in-process ceiling it says whether
+    a server's batch costs more in the model path or around it (the GIL, the event loop)."""
+    repo = repository(root / "model-path", demo, device, "fp32", 1)
+    model = LoadedModel.load(
+        repo / "resnet18" / "1" / "model.pt", load_model_config(repo / "resnet18" / "config.toml")
+    )
+    model.warm_up()
+    image = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    received = [np.frombuffer(image.tobytes(), np.float32).reshape(image.shape) for _ in range(64)]
+    found: dict[str, Any] = {}
+    for count in threads:
+        torch.set_num_threads(count)
+        rows: dict[str, Any] = {}
+        sizes_by_run = {str(b): [b] for b in batches}
+        sizes_by_run[f"{MIXED[0]}-{MIXED[1]}"] = (
+            np.random.default_rng(0).integers(MIXED[0], MIXED[1] + 1, 10_000).tolist()
+        )
+        for label, sizes in sizes_by_run.items():
+            for size in sizes[:3]:
+                model.run_batch([[a] for a in received[:size]])
+            images, calls, started = 0, 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                size = sizes[calls % len(sizes)]
+                model.run_batch([[a] for a in received[:size]])
+                images, calls = images + size, calls + 1
+            rows[label] = {
+                "images_per_s": round(images / (time.perf_counter() - started), 1),
+                "ms_per_batch": round((time.perf_counter() - started) / calls * 1000, 2),
+            }
+        found[f"{count} thread(s)"] = rows
+    model.release()
+    return found
+
+
 # -- torchwire ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Run:
+    """One torchwire run: the server's shape and the API the load uses."""
+
+    workers: int = 1
+    instances: int = 1
+    precision: str = "fp32"
+    switch_ms: float = 0  # --gil-switch-interval-ms; 0: the server's default
+    protocol: str = "seed"  # or "v2": KServe V2 ModelInfer, as tritonclient sends it
+    pad_to: tuple[int, ...] = ()  # [batching] pad_to
+    threads: int = 0  # [instances] threads (intra-op); 0: the server's choice (1 on a GPU)
+
+    @property
+    def name(self) -> str:
+        name = f"{self.precision}, {self.workers} worker(s) x {self.instances} instance(s)"
+        name += f", GIL switch {self.switch_ms} ms" if self.switch_ms else ""
+        name += ", KServe V2" if self.protocol == "v2" else ""
+        name += f", batches padded to {'/'.join(map(str, self.pad_to))}" if self.pad_to else ""
+        name += f", {self.threads} intra-op threads" if self.threads else ""
+        return name
+
+
 def repository(
-    root: Path, demo: Path, device: str, precision: str, count: int, pad_to: tuple[int, ...] = ()
+    root: Path,
+    demo: Path,
+    device: str,
+    precision: str,
+    count: int,
+    pad_to: tuple[int, ...] = (),
+    threads: int = 0,
 ) -> Path:
     """resnet18 of the demo (outputs declared FP32) on ``device``, batches up to 64 (padded to
-    the sizes of ``pad_to``, if any)."""
+    the sizes of ``pad_to``, if any), ``threads`` intra-op threads if not 0."""
     model = root / "resnet18"
     shutil.rmtree(model, ignore_errors=True)
     (model / "1").mkdir(parents=True)
@@ -111,6 +186,7 @@ def repository(
     (model / "config.toml").write_text(
         config + f"[batching]\nmax_batch_size = 64\nmax_queue = 4096\npad_to = {list(pad_to)}\n"
         f'[instances]\ncount = {count}\ndevice = "{device}"\nprecision = "{precision}"\n'
+        + (f"threads = {threads}\n" if threads else "")
     )
     return root
 
@@ -131,28 +207,19 @@ def _delta(after: dict[str, float], before: dict[str, float], name: str) -> floa
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
-def serve_and_load(
-    repo: Path,
-    workers: int,
-    args: argparse.Namespace,
-    profile: Path | None,
-    switch_ms: float,
-    protocol: str,
-) -> dict:
-    """One closed-loop run against ``torchwire serve``; the server's own view of it alongside.
-    ``switch_ms``: ``--gil-switch-interval-ms`` if not 0 (the default); ``protocol``: "seed" or
-    "v2" (KServe V2 ``ModelInfer``, the messages tritonclient sends)."""
+def serve_and_load(repo: Path, run: Run, args: argparse.Namespace, profile: Path | None) -> dict:
+    """One closed-loop run against ``torchwire serve``; the server's own view of it alongside."""
     metrics_port = free_port()
     extra = ["--metrics-port", str(metrics_port), "--watchdog-interval-s", "1"]
-    extra += ["--gil-switch-interval-ms", str(switch_ms)] if switch_ms else []
-    with torchwire(repo, workers, "resnet18", extra) as (target, process):
+    extra += ["--gil-switch-interval-ms", str(run.switch_ms)] if run.switch_ms else []
+    with torchwire(repo, run.workers, "resnet18", extra) as (target, process):
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         config = load(
             target, "resnet18", concurrency=args.concurrency, duration_s=args.seconds,
-            warmup_s=2.0, timeout_s=30.0, channels=8, protocol=protocol, input_name="image",
+            warmup_s=2.0, timeout_s=30.0, channels=8, protocol=run.protocol, input_name="image",
         )  # fmt: skip
         # Profiled once the load processes run and are past their warm-up.
-        spy = _start_profile(process.pid, profile, 5.0, 4.0) if profile else None
+        spy = _start_profile(process.pid, profile, 5.0, 4.0, args.native) if profile else None
         before = scrape(url)
         row = closed(config, args.load_procs, process)
         after = scrape(url)
@@ -177,8 +244,11 @@ def serve_and_load(
 
 
 def _start_profile(
-    pid: int, out: Path, delay_s: float, seconds: float
+    pid: int, out: Path, delay_s: float, seconds: float, native: bool
 ) -> subprocess.Popen[bytes] | None:
+    """py-spy on ``pid`` for ``seconds`` after ``delay_s``, every thread, idle too (a thread
+    waiting for the GIL shows where it waits); ``native``: C/C++ frames too (take_gil,
+    cudaMemcpyAsync, ...), at half the rate."""
     spy = shutil.which("py-spy") or next(
         (
             str(Path(p) / "bin" / "py-spy")
@@ -191,7 +261,8 @@ def _start_profile(
         console.print("py-spy not found: no profile")
         return None
     command = (
-        f"sleep {delay_s}; exec {spy} record --pid {pid} --duration {int(seconds)} --rate 200 "
+        f"sleep {delay_s}; exec {spy} record --pid {pid} --duration {int(seconds)} "
+        f"--rate {100 if native else 200} {'--native ' if native else ''}"
         f"--threads --idle --format speedscope --output {out}"
     )
     return subprocess.Popen(["sh", "-c", command], stdout=subprocess.DEVNULL)
@@ -229,8 +300,7 @@ class OutOfRange(nn.Module):
 
 
 def checks(root: Path, demo: Path, device: str, out: Path) -> dict[str, Any]:
-    """fp16 with FP32 outputs, out of memory, GPU gauges, memory back after an unload, then a
-    device-side assert (the server stops with exit code 4)."""
+    """fp16 with FP32 outputs, out of memory, GPU gauges, memory back after an unload."""
     repo = repository(root / "checks", demo, device, "fp32", 1)
     fp16 = repo / "resnet18_fp16"
     shutil.copytree(repo / "resnet18", fp16)
@@ -243,8 +313,6 @@ def checks(root: Path, demo: Path, device: str, out: Path) -> dict[str, Any]:
     )
     per_item = 2**42 if device.startswith("cuda") else 2**55
     torch.jit.script(Greedy(per_item)).save(str(repo / "greedy" / "1" / "model.pt"))
-    shutil.copytree(repo / "greedy", repo / "out_of_range")
-    torch.jit.script(OutOfRange()).save(str(repo / "out_of_range" / "1" / "model.pt"))
     metrics_port = free_port()
     log = out / "gpu-checks-server.log"
     found: dict[str, Any] = {}
@@ -253,13 +321,11 @@ def checks(root: Path, demo: Path, device: str, out: Path) -> dict[str, Any]:
              "--log-level", "info", "--model-control", "open"]  # fmt: skip
     with (
         log.open("wb") as stderr,
-        torchwire(repo, 1, "resnet18", extra, stderr) as (target, process),
+        torchwire(repo, 1, "resnet18", extra, stderr) as (target, _),
     ):
         client = triton.InferenceServerClient(target)
         deadline = time.monotonic() + 120
-        while not all(
-            client.is_model_ready(m) for m in ("resnet18_fp16", "greedy", "out_of_range")
-        ):
+        while not all(client.is_model_ready(m) for m in ("resnet18_fp16", "greedy")):
             if time.monotonic() > deadline:
                 raise RuntimeError("the check models did not load")
             time.sleep(0.2)
@@ -287,14 +353,41 @@ def checks(root: Path, demo: Path, device: str, out: Path) -> dict[str, Any]:
         for model in ("resnet18", "resnet18_fp16", "greedy"):
             client.unload_model(model)
         time.sleep(1.5)
-        found["gauges_after_unloading_all_but_one"] = {
+        found["gauges_after_unloading_all"] = {
             k: v for k, v in scrape(url).items() if k.startswith("torchwire_gpu_")
         }
-        found["in_range_answer"] = float(
-            infer("out_of_range", np.ones((1, 3), np.float32), "x", "output")[0, 0]
-        )
+        client.close()
+    found["server_log_splits"] = log.read_text().count("splitting a batch")
+    return found
+
+
+def device_failure(root: Path, device: str, out: Path) -> dict[str, Any]:
+    """A device-side assert (an out-of-range index): the batch that found it gets INTERNAL, and
+    on a GPU the server stops with exit code 4, to be started again (on a CPU it is an ordinary
+    IndexError: the server serves on). The server's log is written to ``out``."""
+    repo = root / "device-failure"
+    (repo / "out_of_range" / "1").mkdir(parents=True)
+    (repo / "out_of_range" / "config.toml").write_text(
+        'format = "torchscript"\n[[inputs]]\nname = "x"\ndtype = "FP32"\nshape = [3]\n'
+        f'[instances]\ndevice = "{device}"\n'
+    )
+    torch.jit.script(OutOfRange()).save(str(repo / "out_of_range" / "1" / "model.pt"))
+    log = out / "gpu-device-failure-server.log"
+    found: dict[str, Any] = {}
+    with (
+        log.open("wb") as stderr,
+        torchwire(repo, 1, "out_of_range", ["--log-level", "info"], stderr) as (target, process),
+    ):
+        client = triton.InferenceServerClient(target)
+
+        def infer(value: float) -> Any:
+            tensor = triton.InferInput("x", [1, 3], "FP32")
+            tensor.set_data_from_numpy(np.full((1, 3), value, np.float32))
+            return client.infer("out_of_range", [tensor]).as_numpy("output")
+
+        found["in_range_answer"] = float(infer(1.0)[0, 0])
         try:
-            infer("out_of_range", np.full((1, 3), 100.0, np.float32), "x", "output")
+            infer(100.0)
             found["out_of_range"] = "answered (expected INTERNAL)"
         except Exception as exc:
             found["out_of_range"] = f"{exc.status()}: {exc.message()}"  # type: ignore[attr-defined]
@@ -304,7 +397,7 @@ def checks(root: Path, demo: Path, device: str, out: Path) -> dict[str, Any]:
         except psutil.TimeoutExpired:
             found["exit_code_after"] = f"still serving after {wait_s} s"
         client.close()
-    found["server_log_splits"] = log.read_text().count("splitting a batch")
+    found["server_log_tail"] = log.read_text().splitlines()[-6:]
     return found
 
 
@@ -352,43 +445,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         # The checks first: a run cut short by its time limit loses a figure, not them.
-        console.print("checks on the device ...")
-        try:
-            results["checks"] = checks(Path(tmp), demo, args.device, args.out)
-        except Exception as exc:
-            results["checks"] = {"failed": f"{exc!r} {exc}"}
-        done("checks")
-        for precision in args.precisions:
+        results["checks"] = {}
+        stages: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            ("checks", lambda: checks(Path(tmp), demo, args.device, args.out)),
+            ("device-failure", lambda: device_failure(Path(tmp), args.device, args.out)),
+        ]
+        for stage, check in stages:
+            if stage in args.stages:
+                console.print(f"{stage} on the device ...")
+                results["checks"].update(_attempt(check, stage))
+                done(stage)
+        for precision in args.precisions if "in-process" in args.stages else ():
             console.print(f"in-process, {precision} ...")
-            try:
-                results["in_process"][precision] = in_process(
-                    demo, args.device, precision, args.batches, args.batch_seconds
-                )
-            except Exception as exc:  # the torchwire runs still tell how one process does
-                results["in_process"][precision] = {"failed": f"{exc!r}"}
+            results["in_process"][precision] = _attempt(  # the torchwire runs still tell
+                partial(in_process, demo, args.device, precision, args.batches, args.batch_seconds)
+            )
             done(f"in-process {precision}")
-        for workers, count, precision, switch_ms, protocol, pad_to in args.runs:
-            name = f"{precision}, {workers} worker(s) x {count} instance(s)"
-            name += f", GIL switch {switch_ms} ms" if switch_ms else ""
-            name += ", KServe V2" if protocol == "v2" else ""
-            name += f", batches padded to {'/'.join(map(str, pad_to))}" if pad_to else ""
-            console.print(f"torchwire {name} ...")
+        if "model-path" in args.stages:
+            console.print("model path (LoadedModel.run_batch), fp32 ...")
+            results["model_path"] = _attempt(
+                lambda: model_path(
+                    Path(tmp), demo, args.device, args.batches[-2:], args.batch_seconds, [1, 4]
+                )
+            )
+            done("model path")
+        for run in args.runs if "runs" in args.stages else ():
+            console.print(f"torchwire {run.name} ...")
             repo = repository(
-                Path(tmp) / name.replace(" ", "_").replace("/", "-"),
-                demo, args.device, precision, count, pad_to,
+                Path(tmp) / run.name.replace(" ", "_").replace("/", "-"), demo, args.device,
+                run.precision, run.instances, run.pad_to, run.threads,
             )  # fmt: skip
             profile = args.out / "gpu-profile.speedscope.json"
             first = not results["torchwire"] and args.profile
-            try:
-                row = serve_and_load(
-                    repo, workers, args, profile if first else None, switch_ms, protocol
-                )
-            except Exception as exc:  # one failed run must not cost the others
-                row = {"failed": repr(exc)}
-            row.update(workers=workers, instances=count, precision=precision)
-            results["torchwire"][name] = row
-            done(name)
+            row = _attempt(partial(serve_and_load, repo, run, args, profile if first else None))
+            row.update(asdict(run))
+            results["torchwire"][run.name] = row
+            done(run.name)
     return results
+
+
+def _attempt(work: Callable[[], dict[str, Any]], key: str = "") -> dict[str, Any]:
+    """``work()``'s result, or what it raised (under ``key`` if given): one failed stage must
+    not cost the others their figures."""
+    try:
+        return work()
+    except Exception as exc:
+        failed = {"failed": f"{exc!r}"}
+        return {key: failed} if key else failed
 
 
 def save(out: Path, results: dict[str, Any]) -> None:
@@ -431,6 +534,22 @@ def markdown(r: dict[str, Any]) -> str:
             f"{mixed['images_per_s']:,.0f} ({mixed['ms_per_batch']} ms, {mixed['slowest_ms']})",
         ]
         lines.append(f"| {precision} | " + " | ".join(cells) + " |")
+    path = r.get("model_path", {})
+    if "failed" in path:
+        lines += ["", f"Model path (LoadedModel.run_batch): failed: {path['failed']}"]
+    elif path:
+        sizes = list(next(iter(path.values())))
+        lines += [
+            "",
+            "Model path without the server (LoadedModel.run_batch, one read-only array per "
+            "image), fp32, images/s:",
+            "",
+            "| intra-op threads | " + " | ".join(f"batch {b}" for b in sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+        ]
+        for threads, row in path.items():
+            cells = [f"{v['images_per_s']:,.0f} ({v['ms_per_batch']} ms)" for v in row.values()]
+            lines.append(f"| {threads} | " + " | ".join(cells) + " |")
     lines += ["", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for name, row in r["torchwire"].items():
         if "failed" in row:
@@ -460,27 +579,47 @@ def main() -> None:
     parser.add_argument("--load-procs", type=int, default=6)
     parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--profile", action="store_true", help="py-spy the first torchwire run")
+    parser.add_argument("--native", action="store_true", help="the profile with C/C++ frames")
+    parser.add_argument(
+        "--stages", type=lambda text: set(text.split(",")), default=set(STAGES),
+        help=f"which of {','.join(STAGES)} (the torchwire runs: see --diagnose)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--diagnose", action="store_true",
+        help="instead of the full set of runs, what bounds one process: padded and not, the GIL "
+        "switch interval at 0.1 ms, 4 intra-op threads (the profile is the padded run's)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     args.precisions = ["fp32", "fp16"]
-    # (workers, instances per worker, precision, GIL switch interval in ms or 0: the default,
-    # the API the load uses, [batching] pad_to). The 5 ms interval was measured against the
-    # 0.5 ms default on the H200 (run 2: 990 vs 1,196 images/s): 8 workers take its place.
+    # The 5 ms GIL switch interval was measured against the 0.5 ms default on the H200 (run 2:
+    # 990 vs 1,196 images/s): 8 workers take its place.
     pad = (16, 32, 48, 64)
     args.runs = [
-        (1, 1, "fp32", 0, "seed", ()), (1, 1, "fp32", 0, "seed", pad),
-        (1, 2, "fp32", 0, "seed", ()), (1, 1, "fp32", 0, "v2", ()),
-        (1, 2, "fp16", 0, "seed", ()), (4, 2, "fp32", 0, "seed", ()),
-        (8, 1, "fp32", 0, "seed", ()),
+        Run(), Run(pad_to=pad), Run(instances=2), Run(protocol="v2"),
+        Run(instances=2, precision="fp16"), Run(workers=4, instances=2), Run(workers=8),
     ]  # fmt: skip
+    if args.diagnose:
+        args.precisions = ["fp32"]
+        args.runs = [
+            Run(pad_to=pad),
+            Run(),
+            Run(pad_to=pad, switch_ms=0.1),
+            Run(pad_to=pad, threads=4),
+        ]
     if args.quick:
         args.batches, args.batch_seconds, args.seconds = [1, 8], 0.3, 2.0
         args.load_procs, args.concurrency = 1, 8
-        args.precisions = ["fp32", "bf16"]
+        args.precisions = ["fp32", "bf16"][: len(args.precisions)]
+        pad = (4, 8)
         args.runs = [
-            (1, 1, "fp32", 0, "seed", ()), (1, 1, "fp32", 0, "seed", (4, 8)),
-            (1, 2, "bf16", 5, "seed", ()), (1, 1, "fp32", 0, "v2", ()),
-        ]  # fmt: skip
+            Run(),
+            Run(pad_to=pad),
+            Run(instances=2, precision="bf16", switch_ms=5),
+            Run(protocol="v2"),
+        ]
+        if args.diagnose:
+            args.runs = [Run(pad_to=pad), Run(pad_to=pad, threads=2)]
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(args)
     save(args.out, results)

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
 """The ``torchwire`` command of this Python's environment."""
 console = Console(stderr=True)
-SHAPES = {"recsys": (256,), "resnet18": (3, 224, 224)}
+SHAPES = {"recsys": (256,), "resnet18": (3, 224, 224), "out_of_range": (3,)}  # last: gpu.py's
 
 
 def free_port() -> int:

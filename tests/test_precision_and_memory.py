@@ -281,15 +281,18 @@ class DeviceFailsOn(Held):
     """``Held``, but a batch holding -3 raises CUDA's error after a device-side assert (on the
     CPU nothing can check the device: torchwire takes it as failed for good)."""
 
+    failed_on: weakref.ref[torch.Tensor] | None = None
+
     def fail(self, x: torch.Tensor) -> None:
         if bool((x == -3).any()):
+            self.failed_on = weakref.ref(x)
             raise torch.AcceleratorError("CUDA error: device-side assert triggered\nCUDA kernel...")
 
 
 @pytest.fixture
 def no_failed_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """Devices found failed are the process's: here, the test's alone (the CPU is one)."""
-    monkeypatch.setattr(model_module, "_FAILED_DEVICES", set())
+    monkeypatch.setattr(model_module, "_FAILED_DEVICES", {})
 
 
 def _scenario(batcher: Batcher, model: DeviceFailsOn) -> list[Any]:
@@ -329,6 +332,10 @@ def test_a_failed_device_fails_its_batch_once_then_refuses_every_request(
     assert str(answers[0]) == "cpu failed: CUDA error: device-side assert triggered"
     assert answers[0].code == "INTERNAL"  # not retried: this request may be the cause
     assert failures == [answers[0]]  # the server is told, once
+    # Nothing on the failed device is freed (CUDA's allocators would abort the process): not
+    # the failed batch, not the model that closing the batcher released.
+    assert model.failed_on is not None and model.failed_on() is not None
+    assert batcher.model._module is model
 
     def release() -> None:  # as emptying CUDA's cache does on a failed device
         raise torch.AcceleratorError("CUDA error: device-side assert triggered")

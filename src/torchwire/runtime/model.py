@@ -22,7 +22,9 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -73,6 +75,16 @@ class _StreamPool:
 _STREAMS = _StreamPool()
 
 
+@dataclass(slots=True, eq=False)
+class _Lane:
+    """One inference thread's CUDA stream and pinned staging buffers (by input name). The model
+    holds every lane, not only the thread: a lane outlives its thread when the device fails
+    (see ``_FAILED_DEVICES``)."""
+
+    stream: torch.cuda.Stream
+    staging: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def shape_matches(actual: Sequence[int], expected: Sequence[int]) -> bool:
     """Whether ``actual`` fits ``expected``, where -1 in ``expected`` matches any size."""
     return len(actual) == len(expected) and all(
@@ -106,9 +118,11 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 _ACCELERATOR_ERRORS = (torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()
-_FAILED_DEVICES: set[torch.device] = set()
+_FAILED_DEVICES: dict[torch.device, list[object]] = {}
 """Devices found failed in this process (a CUDA context is the whole process's): no model runs
-on them again."""
+on them again. Each keeps what this process held on it, never freed: CUDA's allocators throw
+from a destructor when they free memory of a failed context, which aborts the process (SIGABRT
+on an H200 instead of exit code 4, the batch's callers left unanswered)."""
 
 
 def _is_accelerator_error(exc: BaseException) -> bool:
@@ -123,6 +137,20 @@ def _device_error(exc: Exception) -> str:
     hold the same words)."""
     found = _CUDA_ERROR.findall(str(exc))
     return found[-1] if found else _last_line(exc)
+
+
+def _tracebacks(exc: BaseException) -> list[TracebackType]:
+    """The tracebacks of ``exc`` and of the exceptions it was raised from: their frames hold
+    the failed call's tensors (callers drop the exceptions' own references to them)."""
+    found: list[TracebackType] = []
+    seen: BaseException | None = exc
+    done: set[int] = set()  # a chain may loop
+    while seen is not None and id(seen) not in done:
+        done.add(id(seen))
+        if seen.__traceback__ is not None:
+            found.append(seen.__traceback__)
+        seen = seen.__cause__ or seen.__context__
+    return found
 
 
 def _bytes(size: int) -> str:
@@ -165,9 +193,9 @@ class LoadedModel:
         self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             config.instances.precision
         )
-        self._per_thread = threading.local()  # CUDA stream and pinned staging of each thread
-        self._streams: list[torch.cuda.Stream] = []  # taken from _STREAMS by this model's threads
-        self._streams_lock = threading.Lock()
+        self._per_thread = threading.local()  # .lane: this thread's _Lane, on a GPU
+        self._lanes: list[_Lane] = []  # every thread's; their streams taken from _STREAMS
+        self._lanes_lock = threading.Lock()
 
     @classmethod
     def load(cls, path: Path, config: ModelConfig) -> LoadedModel:
@@ -269,7 +297,11 @@ class LoadedModel:
 
     def release(self) -> None:
         """Drop the module (the version is retired; its threads have ended), give its streams
-        back to the pool and its cached device memory back to the device."""
+        back to the pool and its cached device memory back to the device. On a failed device
+        nothing is dropped (see ``_FAILED_DEVICES``)."""
+        if self.device_failed:
+            _FAILED_DEVICES[self.device].append(self)
+            return
         module, self._module = self._module, None
         if self.config.format == "exported" and module is not None:
             # An exported module refers to itself (bound methods, its graph), so dropping it
@@ -278,21 +310,21 @@ class LoadedModel:
             for part in list(module.modules()):
                 part.__dict__.clear()
         self._per_thread = threading.local()
-        with self._streams_lock:
-            streams, self._streams = self._streams, []
-        _STREAMS.give(self.device, streams)
-        if not self.device_failed:  # a failed device fails this too
-            self.release_cache()
+        with self._lanes_lock:
+            lanes, self._lanes = self._lanes, []
+        _STREAMS.give(self.device, [lane.stream for lane in lanes])
+        self.release_cache()
 
     def _failed_device(self, exc: Exception) -> DeviceFailedError | None:
         """``exc`` as ``DeviceFailedError`` if it is a device error and the device no longer
-        computes (or was found failed already); else None."""
+        computes (or was found failed already); else None. The failed call's frames (its
+        tensors) are kept."""
         if not _is_accelerator_error(exc):
             return None
         seen_before = self.device_failed
         if not seen_before and self._device_works():
             return None
-        _FAILED_DEVICES.add(self.device)
+        _FAILED_DEVICES.setdefault(self.device, []).extend(_tracebacks(exc))
         return DeviceFailedError(f"{self.device} failed: {_device_error(exc)}", seen_before)
 
     def _device_works(self) -> bool:
@@ -404,20 +436,21 @@ class LoadedModel:
             yield
             return
         local = self._per_thread
-        if getattr(local, "stream", None) is None:
-            local.stream, local.staging = _STREAMS.take(self.device), {}
-            with self._streams_lock:
-                self._streams.append(local.stream)
+        lane: _Lane | None = getattr(local, "lane", None)
+        if lane is None:
+            lane = local.lane = _Lane(_STREAMS.take(self.device))
+            with self._lanes_lock:
+                self._lanes.append(lane)
         try:
-            with torch.cuda.stream(local.stream):
+            with torch.cuda.stream(lane.stream):
                 yield
         finally:
-            local.stream.synchronize()
+            local.lane = lane if keep else None
+            lane.stream.synchronize()  # raises on a failed device: the lane stays the model's
             if not keep:
-                with self._streams_lock:
-                    self._streams.remove(local.stream)
-                _STREAMS.give(self.device, [local.stream])
-                local.stream = local.staging = None
+                with self._lanes_lock:
+                    self._lanes.remove(lane)
+                _STREAMS.give(self.device, [lane.stream])
 
     def _padded(self, rows: int) -> int:
         """The items a batch of ``rows`` is run at: the smallest ``[batching] pad_to`` size that
@@ -468,7 +501,7 @@ class LoadedModel:
         """This thread's pinned buffer for input ``spec``, as ``rows`` items shaped like
         ``like``; it grows to at least a full batch at once (a pinned allocation is slow)."""
         item = like[0].nbytes
-        staging: dict[str, torch.Tensor] = self._per_thread.staging
+        staging: dict[str, torch.Tensor] = self._per_thread.lane.staging
         buffer = staging.get(spec.name)
         if buffer is None or buffer.numel() < rows * item:
             size = max(rows, self.config.batching.max_batch_size) * item
