@@ -156,6 +156,8 @@ class Run:
     protocol: str = "seed"  # or "v2": KServe V2 ModelInfer, as tritonclient sends it
     pad_to: tuple[int, ...] = ()  # [batching] pad_to
     threads: int = 0  # [instances] threads (intra-op); 0: the server's choice (1 on a GPU)
+    per_request: int = 1  # images in each request
+    stream: bool = False  # PredictStream (one stream per caller) instead of unary calls
 
     @property
     def name(self) -> str:
@@ -164,6 +166,8 @@ class Run:
         name += ", KServe V2" if self.protocol == "v2" else ""
         name += f", batches padded to {'/'.join(map(str, self.pad_to))}" if self.pad_to else ""
         name += f", {self.threads} intra-op threads" if self.threads else ""
+        name += f", {self.per_request} images per request" if self.per_request > 1 else ""
+        name += ", streamed" if self.stream else ""
         return name
 
 
@@ -217,11 +221,13 @@ def serve_and_load(repo: Path, run: Run, args: argparse.Namespace, profile: Path
         config = load(
             target, "resnet18", concurrency=args.concurrency, duration_s=args.seconds,
             warmup_s=2.0, timeout_s=30.0, channels=8, protocol=run.protocol, input_name="image",
+            batch=run.per_request, stream=run.stream,
         )  # fmt: skip
         # Profiled once the load processes run and are past their warm-up.
         spy = _start_profile(process.pid, profile, 5.0, 4.0, args.native) if profile else None
         before = scrape(url)
         row = closed(config, args.load_procs, process)
+        row["images_per_s"] = round(row["qps"] * run.per_request, 1)
         after = scrape(url)
         if spy is not None:
             spy.wait(60)
@@ -513,7 +519,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"{m['when']}, GPU {m['gpu'] or 'none'}, {m['cpus']} cores, Python {m['python']}, torch "
         f"{m['torch']}; load: {m['load_procs']} processes, {m['concurrency']} callers, closed "
-        "loop, one image per request.",
+        "loop, one image per request unless the run says more.",
         "",
         "In-process (pinned host tensor copied in, logits copied out, each call), images/s:",
         "",
@@ -556,10 +562,13 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {name} | failed: {row['failed']} |||||||||")
             continue
         best = r["in_process"].get(row["precision"], {}).get("best_images_per_s") or float("nan")
+        images = row.get("images_per_s", row["qps"])
+        cpu_us = row.get("server_cpu_us_per_request_upper", "")  # per request: per image
+        cpu_us = round(cpu_us / row.get("per_request", 1), 1) if cpu_us != "" else ""
         lines.append(
-            f"| {name} | {row['qps']:,.0f} | {row['qps'] / best:.2f}x | {row['p50_ms']} | "
+            f"| {name} | {images:,.0f} | {images / best:.2f}x | {row['p50_ms']} | "
             f"{row['p99_ms']} | {row.get('mean_batch', '')} | {row.get('compute_ms_per_batch', '')}"
-            f" | {row.get('queue_ms_mean', '')} | {row.get('server_cpu_us_per_request_upper', '')}"
+            f" | {row.get('queue_ms_mean', '')} | {cpu_us}"
             f" | {row['errors']} |"
         )
     lines += ["", "Checks on the device:", "", "```", json.dumps(r.get("checks"), indent=2), "```"]
@@ -586,8 +595,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--diagnose", action="store_true",
-        help="instead of the full set of runs, what bounds one process: padded and not, the GIL "
-        "switch interval at 0.1 ms, 4 intra-op threads (the profile is the padded run's)",
+        help="instead of the full set of runs, what bounds one process: unary calls of one "
+        "image, a stream, 8 images a request, and 8 workers (the profile is the first run's)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -601,12 +610,13 @@ def main() -> None:
     ]  # fmt: skip
     if args.diagnose:
         args.precisions = ["fp32"]
+        # What bounds one process (run 2 of this script on the H200, 2026-11-28: the front end,
+        # not the model path): per-request work (8 images a request), per-call work (a stream);
+        # the fleet beside them.
         args.runs = [
-            Run(pad_to=pad),
-            Run(),
-            Run(pad_to=pad, switch_ms=0.1),
-            Run(pad_to=pad, threads=4),
-        ]
+            Run(), Run(stream=True), Run(per_request=8), Run(workers=8),
+            Run(workers=4, per_request=8),
+        ]  # fmt: skip
     if args.quick:
         args.batches, args.batch_seconds, args.seconds = [1, 8], 0.3, 2.0
         args.load_procs, args.concurrency = 1, 8
@@ -619,7 +629,7 @@ def main() -> None:
             Run(protocol="v2"),
         ]
         if args.diagnose:
-            args.runs = [Run(pad_to=pad), Run(pad_to=pad, threads=2)]
+            args.runs = [Run(stream=True), Run(per_request=4)]
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(args)
     save(args.out, results)

@@ -586,10 +586,11 @@ class LoadedModel:
             if tensor.dtype != answer:
                 tensor = tensor.to(answer)  # cast on the device, before the copy
             tensors.append(tensor)
-        if self._cuda:  # every copy started, then one wait (``_on_stream`` synchronises)
-            # An output on another device is copied at once: this stream's wait is not its.
-            tensors = [t.to("cpu", non_blocking=t.device == self.device) for t in tensors]
-            torch.cuda.current_stream(self.device).synchronize()
+        if self._cuda:
+            # Copied blocking, into pageable memory: a non-blocking copy's pinned memory would
+            # go with the answer, and the host allocator that frees it after the answer is sent
+            # throws on a failed device (abort: seen on an H200).
+            tensors = [t.cpu() for t in tensors]
         return [tensor.numpy() for tensor in tensors]
 
 
