@@ -116,7 +116,10 @@ def model_path(
     )
     model.warm_up()
     image = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    received = [np.frombuffer(image.tobytes(), np.float32).reshape(image.shape) for _ in range(64)]
+    most = max(*batches, MIXED[1])
+    received = [
+        np.frombuffer(image.tobytes(), np.float32).reshape(image.shape) for _ in range(most)
+    ]
     found: dict[str, Any] = {}
     for count in threads:
         torch.set_num_threads(count)
@@ -600,6 +603,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    if args.stages - set(STAGES):
+        parser.error(f"--stages: {sorted(args.stages - set(STAGES))} not among {STAGES}")
     args.precisions = ["fp32", "fp16"]
     # The 5 ms GIL switch interval was measured against the 0.5 ms default on the H200 (run 2:
     # 990 vs 1,196 images/s): 8 workers take its place.

@@ -317,7 +317,7 @@ def _on_cpu(model: nn.Module) -> LoadedModel:
 
 
 def test_a_failed_device_fails_its_batch_once_then_refuses_every_request(
-    no_failed_device: None, monkeypatch: pytest.MonkeyPatch
+    no_failed_device: None,
 ) -> None:
     model, other = DeviceFailsOn(), DeviceFailsOn()
     failures: list[DeviceFailedError] = []
@@ -337,11 +337,6 @@ def test_a_failed_device_fails_its_batch_once_then_refuses_every_request(
     assert model.failed_on is not None and model.failed_on() is not None
     assert batcher.model._module is model
 
-    def release() -> None:  # as emptying CUDA's cache does on a failed device
-        raise torch.AcceleratorError("CUDA error: device-side assert triggered")
-
-    monkeypatch.setattr(beside.model, "release", release)
-
     async def later() -> UnavailableError:  # this model, and another on the same device
         for refusing in (batcher, beside):
             refusing.start(asyncio.get_running_loop())
@@ -353,6 +348,9 @@ def test_a_failed_device_fails_its_batch_once_then_refuses_every_request(
     refused = asyncio.run(later())
     assert refused.code == "UNAVAILABLE" and "its device cpu failed" in str(refused)
     assert "this server restarts, retry" in str(refused) and other.calls == []
+    # The model beside it, which never ran, is kept too when closing releases it.
+    assert beside.model._module is other
+    assert beside.model in model_module._FAILED_DEVICES[torch.device("cpu")]
 
 
 def test_a_device_error_after_which_the_device_computes_fails_only_its_request(

@@ -16,9 +16,12 @@ start again.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -33,6 +36,7 @@ import torch
 
 from torchwire.config import DType, ModelConfig, TensorSpec
 from torchwire.errors import (
+    DEVICE_FAILED,
     RETRY_PUSHBACK_METADATA,
     ConfigError,
     DeviceFailedError,
@@ -78,11 +82,15 @@ _STREAMS = _StreamPool()
 @dataclass(slots=True, eq=False)
 class _Lane:
     """One inference thread's CUDA stream and pinned staging buffers (by input name). The model
-    holds every lane, not only the thread: a lane outlives its thread when the device fails
-    (see ``_FAILED_DEVICES``)."""
+    holds every lane until it is released, not only the thread: a lane outlives its thread when
+    the device fails (see ``_FAILED_DEVICES``). (So each thread that ever runs the model keeps
+    a full batch of pinned memory until then: the server's threads are fixed.)"""
 
     stream: torch.cuda.Stream
     staging: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Buffers replaced by larger ones, kept until the stream's copies from them are known done
+    # (freeing one frees on the failed device if they failed).
+    retired: list[torch.Tensor] = field(default_factory=list)
 
 
 def shape_matches(actual: Sequence[int], expected: Sequence[int]) -> bool:
@@ -139,17 +147,30 @@ def _device_error(exc: Exception) -> str:
     return found[-1] if found else _last_line(exc)
 
 
+def _leave_failed_device() -> None:
+    """At the interpreter's exit, once a GPU failed: leave before its teardown frees what
+    ``_FAILED_DEVICES`` keeps (an abort), with the exit code that says the device failed (the
+    server leaves so itself; this covers any other process: a check, a script)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(DEVICE_FAILED)
+
+
 def _tracebacks(exc: BaseException) -> list[TracebackType]:
     """The tracebacks of ``exc`` and of the exceptions it was raised from: their frames hold
     the failed call's tensors (callers drop the exceptions' own references to them)."""
     found: list[TracebackType] = []
-    seen: BaseException | None = exc
+    waiting: list[BaseException | None] = [exc]
     done: set[int] = set()  # a chain may loop
-    while seen is not None and id(seen) not in done:
+    while waiting:
+        seen = waiting.pop()
+        if seen is None or id(seen) in done:
+            continue
         done.add(id(seen))
         if seen.__traceback__ is not None:
             found.append(seen.__traceback__)
-        seen = seen.__cause__ or seen.__context__
+        waiting += [seen.__cause__, seen.__context__]
     return found
 
 
@@ -298,7 +319,8 @@ class LoadedModel:
     def release(self) -> None:
         """Drop the module (the version is retired; its threads have ended), give its streams
         back to the pool and its cached device memory back to the device. On a failed device
-        nothing is dropped (see ``_FAILED_DEVICES``)."""
+        nothing is dropped (see ``_FAILED_DEVICES``). (A model released while another finds
+        the device failed may still free on it: a narrow window, left open.)"""
         if self.device_failed:
             _FAILED_DEVICES[self.device].append(self)
             return
@@ -325,6 +347,8 @@ class LoadedModel:
         if not seen_before and self._device_works():
             return None
         _FAILED_DEVICES.setdefault(self.device, []).extend(_tracebacks(exc))
+        if self._cuda and not seen_before:
+            atexit.register(_leave_failed_device)
         return DeviceFailedError(f"{self.device} failed: {_device_error(exc)}", seen_before)
 
     def _device_works(self) -> bool:
@@ -447,6 +471,7 @@ class LoadedModel:
         finally:
             local.lane = lane if keep else None
             lane.stream.synchronize()  # raises on a failed device: the lane stays the model's
+            lane.retired.clear()
             if not keep:
                 with self._lanes_lock:
                     self._lanes.remove(lane)
@@ -501,11 +526,14 @@ class LoadedModel:
         """This thread's pinned buffer for input ``spec``, as ``rows`` items shaped like
         ``like``; it grows to at least a full batch at once (a pinned allocation is slow)."""
         item = like[0].nbytes
-        staging: dict[str, torch.Tensor] = self._per_thread.lane.staging
-        buffer = staging.get(spec.name)
+        lane: _Lane = self._per_thread.lane
+        buffer = lane.staging.get(spec.name)
         if buffer is None or buffer.numel() < rows * item:
+            if buffer is not None:
+                lane.retired.append(buffer)
             size = max(rows, self.config.batching.max_batch_size) * item
-            buffer = staging[spec.name] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            lane.staging[spec.name] = buffer
         dtype = torch.from_numpy(like[:0]).dtype
         return buffer[: rows * item].view(dtype).view(rows, *like.shape[1:])
 
