@@ -47,7 +47,7 @@ from torchwire.runtime.model import LoadedModel
 console = Console(stderr=True)
 
 
-STAGES = ("checks", "device-failure", "in-process", "model-path", "runs")
+STAGES = ("checks", "device-failure", "in-process", "model-path", "jit", "runs")
 
 # -- the in-process ceiling -----------------------------------------------------------------
 
@@ -99,6 +99,59 @@ def in_process(demo: Path, device: str, precision: str, batches: list[int], seco
         "by_batch": rows, "best_batch": best, "best_images_per_s": rows[best]["images_per_s"],
         "mixed": mixed,
     }  # fmt: skip
+
+
+JIT_SETTINGS: dict[str, Callable[[], None]] = {
+    "default": lambda: None,
+    "fusion strategy DYNAMIC 20": lambda: torch.jit.set_fusion_strategy([("DYNAMIC", 20)]),
+    "fuser off": lambda: torch._C._jit_set_texpr_fuser_enabled(False),
+    "no executor optimisation": lambda: torch._C._set_graph_executor_optimize(False),
+}
+"""TorchScript settings that may spare a GPU model the cost of batch sizes that change."""
+
+
+def jit_settings(demo: Path, device: str, seconds: float, settle: int = 200) -> dict[str, Any]:
+    """For each of ``JIT_SETTINGS``, a freshly loaded resnet18 (fp32): images/s at a fixed
+    batch of 48, then at sizes drawn from ``MIXED`` every call (after ``settle`` calls), with
+    the slowest call. The in-process ceiling at changing sizes was 0.55-0.65x the
+    fixed one on the H200 (runs 3-5): TorchScript's profiling executor specialises by shape."""
+    found: dict[str, Any] = {}
+    sizes = np.random.default_rng(0).integers(MIXED[0], MIXED[1] + 1, 100_000).tolist()
+    x = torch.randn(MIXED[1], 3, 224, 224)
+    x = x.pin_memory() if device.startswith("cuda") else x
+    for name, apply in JIT_SETTINGS.items():
+        strategy = torch.jit.set_fusion_strategy([("STATIC", 2), ("DYNAMIC", 10)])  # defaults
+        fuser, optimize = (
+            torch._C._jit_texpr_fuser_enabled(),
+            torch._C._get_graph_executor_optimize(),
+        )
+        apply()
+        try:
+            module = torch.jit.load(str(demo / "resnet18" / "1" / "model.pt")).eval().to(device)
+            row: dict[str, Any] = {}
+            with torch.inference_mode():
+                for label, pick in (("fixed 48", lambda i: 48), ("changing", sizes.__getitem__)):
+                    for i in range(settle if label == "changing" else 3):
+                        module(x[: pick(i)].to(device, non_blocking=True)).cpu()
+                    images, calls, slowest, started = 0, 0, 0.0, time.perf_counter()
+                    while time.perf_counter() - started < seconds:
+                        call = time.perf_counter()
+                        size = pick(calls + settle)
+                        module(x[:size].to(device, non_blocking=True)).cpu()
+                        slowest = max(slowest, time.perf_counter() - call)
+                        images, calls = images + size, calls + 1
+                    row[label] = {
+                        "images_per_s": round(images / (time.perf_counter() - started), 1),
+                        "slowest_ms": round(slowest * 1000, 1),
+                    }
+            found[name] = row
+        except Exception as exc:
+            found[name] = {"failed": repr(exc)}
+        finally:
+            torch.jit.set_fusion_strategy(strategy)
+            torch._C._jit_set_texpr_fuser_enabled(fuser)
+            torch._C._set_graph_executor_optimize(optimize)
+    return found
 
 
 def model_path(
@@ -478,6 +531,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             done("model path")
+        if "jit" in args.stages:
+            console.print("TorchScript settings at changing batch sizes ...")
+            results["jit"] = _attempt(
+                lambda: jit_settings(
+                    demo, args.device, args.batch_seconds, 2 if args.quick else 200
+                )
+            )
+            done("jit settings")
         for run in args.runs if "runs" in args.stages else ():
             console.print(f"torchwire {run.name} ...")
             repo = repository(
@@ -559,6 +620,21 @@ def markdown(r: dict[str, Any]) -> str:
         for threads, row in path.items():
             cells = [f"{v['images_per_s']:,.0f} ({v['ms_per_batch']} ms)" for v in row.values()]
             lines.append(f"| {threads} | " + " | ".join(cells) + " |")
+    jit = r.get("jit", {})
+    if jit and "failed" not in jit:
+        lines += [
+            "",
+            "TorchScript settings, in-process fp32, images/s (slowest call ms); changing: "
+            f"{MIXED[0]}-{MIXED[1]} at random, measured after 200 calls to settle:",
+            "",
+            "| setting | batch 48 | changing |",
+            "|---|---|---|",
+        ]
+        for name, row in jit.items():
+            cells = [
+                f"{v['images_per_s']:,.0f} ({v['slowest_ms']})" for v in row.values()
+            ] if "failed" not in row else [f"failed: {row['failed']}", ""]  # fmt: skip
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for name, row in r["torchwire"].items():
         if "failed" in row:
