@@ -11,6 +11,8 @@
 #     multidict==7.2.1 yarl==1.25.1 propcache==0.5.4 frozenlist==1.8.0 aiosignal==1.4.0 \
 #     aiohappyeyeballs==2.7.1 attrs==26.1.0 orjson==3.13.0
 # Then one device call from the project root, carrying .whl:   bash benchmarks/gpu.sh
+# Arguments go to gpu.py: e.g. --stages jit --batch-seconds 2 (TorchScript settings at changing
+# batch sizes only, about a minute), or --diagnose (what bounds one process).
 # SCALEOUT_ARGS (e.g. "--sweep-workers 0") go to scaleout.py. Results go to $OUT (the device
 # tool brings them back), else benchmarks/results/.
 set -uo pipefail
