@@ -210,11 +210,14 @@ def write_model(
     shape: list[int],
     versions: dict[int, nn.Module] | None = None,
     extra: str = "",
+    dtype: str = "FP32",
 ) -> Path:
-    """Write ``directory/config.toml`` and ``directory/<v>/model.pt`` for each version."""
+    """Write ``directory/config.toml`` (one input ``x`` of ``dtype``) and
+    ``directory/<v>/model.pt`` for each version."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.toml").write_text(
-        f'format = "torchscript"\n[[inputs]]\nname = "x"\ndtype = "FP32"\nshape = {shape}\n{extra}'
+        f'format = "torchscript"\n[[inputs]]\nname = "x"\ndtype = "{dtype}"\n'
+        f"shape = {shape}\n{extra}"
     )
     for version, mod in (versions or {1: module}).items():
         (directory / str(version)).mkdir(exist_ok=True)

@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from torch import nn
 from tritonclient.utils import InferenceServerException
 
 from support import (
@@ -30,13 +32,22 @@ from support import (
 )
 
 
+class PixelMean(nn.Module):
+    """UINT8 images in, each channel's mean out (a vision model normalises on its device)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mean(dim=(2, 3))
+
+
 @pytest.fixture(scope="module")
 def server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    """The demo models and a busy one (queue of 1 item, 2 MB body limit), HTTP on a free port."""
+    """The demo models, a busy one (queue of 1 item, 2 MB body limit) and one of UINT8 pixels,
+    HTTP on a free port."""
     root = tmp_path_factory.mktemp("http-repo")
     for name in ("recsys", "resnet18"):
         (root / name).symlink_to(demo_repo / name)
     write_model(root / "busy", Busy(), [4], extra="[batching]\nmax_queue = 1\n")
+    write_model(root / "pixels", PixelMean(), [3, 8, 8], dtype="UINT8")
     with ServerThread(
         repository=root,
         http_port=free_port(),
@@ -290,9 +301,13 @@ def test_ready_is_503_while_the_server_cannot_serve(server: ServerThread) -> Non
 def test_bench_loads_the_http_api(server: ServerThread, tmp_path: Path, protocol: str) -> None:
     out = tmp_path / "run.json"
     target = f"127.0.0.1:{server.server.http_port}"
-    for mode in (["--concurrency", "4"], ["--rate", "200"]):
+    # recsys (FP32) both ways; pixels (UINT8 images, as a vision client sends them) in its dtype.
+    for model, mode in (
+        ("recsys", ["--concurrency", "4"]), ("recsys", ["--rate", "200"]),
+        ("pixels", ["--concurrency", "4"]),
+    ):  # fmt: skip
         result = subprocess.run(
-            [TORCHWIRE, "bench", "--target", target, "--model", "recsys", "--protocol", protocol,
+            [TORCHWIRE, "bench", "--target", target, "--model", model, "--protocol", protocol,
              "--duration", "1", "--warmup", "0.2", "--quiet", "--json", str(out), *mode],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip

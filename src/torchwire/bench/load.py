@@ -66,8 +66,13 @@ Report = Callable[[tuple[Any, ...]], None]
 
 def make_requests(config: LoadConfig, variants: int = 8) -> list[bytes]:
     rng = np.random.default_rng(config.seed)
+    shape = (config.batch, *config.shape)
+    dtype = v2.wire_dtype(config.datatype) if config.protocol != "seed" else np.dtype("<f4")
+    # Integers (e.g. UINT8 images) as small values that every integer dtype holds.
     arrays = [
-        rng.standard_normal((config.batch, *config.shape), dtype=np.float32)
+        rng.integers(0, 2 if dtype.kind == "b" else 100, shape).astype(dtype)
+        if dtype.kind in "biu"
+        else rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
         for _ in range(variants)
     ]
     if config.protocol in HTTP_PROTOCOLS:
@@ -88,7 +93,7 @@ def http_body(config: LoadConfig, array: np.ndarray[Any, Any]) -> bytes:
     if config.protocol == "http_json":
         tensor["data"] = array.reshape(-1).tolist()
         return json.dumps({"inputs": [tensor]}).encode()
-    raw = np.ascontiguousarray(array, dtype="<f4").tobytes()
+    raw = np.ascontiguousarray(array, dtype=v2.wire_dtype(config.datatype)).tobytes()
     tensor["parameters"] = {"binary_data_size": len(raw)}
     header = {"inputs": [tensor], "parameters": {"binary_data_output": True}}
     return json.dumps(header).encode() + raw
@@ -171,8 +176,9 @@ class LoadProcess:
         version = f"/versions/{config.version}" if config.version else ""
         url = f"http://{config.target}/v2/models/{config.model}{version}/infer"
         headers = {"Content-Type": "application/json"}
-        if config.protocol == "http":  # the JSON header, then FP32 data
-            header_end = len(self.requests[0]) - config.batch * int(np.prod(config.shape)) * 4
+        if config.protocol == "http":  # the JSON header, then the tensor's bytes
+            item_bytes = int(np.prod(config.shape)) * v2.wire_dtype(config.datatype).itemsize
+            header_end = len(self.requests[0]) - config.batch * item_bytes
             headers = {"Inference-Header-Content-Length": str(header_end)}
         if config.token:
             headers["Authorization"] = f"Bearer {config.token}"
