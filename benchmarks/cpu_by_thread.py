@@ -10,7 +10,8 @@ thread (named as py-spy names them, when it is installed), voluntary and involun
 switches per answer, P50 and QPS. ``--old-src DIR`` (e.g. a ``git worktree`` of an older commit's
 ``src``) runs that torchwire instead, then this one, in turns: old and new side by side.
 ``--model image`` sends 600 KB images (raw) to a model that only averages them, so what is
-measured is the server's cost of a large request; ``--protocol v2`` sends KServe V2 ModelInfer.
+measured is the server's cost of a large request; ``--protocol v2`` sends KServe V2 ModelInfer,
+and with ``--dtype UINT8`` the images as a vision client can send them: 150 KB of pixels.
 """
 
 from __future__ import annotations
@@ -58,17 +59,17 @@ def thread_names(pid: int) -> dict[int, str]:
 
 
 class ImageMean(nn.Module):
-    """A 600 KB image in, 3 floats out, almost no compute: what the server spends on a large
-    request, without a model that would hide it."""
+    """An image in (600 KB of FP32, or 150 KB of UINT8 pixels), 3 floats out, almost no compute:
+    what the server spends on a large request, without a model that would hide it."""
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return image.mean(dim=(2, 3))
+        return image.float().mean(dim=(2, 3))
 
 
 IMAGE_CONFIG = """format = "torchscript"
 [[inputs]]
 name = "image"
-dtype = "FP32"
+dtype = "{dtype}"
 shape = [3, 224, 224]
 [[outputs]]
 name = "logits"
@@ -82,10 +83,10 @@ threads = 1
 INPUT_NAMES = {"recsys": "features", "image": "image"}
 
 
-def image_repository(root: Path) -> Path:
-    """A repository holding ``image`` (``ImageMean``)."""
+def image_repository(root: Path, dtype: str = "FP32") -> Path:
+    """A repository holding ``image`` (``ImageMean``), its input of ``dtype``."""
     (root / "image" / "1").mkdir(parents=True, exist_ok=True)
-    (root / "image" / "config.toml").write_text(IMAGE_CONFIG)
+    (root / "image" / "config.toml").write_text(IMAGE_CONFIG.replace("{dtype}", dtype))
     torch.jit.script(ImageMean()).save(str(root / "image" / "1" / "model.pt"))
     return root
 
@@ -97,7 +98,7 @@ def measure(kind: str, args: argparse.Namespace, repository: Path) -> None:
             target, args.model, stream=stream, channels=4 if stream else 2,
             duration_s=args.seconds, rate=0.0 if args.concurrency else args.rate,
             concurrency=args.concurrency, raw=args.model == "image", protocol=args.protocol,
-            input_name=INPUT_NAMES[args.model],
+            input_name=INPUT_NAMES[args.model], datatype=args.dtype,
         )  # fmt: skip
         for _ in range(args.rounds):
             switches, threads = process.num_ctx_switches(), thread_cpu_s(process)
@@ -138,9 +139,15 @@ def main() -> None:
         help="recsys (1 KB requests) or image (600 KB ones, a model that does next to nothing)",
     )  # fmt: skip
     parser.add_argument("--protocol", choices=("seed", "v2"), default="seed")
+    parser.add_argument(
+        "--dtype", choices=("FP32", "UINT8"), default="FP32",
+        help="the image model's input (UINT8: over --protocol v2; the seed API sends floats)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.dtype != "FP32" and (args.model != "image" or args.protocol != "v2"):
+        parser.error("--dtype UINT8 needs --model image --protocol v2")
     if args.model == "image":
-        demo = image_repository(Path(tempfile.mkdtemp(prefix="torchwire-image-")))
+        demo = image_repository(Path(tempfile.mkdtemp(prefix="torchwire-image-")), args.dtype)
     else:
         demo = ensure_demo_repository(Path.home() / ".cache" / "torchwire")
     if args.old_src is None:
