@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import torch
 from run import load, server
-from scaleout import run_with_server_cpu
+from scaleout import free_port, run_with_server_cpu
 from torch import nn
 
 from torchwire.repository import ensure_demo_repository
@@ -92,8 +92,10 @@ def image_repository(root: Path, dtype: str = "FP32") -> Path:
 
 
 def measure(kind: str, args: argparse.Namespace, repository: Path) -> None:
-    with server(kind, repository, args.model) as (target, process):
+    http_port = free_port() if args.protocol == "http" else 0
+    with server(kind, repository, args.model, http_port) as (target, process):
         stream = args.load == "stream"
+        target = f"127.0.0.1:{http_port}" if http_port else target
         config = load(
             target, args.model, stream=stream, channels=4 if stream else 2,
             duration_s=args.seconds, rate=0.0 if args.concurrency else args.rate,
@@ -138,14 +140,19 @@ def main() -> None:
         "--model", choices=tuple(INPUT_NAMES), default="recsys",
         help="recsys (1 KB requests) or image (600 KB ones, a model that does next to nothing)",
     )  # fmt: skip
-    parser.add_argument("--protocol", choices=("seed", "v2"), default="seed")
+    parser.add_argument(
+        "--protocol", choices=("seed", "v2", "http"), default="seed",
+        help="http: KServe V2 REST with binary tensors (unary, torchwire only)",
+    )  # fmt: skip
     parser.add_argument(
         "--dtype", choices=("FP32", "UINT8"), default="FP32",
         help="the image model's input (UINT8: over --protocol v2; the seed API sends floats)",
     )  # fmt: skip
     args = parser.parse_args()
-    if args.dtype != "FP32" and (args.model != "image" or args.protocol != "v2"):
-        parser.error("--dtype UINT8 needs --model image --protocol v2")
+    if args.dtype != "FP32" and (args.model != "image" or args.protocol == "seed"):
+        parser.error("--dtype UINT8 needs --model image and --protocol v2 or http")
+    if args.protocol == "http" and (args.load != "unary" or args.server != "torchwire"):
+        parser.error("--protocol http needs --load unary --server torchwire")
     if args.model == "image":
         demo = image_repository(Path(tempfile.mkdtemp(prefix="torchwire-image-")), args.dtype)
     else:

@@ -44,9 +44,11 @@ console = Console(stderr=True)
 
 
 @contextmanager
-def server(kind: str, demo: Path, model: str = "recsys") -> Iterator[tuple[str, psutil.Process]]:
-    """Start one server of ``kind`` (echo, echo-sync, seed, torchwire); yield its target and
-    process."""
+def server(
+    kind: str, demo: Path, model: str = "recsys", http_port: int = 0
+) -> Iterator[tuple[str, psutil.Process]]:
+    """Start one server of ``kind`` (echo, echo-sync, seed, torchwire; the last with its REST
+    front-end on ``http_port`` if not 0); yield its gRPC target and process."""
     port = free_port()
     shape = "256" if model == "recsys" else "3,224,224"
     commands = {
@@ -58,7 +60,7 @@ def server(kind: str, demo: Path, model: str = "recsys") -> Iterator[tuple[str, 
         ],
         "torchwire": [
             TORCHWIRE, "serve", "--repository", str(demo), "--host", "127.0.0.1",
-            "--port", str(port), "--metrics-port", "0", "--http-port", "0",
+            "--port", str(port), "--metrics-port", "0", "--http-port", str(http_port),
             "--log-level", "warning",
         ],
     }  # fmt: skip
