@@ -88,8 +88,8 @@ class _Lane:
 
     stream: torch.cuda.Stream
     staging: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Buffers replaced by larger ones, kept until the stream's copies from them are known done
-    # (freeing one frees on the failed device if they failed).
+    # Buffers replaced by larger ones, kept until the stream is synchronised: the host allocator
+    # that frees one records events on that stream, which aborts if the device failed meanwhile.
     retired: list[torch.Tensor] = field(default_factory=list)
 
 
