@@ -174,6 +174,7 @@ def model_path(
         np.frombuffer(image.tobytes(), np.float32).reshape(image.shape) for _ in range(most)
     ]
     found: dict[str, Any] = {}
+    before = torch.get_num_threads()
     for count in threads:
         torch.set_num_threads(count)
         rows: dict[str, Any] = {}
@@ -194,6 +195,7 @@ def model_path(
                 "ms_per_batch": round((time.perf_counter() - started) / calls * 1000, 2),
             }
         found[f"{count} thread(s)"] = rows
+    torch.set_num_threads(before)  # the later stages run as the first did
     model.release()
     return found
 
@@ -533,10 +535,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             done("model path")
         if "jit" in args.stages:
             console.print("TorchScript settings at changing batch sizes ...")
+            results["jit_settle"] = settle = 2 if args.quick else 200
             results["jit"] = _attempt(
-                lambda: jit_settings(
-                    demo, args.device, args.batch_seconds, 2 if args.quick else 200
-                )
+                lambda: jit_settings(demo, args.device, args.batch_seconds, settle)
             )
             done("jit settings")
         for run in args.runs if "runs" in args.stages else ():
@@ -584,13 +585,16 @@ def markdown(r: dict[str, Any]) -> str:
         f"{m['when']}, GPU {m['gpu'] or 'none'}, {m['cpus']} cores, Python {m['python']}, torch "
         f"{m['torch']}; load: {m['load_procs']} processes, {m['concurrency']} callers, closed "
         "loop, one image per request unless the run says more.",
-        "",
-        "In-process (pinned host tensor copied in, logits copied out, each call), images/s:",
-        "",
-        "| precision | " + " | ".join(f"batch {b}" for b in batches) + " | best "
-        f"| batch {MIXED[0]}-{MIXED[1]}, changing (slowest call ms) |",
-        "|---|" + "---|" * (len(batches) + 2),
     ]
+    if r["in_process"]:
+        lines += [
+            "",
+            "In-process (pinned host tensor copied in, logits copied out, each call), images/s:",
+            "",
+            "| precision | " + " | ".join(f"batch {b}" for b in batches) + " | best "
+            f"| batch {MIXED[0]}-{MIXED[1]}, changing (slowest call ms) |",
+            "|---|" + "---|" * (len(batches) + 2),
+        ]
     for precision, row in r["in_process"].items():
         if "failed" in row:
             lines.append(f"| {precision} | failed: {row['failed']} |")
@@ -621,11 +625,13 @@ def markdown(r: dict[str, Any]) -> str:
             cells = [f"{v['images_per_s']:,.0f} ({v['ms_per_batch']} ms)" for v in row.values()]
             lines.append(f"| {threads} | " + " | ".join(cells) + " |")
     jit = r.get("jit", {})
-    if jit and "failed" not in jit:
+    if "failed" in jit:
+        lines += ["", f"TorchScript settings: failed: {jit['failed']}"]
+    elif jit:
         lines += [
             "",
             "TorchScript settings, in-process fp32, images/s (slowest call ms); changing: "
-            f"{MIXED[0]}-{MIXED[1]} at random, measured after 200 calls to settle:",
+            f"{MIXED[0]}-{MIXED[1]} at random, measured after {r['jit_settle']} calls to settle:",
             "",
             "| setting | batch 48 | changing |",
             "|---|---|---|",

@@ -297,6 +297,23 @@ def test_ready_is_503_while_the_server_cannot_serve(server: ServerThread) -> Non
         server.run(server.server.health.memory(True))
 
 
+@pytest.mark.parametrize("protocol", ["seed", "v2"])
+def test_bench_sends_a_uint8_model_whole_numbers_over_grpc(
+    server: ServerThread, tmp_path: Path, protocol: str
+) -> None:
+    # The seed API carries floats: a UINT8 model takes only whole numbers in its range.
+    out = tmp_path / "run.json"
+    result = subprocess.run(
+        [TORCHWIRE, "bench", "--target", server.target, "--model", "pixels", "--protocol",
+         protocol, "--concurrency", "2", "--duration", "1", "--warmup", "0.2", "--quiet",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["errors"] == 0 and summary["ok"] == summary["requests"] > 20
+
+
 @pytest.mark.parametrize("protocol", ["http", "http_json"])
 def test_bench_loads_the_http_api(server: ServerThread, tmp_path: Path, protocol: str) -> None:
     out = tmp_path / "run.json"

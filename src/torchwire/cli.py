@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -210,8 +211,12 @@ def _bench_command(args: argparse.Namespace) -> int:
                     spec = client.spec(args.model, args.version)
                     input_name, datatype = spec.input_name, spec.datatype
                     shape = shape or spec.item_shape
-                elif shape is None:
-                    shape = client.item_shape(args.model)
+                else:
+                    shape = shape or client.item_shape(args.model)
+                    # Floats on the wire, but an integer model takes only whole numbers: ask
+                    # its dtype (a server of the seed API alone has no V2 metadata: floats).
+                    with contextlib.suppress(TorchwireError):
+                        datatype = client.spec(args.model, args.version).datatype
     except TorchwireError as exc:
         console.print(f"torchwire bench: cannot ask {args.target} about {args.model}: {exc}")
         return 2

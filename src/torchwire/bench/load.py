@@ -67,8 +67,10 @@ Report = Callable[[tuple[Any, ...]], None]
 def make_requests(config: LoadConfig, variants: int = 8) -> list[bytes]:
     rng = np.random.default_rng(config.seed)
     shape = (config.batch, *config.shape)
-    dtype = v2.wire_dtype(config.datatype) if config.protocol != "seed" else np.dtype("<f4")
-    # Integers (e.g. UINT8 images) as small values that every integer dtype holds.
+    # The model's dtype (the seed API sends floats, which must then be whole numbers); integers
+    # (e.g. UINT8 images) as small values that every integer dtype holds: 0-99, so a model that
+    # indexes a table of fewer rows with them fails.
+    dtype = v2.wire_dtype(config.datatype)
     arrays = [
         rng.integers(0, 2 if dtype.kind == "b" else 100, shape).astype(dtype)
         if dtype.kind in "biu"

@@ -254,8 +254,10 @@ class ClientBase:
             return decode_response(data, items_of(array))
         return v2.decode_stream(data) if stream else v2.decode_infer(data)
 
-    def _needs_spec(self, model: str, version: int | str | None) -> bool:
-        return self.protocol == "v2" and (model, str(version or "")) not in self._specs
+    def _needs_spec(self, model: str, version: int | str | None, asked: bool = False) -> bool:
+        """Whether to fetch the model's V2 metadata: a V2 call needs it, and ``spec()`` asks
+        for it whatever the protocol (torchwire serves both on one port)."""
+        return (asked or self.protocol == "v2") and (model, str(version or "")) not in self._specs
 
     def _keep_spec(self, model: str, version: int | str | None, data: bytes) -> v2.Spec:
         spec = self._specs[(model, str(version or ""))] = v2.parse_metadata(data)

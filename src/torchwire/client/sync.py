@@ -22,8 +22,10 @@ class Client(ClientBase):
 
     _grpc = grpc
 
-    def _spec(self, model: str, version: int | str | None, timeout: float | None) -> None:
-        if self._needs_spec(model, version):
+    def _spec(
+        self, model: str, version: int | str | None, timeout: float | None, asked: bool = False
+    ) -> None:
+        if self._needs_spec(model, version, asked):
             call = self._metadata[self._next()]
             try:
                 data = call(
@@ -125,8 +127,8 @@ class Client(ClientBase):
         raise TorchwireError(f"server accepted an empty request for {model!r}", "UNKNOWN")
 
     def spec(self, model: str, version: int | str | None = None) -> v2.Spec:
-        """The model's first input (V2 metadata)."""
-        self._spec(model, version, self.timeout)
+        """The model's first input (V2 metadata, over either protocol)."""
+        self._spec(model, version, self.timeout, asked=True)
         return self._specs[(model, str(version or ""))]
 
     def wait_ready(self, timeout: float = 30.0) -> None:
