@@ -23,6 +23,8 @@ status with no class of its own (CANCELLED, UNKNOWN, ...) reaches a client as ``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class TorchwireError(Exception):
     """Base class of every error torchwire raises on purpose.
@@ -175,6 +177,20 @@ HTTP_STATUS: dict[str, int] = {
     "CANCELLED": 499,
 }
 """The HTTP status each gRPC status name travels as on the REST API (others: 500)."""
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it was raised from or during (``__cause__`` and
+    ``__context__``, both followed), each once: a chain may loop."""
+    waiting: list[BaseException | None] = [exc]
+    done: set[int] = set()
+    while waiting:
+        seen = waiting.pop()
+        if seen is None or id(seen) in done:
+            continue
+        done.add(id(seen))
+        yield seen
+        waiting += [seen.__cause__, seen.__context__]
 
 
 def error_for_status(code: str, message: str) -> TorchwireError:

@@ -49,6 +49,7 @@ from torchwire.errors import (
     QueueFullError,
     TorchwireError,
     UnavailableError,
+    exception_chain,
 )
 from torchwire.metrics import ModelMetrics
 from torchwire.runtime.cost import CallCost
@@ -548,10 +549,6 @@ def _deliver(outcomes: list[_Outcome]) -> None:
 def _without_frames(exc: ModelExecutionError) -> ModelExecutionError:
     """``exc`` and the exceptions it was raised from, their tracebacks dropped (the message is
     what reaches the caller; the model's own error was logged where it was raised)."""
-    seen: BaseException | None = exc
-    done: set[int] = set()  # a chain may loop (an exception raised from one it caused)
-    while seen is not None and id(seen) not in done:
-        done.add(id(seen))
+    for seen in exception_chain(exc):
         seen.__traceback__ = None
-        seen = seen.__cause__ or seen.__context__
     return exc

@@ -43,6 +43,7 @@ from torchwire.errors import (
     InvalidInputError,
     ModelExecutionError,
     ModelOutOfMemoryError,
+    exception_chain,
 )
 from torchwire.runtime.dtypes import DTYPE_BY_TORCH, TORCH_DTYPES, numpy_dtype
 from torchwire.runtime.exported import load_exported
@@ -160,18 +161,7 @@ def _leave_failed_device() -> None:
 def _tracebacks(exc: BaseException) -> list[TracebackType]:
     """The tracebacks of ``exc`` and of the exceptions it was raised from: their frames hold
     the failed call's tensors (callers drop the exceptions' own references to them)."""
-    found: list[TracebackType] = []
-    waiting: list[BaseException | None] = [exc]
-    done: set[int] = set()  # a chain may loop
-    while waiting:
-        seen = waiting.pop()
-        if seen is None or id(seen) in done:
-            continue
-        done.add(id(seen))
-        if seen.__traceback__ is not None:
-            found.append(seen.__traceback__)
-        waiting += [seen.__cause__, seen.__context__]
-    return found
+    return [e.__traceback__ for e in exception_chain(exc) if e.__traceback__ is not None]
 
 
 def _bytes(size: int) -> str:
