@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import logging
 import os
@@ -207,16 +206,17 @@ def _bench_command(args: argparse.Namespace) -> int:
             with Client(
                 args.target, timeout=10, protocol=args.protocol, token=_token(args)
             ) as client:
-                if args.protocol == "v2":
+                # The model's V2 metadata, for the seed API too: it carries floats, but an
+                # integer model takes only whole numbers.
+                try:
                     spec = client.spec(args.model, args.version)
                     input_name, datatype = spec.input_name, spec.datatype
                     shape = shape or spec.item_shape
-                else:
+                except TorchwireError:
+                    if args.protocol == "v2":
+                        raise
+                    # A server of the seed API alone: floats, the shape its refusal names.
                     shape = shape or client.item_shape(args.model)
-                    # Floats on the wire, but an integer model takes only whole numbers: ask
-                    # its dtype (a server of the seed API alone has no V2 metadata: floats).
-                    with contextlib.suppress(TorchwireError):
-                        datatype = client.spec(args.model, args.version).datatype
     except TorchwireError as exc:
         console.print(f"torchwire bench: cannot ask {args.target} about {args.model}: {exc}")
         return 2
