@@ -31,10 +31,17 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return SimpleNamespace(pb2=pb2, grpc=pb2_grpc)
 
 
+@pytest.fixture(scope="session", params=["native", "aio"])
+def frontend(request: pytest.FixtureRequest) -> str:
+    """The gRPC front end (``--grpc-frontend``): the servers of the shared fixtures run on each."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
-def demo_server(cache_dir: Path) -> Iterator[ServerThread]:
+def demo_server(cache_dir: Path, frontend: str) -> Iterator[ServerThread]:
     """torchwire serving the built-in demo repository, as `torchwire serve` with no model does."""
-    with ServerThread(cache_dir=cache_dir) as server:
+    with ServerThread(cache_dir=cache_dir, grpc_frontend=frontend) as server:
+        assert server.server.grpc_frontend == frontend
         yield server
 
 
@@ -55,8 +62,11 @@ def test_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def repo_server(test_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(repository=test_repo, default_model="scale") as server:
+def repo_server(test_repo: Path, frontend: str) -> Iterator[ServerThread]:
+    with ServerThread(
+        repository=test_repo, default_model="scale", grpc_frontend=frontend
+    ) as server:
+        assert server.server.grpc_frontend == frontend
         yield server
 
 

@@ -74,9 +74,11 @@ def _refused(call: Callable[[], Any]) -> grpc.RpcError:
 
 
 def test_tokens_guard_every_api_but_health_and_follow_their_file(
-    repo: Path, tokens: Path, seed: SimpleNamespace
+    repo: Path, tokens: Path, seed: SimpleNamespace, frontend: str
 ) -> None:
-    with ServerThread(repository=repo, auth_token_file=tokens, http_port=free_port()) as server:
+    with ServerThread(
+        repository=repo, auth_token_file=tokens, http_port=free_port(), grpc_frontend=frontend
+    ) as server:
         target = server.target
         # gRPC, seed API: no token, a wrong one, a right one.
         missing = _refused(lambda: _predict(seed, target, None))
@@ -86,6 +88,16 @@ def test_tokens_guard_every_api_but_health_and_follow_their_file(
         assert wrong.code() == grpc.StatusCode.UNAUTHENTICATED
         assert wrong.details() == "the bearer token is not valid here"
         assert _predict(seed, target, "beta") == [2.0, 4.0, 6.0, 8.0]
+        # A stream (which the native front end passes to grpc.aio behind it) too.
+        with grpc.insecure_channel(target) as channel:
+            stream = seed.grpc.ModelServiceStub(channel).PredictStream
+            request = seed.pb2.PredictRequest(inputs=[1, 2, 3, 4], metadata={"model": "scale"})
+            unsigned = _refused(lambda: list(stream(iter([request]), timeout=10)))
+            assert unsigned.code() == grpc.StatusCode.UNAUTHENTICATED
+            signed = stream(
+                iter([request]), timeout=10, metadata=[("authorization", "Bearer beta")]
+            )
+            assert [list(answer.outputs) for answer in signed] == [[2.0, 4.0, 6.0, 8.0]]
         # torchwire's client, and Triton's over V2.
         with Client(target, token="alpha") as client:
             assert client.predict("scale", np.ones((1, 4), np.float32)).tolist() == [[2.0] * 4]

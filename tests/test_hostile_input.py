@@ -17,11 +17,11 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from support import Busy, Scale, ServerThread, free_port, wait_until, write_model
-from torchwire.server import kserve
+from torchwire.server import plane
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+def server(tmp_path_factory: pytest.TempPathFactory, frontend: str) -> Iterator[ServerThread]:
     root = tmp_path_factory.mktemp("hostile")
     write_model(root / "scale", Scale(2.0), [4])
     write_model(root / "busy", Busy(), [4])
@@ -31,7 +31,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     )
     write_model(root / "var", Scale(2.0), [-1])
     with ServerThread(
-        repository=root, watch="off", model_control="open", http_port=free_port()
+        repository=root,
+        watch="off",
+        model_control="open",
+        http_port=free_port(),
+        grpc_frontend=frontend,
     ) as server:
         yield server
 
@@ -68,14 +72,14 @@ def _gauge(server: ServerThread, model: str) -> float:
 def test_finding_2_a_v2_stream_survives_a_request_that_raises_unexpectedly(
     server: ServerThread, stub: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = kserve.find
+    real = plane.require_model_name
 
-    def find(repository: Any, name: str, version: str = "") -> Any:
+    def require_model_name(name: str) -> None:
         if name == "explode":  # a bug on one request's path
             raise RuntimeError("boom")
-        return real(repository, name, version)
+        real(name)
 
-    monkeypatch.setattr(kserve, "find", find)
+    monkeypatch.setattr(plane, "require_model_name", require_model_name)
     ones = np.ones((1, 4), np.float32).tobytes()
     requests = [_request("scale", [1, 4], ones), _request("explode", [1, 4], ones),
                 _request("scale", [1, 4], ones)]  # fmt: skip

@@ -36,7 +36,7 @@ def test_calls_waiting_in_grpc_when_the_server_stops_are_served_not_cancelled(
     tmp_path: Path, tokens: bool
 ) -> None:
     write_model(tmp_path / "repo" / "scale", Scale(2.0), [2])
-    settings: dict[str, object] = {"repository": tmp_path / "repo"}
+    settings: dict[str, object] = {"repository": tmp_path / "repo", "grpc_frontend": "aio"}
     metadata = None
     if tokens:  # the calls taken while stopping go through the token check too
         (tmp_path / "tokens").write_text("alpha\n")
@@ -91,7 +91,7 @@ def test_calls_waiting_in_grpc_when_the_server_stops_are_served_not_cancelled(
     ("model", "answer"), [("scale", "OK"), ("missing", "NOT_FOUND")], ids=["answers", "errors"]
 )
 def test_closed_loop_callers_see_no_cancelled_call_when_the_server_stops(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, answer: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, answer: str, frontend: str
 ) -> None:
     # Callers that send their next call as soon as they have an answer (an error is an answer
     # too), straight to the server (no balancer to take it out of their way), while it stops.
@@ -100,7 +100,7 @@ def test_closed_loop_callers_see_no_cancelled_call_when_the_server_stops(
     monkeypatch.setattr(drain, "QUIET_S", 0.5)
     monkeypatch.setattr(drain, "HOLD_MAX_S", 5.0)
     write_model(tmp_path / "scale", Scale(2.0), [2])
-    server = ServerThread(repository=tmp_path).start()
+    server = ServerThread(repository=tmp_path, grpc_frontend=frontend).start()
     request = pb.PredictRequest(
         raw_inputs=np.ones(2, np.float32).tobytes(), metadata={"model": model}
     ).SerializeToString()
@@ -146,7 +146,7 @@ def test_a_grpc_whose_accept_loop_differs_serves_and_stops_as_before(
     # nothing is wrapped or taken, calls are served, the stop says what it cannot do.
     monkeypatch.setattr(drain, "_knows_grpc", lambda core: False)
     write_model(tmp_path / "scale", Scale(2.0), [2])
-    server = ServerThread(repository=tmp_path).start()
+    server = ServerThread(repository=tmp_path, grpc_frontend="aio").start()
     request = pb.PredictRequest(
         raw_inputs=np.ones(2, np.float32).tobytes(), metadata={"model": "scale"}
     ).SerializeToString()

@@ -127,6 +127,11 @@ class ServerSettings(_Strict):
     """A changed file is loaded once its size and mtime have not moved for this long."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=4096, le=2**31 - 1)
     """Largest request or response message accepted or sent."""
+    grpc_frontend: Literal["native", "aio"] = "native"
+    """Who speaks gRPC on the port: native (pygrpc-native, HTTP/2 in Rust outside the GIL,
+    serving Predict and ModelInfer itself and passing every other method to grpc.aio behind it)
+    or aio (grpc.aio alone). native falls back to aio, saying why, where it cannot serve the
+    configuration (TLS, --max-connection-age-s, --max-connections, --connection-idle-s)."""
     connection_idle_s: float = Field(300.0, ge=0)
     """A client connection with no call for this long is closed (clients reconnect when they
     call again); 0: never. Idle connections otherwise hold file descriptors forever."""

@@ -42,6 +42,8 @@ class ModelMetrics:
     compute_duration: Histogram
     batch_size: Histogram
     queue_full: Counter
+    too_late: Counter
+    """Refused at admission: the queue ahead would outlast the call's deadline."""
 
 
 class Metrics:
@@ -177,6 +179,7 @@ class Metrics:
             self.compute_duration.labels(model),
             self.batch_size.labels(model),
             self.rejected.labels(model, "queue_full"),
+            self.rejected.labels(model, "deadline"),
         )
 
 

@@ -250,17 +250,7 @@ class Batcher:
                     f"holds (max_queue = {self.max_queue}); send at most that many per request"
                 )
             if self._queued_items + items > self.max_queue:
-                if self._metrics is not None:
-                    self._metrics.queue_full.inc()
-                wait_ms = self._drain_estimate_ms()
-                raise QueueFullError(
-                    f"model {self.label}: queue full ({self._queued_items} of {self.max_queue}"
-                    f" items waiting, this request adds {items}); retry in about {wait_ms} ms",
-                    metadata={
-                        RETRY_AFTER_METADATA: str(wait_ms),
-                        RETRY_PUSHBACK_METADATA: str(wait_ms),
-                    },
-                )
+                raise self._queue_full(f"this request adds {items}")
             key = (arrays[0].shape[1:],) if len(arrays) == 1 else tuple(a.shape[1:] for a in arrays)
             self._queue.append(_Request(arrays, items, future, deadline, shape_key=key))
             self._queued_items += items
@@ -270,6 +260,47 @@ class Batcher:
                 self._flush_pending = True
                 self._loop.call_soon(self._flush)
         return future
+
+    def admit(self, deadline: float | None, now: float) -> None:
+        """Refuse, before the request is decoded, what cannot be answered: a full queue, or a
+        deadline (``time.monotonic()``) that the work queued ahead would outlast.
+
+        Raises:
+            UnavailableError: the batcher is closing or its device failed.
+            QueueFullError: refused for load, with the wait to retry after as metadata.
+        """
+        if self._closing or self._loop is None:
+            raise UnavailableError(f"model {self.label} is shutting down")
+        if self.model.device_failed:
+            raise self._unavailable()
+        if self._queued_items >= self.max_queue:
+            with self._cond:
+                raise self._queue_full("")
+        if deadline is None or not self._queued_items:
+            return
+        wait_s = self._queued_items * self._per_item_s() / self.instances
+        if now + wait_s > deadline:
+            if self._metrics is not None:
+                self._metrics.too_late.inc()
+            wait_ms = max(1, round(wait_s * 1000))
+            left_ms = max(0.0, (deadline - now) * 1000)
+            raise QueueFullError(
+                f"model {self.label}: about {wait_ms} ms of queued work ahead, more than the "
+                f"{left_ms:.0f} ms left before the deadline; retry in about {wait_ms} ms",
+                metadata=_retry_after(wait_ms),
+            )
+
+    def _queue_full(self, adds: str) -> QueueFullError:
+        """The refusal of a full queue (call with ``_cond`` held), counted."""
+        if self._metrics is not None:
+            self._metrics.queue_full.inc()
+        wait_ms = self._drain_estimate_ms()
+        adds = f", {adds}" if adds else ""
+        return QueueFullError(
+            f"model {self.label}: queue full ({self._queued_items} of {self.max_queue} items "
+            f"waiting{adds}); retry in about {wait_ms} ms",
+            metadata=_retry_after(wait_ms),
+        )
 
     def _may_run_inline(self) -> bool:
         """Whether what is queued may yet run on the event loop (call with ``_cond`` held): the
@@ -319,14 +350,18 @@ class Batcher:
             self.label, self._overruns, spent * 1e3, estimate * 1e3,
         )  # fmt: skip
 
-    def _drain_estimate_ms(self) -> int:
-        """How long the queued items take to compute, at the mean per-item time so far (call
-        with ``_cond`` held); 1 ms at least."""
+    def _per_item_s(self) -> float:
+        """Compute time per item: the mean so far, else the measured full batch's, else 1 ms."""
         stats = self.stats
-        per_item_s = (
-            stats.compute_ns / stats.inference_count / 1e9 if stats.inference_count else 1e-3
-        )
-        return max(1, round(self._queued_items * per_item_s / self.instances * 1000))
+        if stats.inference_count:
+            return stats.compute_ns / stats.inference_count / 1e9
+        full = self.cost.seconds(self.max_batch_size)
+        return full / self.max_batch_size if full else 1e-3
+
+    def _drain_estimate_ms(self) -> int:
+        """How long the queued items take to compute (call with ``_cond`` held); 1 ms at
+        least."""
+        return max(1, round(self._queued_items * self._per_item_s() / self.instances * 1000))
 
     async def close(self, timeout_s: float = 30.0) -> bool:
         """Refuse new requests, finish the queued ones, and stop the threads; return False if a
@@ -533,6 +568,10 @@ class Batcher:
             else:
                 stats.success_count += 1
                 stats.success_ns += elapsed
+
+
+def _retry_after(wait_ms: int) -> dict[str, str]:
+    return {RETRY_AFTER_METADATA: str(wait_ms), RETRY_PUSHBACK_METADATA: str(wait_ms)}
 
 
 def _deliver(outcomes: list[_Outcome]) -> None:

@@ -12,6 +12,8 @@ import asyncio
 import gc
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from torchwire.repository import (
     ensure_demo_repository,
     snapshot,
 )
-from torchwire.server import kserve
+from torchwire.server import kserve, native_front
 from torchwire.server.auth import Access, TokenInterceptor
 from torchwire.server.connections import connection_limits
 from torchwire.server.control import WorkerRole
@@ -93,6 +95,11 @@ class Server:
         )
         self.watcher: RepositoryWatcher | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._native: native_front.NativeFront | None = None
+        self._fallback_dir: str | None = None
+        self.grpc_frontend = "aio"
+        """The gRPC front end in use (``native`` or ``aio``), and why when not the one asked."""
+        self.grpc_frontend_why = ""
         self._drain: Drain | None = None
         self._http: HttpFrontend | None = None
         denied = self.metrics.denied
@@ -162,8 +169,15 @@ class Server:
         """Take calls: gRPC, and HTTP unless ``--http-port 0``."""
         control = self.worker.control if self.worker else repository
         backend = kserve.Backend(repository, self.observer, self.health, self.access, control)
-        self._grpc = self._build_grpc(backend)
-        await self._grpc.start()
+        why = native_front.unavailable_because(self.settings)
+        if self.settings.grpc_frontend == "native" and why is not None:
+            log.warning("gRPC front end: aio, not native: %s", why)
+            self.grpc_frontend_why = why
+        if self.settings.grpc_frontend == "native" and why is None:
+            await self._serve_native(backend)
+        else:
+            self._grpc = self._build_grpc(backend, f"{self.settings.host}:{self.settings.port}")
+            await self._grpc.start()
         if self.settings.http_port:
             api = HttpApi(backend)
             self._http = HttpFrontend(api, self.settings.max_message_bytes)
@@ -174,7 +188,24 @@ class Server:
                 ssl_context=self.tls.http_context(),
             )
 
-    def _build_grpc(self, backend: kserve.Backend) -> grpc.aio.Server:
+    async def _serve_native(self, backend: kserve.Backend) -> None:
+        """The native front end on the port, grpc.aio behind it on a Unix socket of this
+        process's own (a private directory) for every method the front does not serve."""
+        self._fallback_dir = tempfile.mkdtemp(prefix="torchwire-grpc-")
+        fallback = os.path.join(self._fallback_dir, "fallback.sock")
+        self._grpc = self._build_grpc(backend, f"unix:{fallback}")
+        await self._grpc.start()
+        self._native = native_front.NativeFront(
+            self.settings, backend.plane, self.observer, self.access, self.worker is not None
+        )
+        address = f"{self.settings.host}:{self.settings.port}"
+        try:
+            self.port = self._native.start(fallback)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc}") from None
+        self.grpc_frontend = "native"
+
+    def _build_grpc(self, backend: kserve.Backend, address: str) -> grpc.aio.Server:
         interceptors = [TokenInterceptor(self.access)] if self.access.tokens is not None else []
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -192,7 +223,7 @@ class Server:
             ],
         )
         self._drain = Drain(server, interceptors)
-        seed = SeedServicer(backend.repository, backend.observer)
+        seed = SeedServicer(backend.plane, backend.observer)
         server.add_generic_rpc_handlers((seed.handler(),))
         v2 = V2Servicer(backend)
         server.add_generic_rpc_handlers((v2.handler(),))
@@ -202,7 +233,6 @@ class Server:
             health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR, service_pb2.DESCRIPTOR
         )
         reflection.enable_server_reflection(services, server, pool=pool)
-        address = f"{self.settings.host}:{self.settings.port}"
         try:
             credentials = self.tls.grpc_credentials()
             if credentials is None:
@@ -262,11 +292,17 @@ class Server:
             await self._drain.quiesce()  # closed-loop clients wait for answers, sending nothing
             log.info("shutting down: finishing in-flight requests (grace period %.1f s)", grace)
             stops = [self._grpc.stop(grace)]
+            if self._native is not None:
+                stops.append(self._native.drain(grace))
             if self._http is not None:
                 stops.append(self._http.stop(grace))
             stopping = asyncio.gather(*stops)
             await self._drain.release()  # the held answers, after the GOAWAY
             await stopping
+        if self._native is not None:  # its answers are out: GOAWAY, close the port
+            await self._native.close()
+        if self._fallback_dir is not None:
+            shutil.rmtree(self._fallback_dir, ignore_errors=True)
         self.watchdog.stop()
         if self.watcher is not None:
             self.watcher.stop()
@@ -282,7 +318,10 @@ class Server:
     def _log_banner(self) -> None:
         assert self.repository is not None
         tls = " over TLS" if self.settings.tls_cert else ""
-        where = f"{self.settings.host}:{self.port} (gRPC{tls})"
+        front = self.grpc_frontend
+        if front == "native":
+            front += f", {native_front.LIBRARY} {native_front.version()}"
+        where = f"{self.settings.host}:{self.port} (gRPC{tls}, {front} front end)"
         if self.http_port:
             where += f", {self.settings.host}:{self.http_port} (HTTP{tls})"
         if self.worker is not None:  # the supervisor says "serving" once every worker is ready

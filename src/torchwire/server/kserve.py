@@ -7,17 +7,18 @@ protocol's (and Triton's model configuration's). ``Backend`` is what both answer
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torchwire import __version__
-from torchwire.errors import InvalidInputError, ModelNotFoundError
+from torchwire.errors import InvalidInputError
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher
 from torchwire.server.auth import Access
 from torchwire.server.control import ModelControl
 from torchwire.server.health import Health
 from torchwire.server.observe import Observer
+from torchwire.server.plane import DataPlane, require_model_name
 
 PLATFORMS = {"torchscript": "pytorch_libtorch", "exported": "pytorch_exported"}
 EXTENSIONS = [
@@ -48,6 +49,11 @@ class Backend:
     health: Health
     access: Access
     control: ModelControl
+    plane: DataPlane = field(init=False)
+    """Inference on the repository, for every transport."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plane", DataPlane(self.repository))
 
 
 def check_model_name(name: str) -> str:
@@ -74,9 +80,8 @@ def check_load_parameters(names: Iterable[str]) -> None:
 
 
 def find(repository: ModelRepository, name: str, version: str = "") -> Batcher:
-    """The version a V2 request names; V2 has no default model, so a name is required."""
-    if not name:
-        raise ModelNotFoundError("no model name given; V2 requests must name their model")
+    """The version a V2 request names."""
+    require_model_name(name)
     return repository.get(name, version or None)
 
 

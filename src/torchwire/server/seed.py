@@ -16,12 +16,8 @@ from dataclasses import dataclass
 import grpc
 
 from torchwire.errors import TorchwireError
-from torchwire.repository import ModelRepository
-from torchwire.runtime import Batcher
-from torchwire.runtime.model import Arrays
 from torchwire.server.observe import Call, Observer
-from torchwire.server.seed_codec import decode_request, encode_response
-from torchwire.server.seed_wire import SeedRequest, parse_request
+from torchwire.server.plane import DataPlane, SeedInference
 from torchwire.server.status import abort_with, stream_errors, unary_errors
 
 # How many requests of one stream may be queued or computing before the stream stops reading:
@@ -39,9 +35,7 @@ def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
 @dataclass(slots=True)
 class _Queued:
     index: int
-    call: Call
-    answer: asyncio.Future[Arrays]
-    raw: bool
+    inference: SeedInference
 
 
 @dataclass(slots=True)
@@ -58,8 +52,8 @@ class SeedServicer:
     ``handler`` for how they are registered.
     """
 
-    def __init__(self, repository: ModelRepository, observer: Observer) -> None:
-        self._repository = repository
+    def __init__(self, plane: DataPlane, observer: Observer) -> None:
+        self._plane = plane
         self._observer = observer
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -72,22 +66,11 @@ class SeedServicer:
             },
         )
 
-    def _prepare(self, request: SeedRequest, call: Call) -> tuple[Batcher, Arrays, int]:
-        """Pick the model version and decode the request for it (raises on bad input)."""
-        metadata = request.metadata
-        batcher = self._repository.get(metadata.get("model"), metadata.get("version"))
-        call.target(batcher)
-        arrays, call.items = decode_request(request, batcher.model)
-        return batcher, arrays, call.items
-
     @unary_errors
     async def Predict(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         with self._observer.call("seed", context) as call:
-            request = parse_request(data)
-            batcher, arrays, items = self._prepare(request, call)
-            outputs = await batcher.submit(arrays, items, call_deadline(context))
-            elapsed = time.perf_counter() - call.started
-            return encode_response(outputs, bool(request.raw), elapsed)
+            inference = self._plane.seed(data, call, call_deadline(context))
+            return inference.encode(await inference.answer)
 
     @stream_errors
     async def PredictStream(
@@ -102,14 +85,13 @@ class SeedServicer:
                 if isinstance(entry, _Failed):
                     entry.call.finish(entry.error)
                     await abort_with(context, entry.error, prefix)
+                inference = entry.inference
                 try:
-                    outputs = await entry.answer
-                    elapsed = time.perf_counter() - entry.call.started
-                    response = encode_response(outputs, entry.raw, elapsed)
+                    response = inference.encode(await inference.answer)
                 except TorchwireError as exc:
-                    entry.call.finish(exc)
+                    inference.call.finish(exc)
                     await abort_with(context, exc, prefix)
-                entry.call.finish()
+                inference.call.finish()
                 yield response
         finally:
             reader.cancel()
@@ -119,10 +101,11 @@ class SeedServicer:
             while not pending.empty():
                 abandoned.append(pending.get_nowait())
             for left in abandoned:
-                if left is not None:
+                if isinstance(left, _Failed):
                     left.call.finish(asyncio.CancelledError())
-                    if isinstance(left, _Queued):
-                        left.answer.cancel()
+                elif left is not None:
+                    left.inference.call.finish(asyncio.CancelledError())
+                    left.inference.answer.cancel()
 
     async def _read_stream(
         self,
@@ -137,18 +120,15 @@ class SeedServicer:
             async for data in requests:
                 call = self._observer.call("seed_stream", context)
                 try:
-                    request = parse_request(data)
-                    batcher, arrays, items = self._prepare(request, call)
-                    answer = batcher.submit(arrays, items, deadline)
+                    inference = self._plane.seed(data, call, deadline)
                 except TorchwireError as exc:
                     await pending.put(_Failed(index, call, exc))
                     return
-                queued = _Queued(index, call, answer, bool(request.raw))
                 try:
-                    await pending.put(queued)
+                    await pending.put(_Queued(index, inference))
                 except asyncio.CancelledError:  # the stream ended while the window was full
                     call.finish(asyncio.CancelledError())
-                    answer.cancel()
+                    inference.answer.cancel()
                     raise
                 index += 1
         except Exception as exc:  # the request stream itself broke

@@ -21,18 +21,14 @@ from tritonclient.grpc import service_pb2_grpc
 
 from torchwire.errors import InvalidInputError, ModelExecutionError, TorchwireError
 from torchwire.runtime import Batcher
-from torchwire.runtime.model import Arrays
 from torchwire.server import kserve
 from torchwire.server.observe import Call
+from torchwire.server.plane import V2Inference
 from torchwire.server.seed import STREAM_WINDOW, call_deadline
 from torchwire.server.status import abort_with, unary_errors
 from torchwire.server.v2_codec import (
-    Encoded,
     InferRequest,
-    decode_infer,
-    encode_infer,
     parse_infer,
-    requested_outputs,
     stream_answer,
 )
 
@@ -44,9 +40,7 @@ V2_SERVICE = "inference.GRPCInferenceService"
 class _Queued:
     request: InferRequest
     call: Call
-    batcher: Batcher | None
-    selected: list[int]
-    answer: asyncio.Future[Arrays] | None
+    inference: V2Inference | None
     error: Exception | None = None
 
 
@@ -163,30 +157,11 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
 
     # -- inference -------------------------------------------------------------------------------
 
-    def _queue(self, request: InferRequest, call: Call, deadline: float | None) -> _Queued:
-        message = request.message
-        batcher = self._model(message.model_name, message.model_version)
-        call.target(batcher)
-        arrays, call.items = decode_infer(request, batcher.model)
-        selected = requested_outputs([o.name for o in message.outputs], batcher.model)
-        return _Queued(
-            request, call, batcher, selected, batcher.submit(arrays, call.items, deadline)
-        )
-
-    def _answer(self, queued: _Queued, outputs: Arrays) -> Encoded:
-        batcher = queued.batcher
-        assert batcher is not None
-        message = queued.request.message
-        return encode_infer(
-            message, batcher.model, batcher.name, batcher.version, outputs, queued.selected
-        )
-
     @unary_errors
     async def ModelInfer(self, request: InferRequest, context: grpc.aio.ServicerContext) -> bytes:
         with self._backend.observer.call("v2", context) as call:
-            queued = self._queue(request, call, call_deadline(context))
-            assert queued.answer is not None
-            return b"".join(self._answer(queued, await queued.answer))
+            inference = self._backend.plane.v2(request, call, call_deadline(context))
+            return b"".join(inference.encode(await inference.answer))
 
     async def ModelStreamInfer(
         self, requests: AsyncIterable[InferRequest], context: grpc.aio.ServicerContext
@@ -200,8 +175,8 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
                 try:
                     if queued.error is not None:
                         raise queued.error
-                    assert queued.answer is not None
-                    response = self._answer(queued, await queued.answer)
+                    assert queued.inference is not None
+                    response = queued.inference.encode(await queued.inference.answer)
                 except TorchwireError as exc:
                     queued.call.finish(exc)
                     message = queued.request.message
@@ -225,8 +200,8 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
             for entry in abandoned:
                 if entry is not None:
                     entry.call.finish(asyncio.CancelledError())
-                    if entry.answer is not None:
-                        entry.answer.cancel()
+                    if entry.inference is not None:
+                        entry.inference.answer.cancel()
 
     async def _read_stream(
         self,
@@ -241,27 +216,25 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
             async for request in requests:
                 call = self._backend.observer.call("v2_stream", context)
                 try:
-                    queued = self._queue(request, call, deadline)
+                    queued = _Queued(request, call, self._backend.plane.v2(request, call, deadline))
                 except TorchwireError as exc:
-                    queued = _Queued(request, call, None, [], None, exc)
+                    queued = _Queued(request, call, None, exc)
                 except Exception as exc:  # a bug: this request fails, the stream goes on
                     log.error("unexpected error queueing a stream request", exc_info=exc)
                     error = ModelExecutionError("internal server error (see server log)")
-                    queued = _Queued(request, call, None, [], None, error)
+                    queued = _Queued(request, call, None, error)
                 try:
                     await pending.put(queued)
                 except asyncio.CancelledError:  # the stream ended while the window was full
                     call.finish(asyncio.CancelledError())
-                    if queued.answer is not None:
-                        queued.answer.cancel()
+                    if queued.inference is not None:
+                        queued.inference.answer.cancel()
                     raise
         except asyncio.CancelledError:
             raise
         except TorchwireError as exc:  # a malformed message: say so in the stream, then end
             call = self._backend.observer.call("v2_stream", context)
-            await pending.put(
-                _Queued(InferRequest(pb.ModelInferRequest()), call, None, [], None, exc)
-            )
+            await pending.put(_Queued(InferRequest(pb.ModelInferRequest()), call, None, exc))
         except Exception as exc:  # the request stream itself broke: end the answers
             log.warning("V2 request stream broke: %s", exc)
         await pending.put(None)

@@ -80,6 +80,7 @@ class HttpApi:
 
     def __init__(self, backend: kserve.Backend) -> None:
         self._backend = backend
+        self._plane = backend.plane
 
     @property
     def needs_tokens(self) -> bool:
@@ -182,9 +183,9 @@ class HttpApi:
     # -- inference ---------------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
+        info = request.match_info
         with self._backend.observer.http_call("v2_http", request.remote, request.headers) as call:
-            batcher = self._batcher(request)
-            call.target(batcher)
+            batcher = self._plane.target(info["model"], info.get("version", ""), call, None)
             body = await request.read()
             header, binary = parse_body(body, request.headers.get(HEADER_LENGTH))
             decoded = decode(header, binary, batcher.model)

@@ -1,0 +1,244 @@
+"""The native gRPC front end (``--grpc-frontend native``): HTTP/2 and gRPC in Rust, outside the GIL.
+
+pygrpc-native's ``NativeGrpcFront`` owns the port. It serves the calls that carry the load, the
+seed ``Predict`` and V2 ``ModelInfer``, by handing them to Python in batches: one thread here
+waits for a batch and passes it to the event loop in one callback, where the data plane admits,
+decodes and queues each call; answers leave from the loop with ``respond``/``fail``. Every other
+method (streams, health, reflection, model control) goes through to torchwire's grpc.aio server
+on a Unix socket behind it (``set_fallback``): clients see one port.
+
+Stopping: new calls are refused UNAVAILABLE (never run, so safe to retry elsewhere), the calls
+already taken are answered, and only then is the front closed (GOAWAY): closing it first would
+fail them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from importlib import metadata as package_metadata
+from typing import Any
+
+import grpc
+
+from torchwire.config import ServerSettings
+from torchwire.errors import TorchwireError, UnavailableError
+from torchwire.server.auth import Access
+from torchwire.server.observe import Call, Observer
+from torchwire.server.plane import DataPlane, SeedInference, V2Inference
+from torchwire.server.status import status_code
+from torchwire.server.v2_codec import parse_infer
+
+pygrpc_native: Any
+try:
+    import pygrpc_native
+except ImportError:  # no wheel for this platform: the grpc.aio front end serves alone
+    pygrpc_native = None
+
+log = logging.getLogger(__name__)
+
+LIBRARY = "pygrpc-native"
+SEED_PREDICT = "/ModelService/Predict"
+V2_INFER = "/inference.GRPCInferenceService/ModelInfer"
+METHODS = [(SEED_PREDICT, False), (V2_INFER, False)]
+"""Served natively, in this order: an event's method id is the index here."""
+_SEED, _V2 = 0, 1
+BATCH_EVENTS = 256
+"""Most calls taken from the front in one trip across the GIL."""
+KEEPALIVE_MS = 60_000
+"""Ping a connection quiet this long; one that does not answer within KEEPALIVE_TIMEOUT_MS is
+closed, so a peer that vanished frees its socket and its streams."""
+KEEPALIVE_TIMEOUT_MS = 20_000
+
+
+def unavailable_because(settings: ServerSettings) -> str | None:
+    """Why the native front end cannot serve ``settings``, or None if it can."""
+    if pygrpc_native is None:
+        return f"{LIBRARY} is not installed (no wheel for this platform?)"
+    if settings.tls_cert:
+        return f"TLS (--tls-cert) is served by grpc.aio only; {LIBRARY} has no TLS"
+    if settings.max_connection_age_s:
+        return (
+            f"--max-connection-age-s is served by grpc.aio only; {LIBRARY} cannot age connections"
+        )
+    if settings.max_connections:
+        return f"--max-connections is served by grpc.aio only; {LIBRARY} cannot cap connections"
+    idle_default = type(settings).model_fields["connection_idle_s"].default
+    if settings.connection_idle_s not in (0, idle_default):
+        return (
+            f"--connection-idle-s is served by grpc.aio only; {LIBRARY} closes dead connections "
+            "by keepalive, not idle ones"
+        )
+    return None
+
+
+def version() -> str:
+    return package_metadata.version(LIBRARY)
+
+
+class NativeFront:
+    """The native front end over the data plane, with ``fallback`` (a Unix socket path of a
+    grpc.aio server) for every method it does not serve.
+
+    Args:
+        reuse_port: share the port with other processes (``--workers``).
+    """
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        plane: DataPlane,
+        observer: Observer,
+        access: Access,
+        reuse_port: bool,
+    ) -> None:
+        assert pygrpc_native is not None
+        self._plane = plane
+        self._observer = observer
+        self._access = access
+        self._max_bytes = settings.max_message_bytes
+        self._front = pygrpc_native.NativeGrpcFront(
+            f"{settings.host}:{settings.port}",
+            METHODS,
+            call_details=True,
+            keepalive_time_ms=KEEPALIVE_MS,
+            keepalive_timeout_ms=KEEPALIVE_TIMEOUT_MS,
+            max_concurrent_streams=settings.max_streams_per_connection,
+            reuse_port=reuse_port,
+        )
+        self._calls: dict[int, SeedInference | V2Inference] = {}
+        self._draining = False
+        self._drained = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, fallback: str) -> int:
+        """Bind, take calls, and return the port (``ConfigError`` is the caller's to raise on
+        ``OSError``/``RuntimeError``)."""
+        self._loop = asyncio.get_running_loop()
+        self._front.set_fallback(fallback)
+        self._front.start()
+        self._thread = threading.Thread(target=self._receive, name="torchwire-native", daemon=True)
+        self._thread.start()
+        return int(self._front.bound_port)
+
+    def _receive(self) -> None:
+        """Hand each batch of events to the event loop, until the front is closed."""
+        assert self._loop is not None
+        front, call_soon = self._front, self._loop.call_soon_threadsafe
+        while (events := front.recv_batch_details(BATCH_EVENTS)) is not None:
+            try:
+                call_soon(self._dispatch, events)
+            except RuntimeError:  # the loop is closed: the process is ending
+                return
+
+    def _dispatch(self, events: Sequence[Any]) -> None:
+        for kind, call_id, method_id, payload, _, details in events:
+            if kind == pygrpc_native.EVENT_CALL:
+                self._begin(call_id, method_id, payload, details)
+            elif (inference := self._calls.get(call_id)) is not None:
+                inference.answer.cancel()  # the client went away or its deadline passed
+
+    def _begin(self, call_id: int, method_id: int, payload: bytes, details: Any) -> None:
+        metadata, peer, remaining = details
+        api = "seed" if method_id == _SEED else "v2"
+        call = Call(self._observer, api, functools.partial(_origin, peer, metadata))
+        try:
+            if self._draining:
+                raise UnavailableError("the server is shutting down; retry (another replica)")
+            if self._access.tokens is not None:
+                self._access.check_call(_value(metadata, "authorization"), "grpc")
+            if len(payload) > self._max_bytes:
+                raise TorchwireError(
+                    f"the request is {len(payload)} bytes, more than this server accepts "
+                    f"(--max-message-bytes {self._max_bytes})",
+                    code="RESOURCE_EXHAUSTED",
+                )
+            deadline = None if remaining is None else time.monotonic() + remaining
+            inference: SeedInference | V2Inference
+            if method_id == _SEED:
+                inference = self._plane.seed(payload, call, deadline)
+            else:
+                inference = self._plane.v2(parse_infer(payload), call, deadline)
+        except Exception as exc:
+            self._fail(call_id, call, exc)
+            return
+        self._calls[call_id] = inference
+        inference.answer.add_done_callback(functools.partial(self._answer, call_id, inference))
+
+    def _answer(
+        self, call_id: int, inference: SeedInference | V2Inference, answer: asyncio.Future[Any]
+    ) -> None:
+        del self._calls[call_id]
+        call = inference.call
+        if answer.cancelled():
+            call.finish(asyncio.CancelledError())
+        else:
+            try:
+                encoded = inference.encode(answer.result())
+                body = encoded if isinstance(encoded, bytes) else b"".join(encoded)
+                if len(body) > self._max_bytes:
+                    raise TorchwireError(
+                        f"the answer is {len(body)} bytes, more than this server sends "
+                        f"(--max-message-bytes {self._max_bytes}): ask for fewer items",
+                        code="RESOURCE_EXHAUSTED",
+                    )
+            except Exception as exc:
+                self._fail(call_id, call, exc)
+            else:
+                self._front.respond(call_id, body)
+                call.finish()
+        if self._draining and not self._calls:
+            self._drained.set()
+
+    def _fail(self, call_id: int, call: Call, exc: BaseException) -> None:
+        """End the call with the status ``exc`` maps to (a bug: INTERNAL, logged)."""
+        call.finish(exc)
+        if isinstance(exc, TorchwireError):
+            # pygrpc-native refuses to send reserved grpc-* keys (grpc-retry-pushback-ms):
+            # torchwire-retry-after-ms carries the same hint.
+            trailing = [(k, v) for k, v in exc.metadata.items() if not k.startswith("grpc-")]
+            self._front.fail(call_id, status_code(exc).value[0], str(exc), trailing or None)
+            return
+        log.error("unexpected error serving a native call", exc_info=exc)
+        code = grpc.StatusCode.INTERNAL.value[0]
+        self._front.fail(call_id, code, "internal server error (see server log)")
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new calls and wait up to ``grace_s`` for those taken to be answered; return
+        whether they all were."""
+        self._draining = True
+        if self._calls:
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace_s)
+            except TimeoutError:
+                log.warning(
+                    "%d native calls still unanswered after the grace period", len(self._calls)
+                )
+                return False
+        return True
+
+    async def close(self) -> None:
+        """Close the port and every connection (GOAWAY); calls still open fail UNAVAILABLE."""
+        for inference in list(self._calls.values()):
+            inference.answer.cancel()
+        self._front.close()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5)
+
+
+def _value(metadata: Sequence[tuple[str, str | bytes]], key: str) -> str | None:
+    for name, value in metadata:
+        if name == key:
+            return value if isinstance(value, str) else None
+    return None
+
+
+def _origin(peer: str, metadata: Sequence[tuple[str, str | bytes]]) -> tuple[str, str]:
+    """The peer and ``x-request-id`` of a call, for the access log."""
+    return peer, _value(metadata, "x-request-id") or ""

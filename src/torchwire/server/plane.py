@@ -1,0 +1,109 @@
+"""The data plane: one inference, from a request's bytes to its answer's, for every transport.
+
+The seed and V2 gRPC servicers, the REST API and the native front end hand their requests here:
+the plane finds the model version, admits the call before anything is decoded (a full queue, or
+a deadline the queued work would outlast, is refused at once), decodes with the API's codec,
+submits to the batcher, and the returned inference encodes the answer. Accounting is the
+``Call``'s (``observe``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from tritonclient.grpc import service_pb2 as pb
+
+from torchwire.errors import DeadlineExceededError, ModelNotFoundError
+from torchwire.repository import ModelRepository
+from torchwire.runtime import Batcher
+from torchwire.runtime.model import Arrays
+from torchwire.server.observe import Call
+from torchwire.server.seed_codec import decode_request, encode_response
+from torchwire.server.seed_wire import parse_request
+from torchwire.server.v2_codec import (
+    Encoded,
+    InferRequest,
+    decode_infer,
+    encode_infer,
+    requested_outputs,
+)
+
+
+def require_model_name(name: str) -> None:
+    """V2 has no default model: every request names its model."""
+    if not name:
+        raise ModelNotFoundError("no model name given; V2 requests must name their model")
+
+
+@dataclass(slots=True)
+class SeedInference:
+    """A seed ``PredictRequest`` queued on its model."""
+
+    call: Call
+    answer: asyncio.Future[Arrays]
+    raw: bool
+
+    def encode(self, outputs: Arrays) -> bytes:
+        return encode_response(outputs, self.raw, time.perf_counter() - self.call.started)
+
+
+@dataclass(slots=True)
+class V2Inference:
+    """A V2 ``ModelInferRequest`` (gRPC) queued on its model."""
+
+    call: Call
+    answer: asyncio.Future[Arrays]
+    message: pb.ModelInferRequest
+    batcher: Batcher
+    selected: list[int]
+
+    def encode(self, outputs: Arrays) -> Encoded:
+        batcher = self.batcher
+        return encode_infer(
+            self.message, batcher.model, batcher.name, batcher.version, outputs, self.selected
+        )
+
+
+class DataPlane:
+    """Find, admit, decode and queue requests of every API on the repository's batchers."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+
+    def seed(self, data: bytes, call: Call, deadline: float | None) -> SeedInference:
+        """A serialized ``PredictRequest``; ``metadata["model"]``/``["version"]`` pick the
+        model (default: the repository's)."""
+        request = parse_request(data)
+        metadata = request.metadata
+        batcher = self._admit(metadata.get("model"), metadata.get("version"), call, deadline)
+        arrays, call.items = decode_request(request, batcher.model)
+        return SeedInference(call, batcher.submit(arrays, call.items, deadline), bool(request.raw))
+
+    def v2(self, request: InferRequest, call: Call, deadline: float | None) -> V2Inference:
+        """A parsed ``ModelInferRequest``; V2 names its model."""
+        message = request.message
+        require_model_name(message.model_name)
+        batcher = self._admit(message.model_name, message.model_version or None, call, deadline)
+        arrays, call.items = decode_infer(request, batcher.model)
+        selected = requested_outputs([o.name for o in message.outputs], batcher.model)
+        answer = batcher.submit(arrays, call.items, deadline)
+        return V2Inference(call, answer, message, batcher, selected)
+
+    def target(self, name: str, version: str, call: Call, deadline: float | None) -> Batcher:
+        """The admitted model version of a request whose transport decodes it itself (REST:
+        its deadline, if any, is in the body, which is read after admission)."""
+        require_model_name(name)
+        return self._admit(name, version or None, call, deadline)
+
+    def _admit(
+        self, name: str | None, version: str | None, call: Call, deadline: float | None
+    ) -> Batcher:
+        batcher = self.repository.get(name, version)
+        call.target(batcher)
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:  # the caller has given up: read nothing
+            raise DeadlineExceededError("the deadline passed before the request was read")
+        batcher.admit(deadline, now)
+        return batcher
