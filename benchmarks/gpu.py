@@ -216,6 +216,7 @@ class Run:
     threads: int = 0  # [instances] threads (intra-op); 0: the server's choice (1 on a GPU)
     per_request: int = 1  # images in each request
     stream: bool = False  # PredictStream (one stream per caller) instead of unary calls
+    frontend: str = "native"  # --grpc-frontend
 
     @property
     def name(self) -> str:
@@ -226,6 +227,7 @@ class Run:
         name += f", {self.threads} intra-op threads" if self.threads else ""
         name += f", {self.per_request} images per request" if self.per_request > 1 else ""
         name += ", streamed" if self.stream else ""
+        name += f", {self.frontend} gRPC front end" if self.frontend != "native" else ""
         return name
 
 
@@ -274,6 +276,7 @@ def serve_and_load(repo: Path, run: Run, args: argparse.Namespace, profile: Path
     metrics_port = free_port()
     extra = ["--metrics-port", str(metrics_port), "--watchdog-interval-s", "1"]
     extra += ["--gil-switch-interval-ms", str(run.switch_ms)] if run.switch_ms else []
+    extra += ["--grpc-frontend", run.frontend]
     with torchwire(repo, run.workers, "resnet18", extra) as (target, process):
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         config = load(
@@ -691,8 +694,9 @@ def main() -> None:
     # The 5 ms GIL switch interval was measured against the 0.5 ms default on the H200 (run 2:
     # 990 vs 1,196 images/s): 8 workers take its place.
     pad = (16, 32, 48, 64)
+    # One process on each gRPC front end side by side (issue 28: native >= 0.5x in-process).
     args.runs = [
-        Run(), Run(pad_to=pad), Run(instances=2), Run(protocol="v2"),
+        Run(), Run(frontend="aio"), Run(pad_to=pad), Run(instances=2), Run(protocol="v2"),
         Run(instances=2, precision="fp16"), Run(workers=4, instances=2), Run(workers=8),
     ]  # fmt: skip
     if args.diagnose:

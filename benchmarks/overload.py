@@ -178,12 +178,13 @@ def main() -> None:
         help="through the shipped nginx config, at most N inference calls in flight (0: direct)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--name", help="file name of the results (default: overload[-nginxN])")
     parser.add_argument("flags", nargs="*", help="after --: extra torchwire serve flags")
     args = parser.parse_args()
     args.factors = [float(f) for f in args.factors.split(",")]
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"overload-nginx{args.nginx}" if args.nginx else "overload"
+    name = args.name or (f"overload-nginx{args.nginx}" if args.nginx else "overload")
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{name}.md").write_text(markdown(results))
     print(markdown(results))

@@ -132,6 +132,8 @@ class ServerSettings(_Strict):
     serving Predict and ModelInfer itself and passing every other method to grpc.aio behind it)
     or aio (grpc.aio alone). native falls back to aio, saying why, where it cannot serve the
     configuration (TLS, --max-connection-age-s, --max-connections, --connection-idle-s)."""
+    grpc_io_threads: int = Field(2, ge=1, le=64)
+    """Threads of the native front end's HTTP/2 runtime (per process)."""
     connection_idle_s: float = Field(300.0, ge=0)
     """A client connection with no call for this long is closed (clients reconnect when they
     call again); 0: never. Idle connections otherwise hold file descriptors forever."""

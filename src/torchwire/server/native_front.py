@@ -104,6 +104,7 @@ class NativeFront:
         self._front = pygrpc_native.NativeGrpcFront(
             f"{settings.host}:{settings.port}",
             METHODS,
+            io_threads=settings.grpc_io_threads,
             call_details=True,
             keepalive_time_ms=KEEPALIVE_MS,
             keepalive_timeout_ms=KEEPALIVE_TIMEOUT_MS,
