@@ -129,7 +129,9 @@ def measure(kind: str, args: argparse.Namespace, repository: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", choices=("echo", "echo-sync", "torchwire"), default="torchwire")
+    parser.add_argument(
+        "--server", choices=("echo", "echo-sync", "torchwire", "torchwire-aio"), default="torchwire"
+    )
     parser.add_argument("--load", choices=LOADS, default="stream")
     parser.add_argument("--rate", type=float, default=2000.0, help="answers/s, open loop")
     parser.add_argument("--concurrency", type=int, default=0, help="closed loop instead")

@@ -243,3 +243,33 @@ def test_batches_padded_to_set_sizes_reach_the_model_at_those_sizes_only() -> No
             ValueError, match=r"pad_to\n.*sizes must ascend, from 1 to max_batch_size \(16\)"
         ):
             BatchingConfig(max_batch_size=16, pad_to=wrong)
+
+
+def test_a_call_the_queued_work_would_outlast_is_refused_before_it_is_decoded(
+    slow_server: ServerThread, seed: SimpleNamespace
+) -> None:
+    batcher = _busy(slow_server)
+    with grpc.insecure_channel(slow_server.target) as channel:
+        stub = seed.grpc.ModelServiceStub(channel)
+        busy = _occupy(slow_server, stub, seed)
+        queued = stub.Predict.future(seed.pb2.PredictRequest(inputs=[0] * 4), timeout=30)
+        wait_until(lambda: batcher.queued_items == 1, "a request waits")
+        # As if each item had cost 10 s so far: the one queued item outlasts a 5 s deadline.
+        batcher.stats.compute_ns, batcher.stats.inference_count = 10 * 10**9, 1
+        with pytest.raises(grpc.RpcError) as refused:
+            # Not even a valid request: admission refuses it before anything is decoded.
+            stub.Predict(seed.pb2.PredictRequest(inputs=[1, 2, 3]), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than the" in refused.value.details()
+        assert "ms left before the deadline" in refused.value.details()
+        trailers = dict(refused.value.trailing_metadata() or ())
+        assert int(trailers["torchwire-retry-after-ms"]) >= 9000
+        registry = slow_server.server.metrics.registry
+        labels = {"model": "busy", "reason": "deadline"}
+        assert registry.get_sample_value("torchwire_rejected_requests_total", labels) == 1
+        # Without a deadline there is nothing to outlast: the bad request is decoded, refused.
+        with pytest.raises(grpc.RpcError) as invalid:
+            stub.Predict(seed.pb2.PredictRequest(inputs=[1, 2, 3]))
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(busy.result().outputs) == [3000.0]
+        assert list(queued.result().outputs) == [0.0]
