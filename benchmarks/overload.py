@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         front, target = start_nginx(args.server_core, target, args.nginx, prefix)
     base = LoadConfig(
         target=target, model="recsys", shape=(256,), duration_s=args.duration, warmup_s=1.0,
-        channels=2, raw=True, timeout_s=args.deadline_ms / 1000,
+        channels=2, raw=True, timeout_s=args.deadline_ms / 1000, batch=args.batch,
     )  # fmt: skip
     try:
         closed = dataclasses.replace(base, concurrency=32, timeout_s=5.0)
@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "server_flags": args.flags,
         "nginx_limit": args.nginx or None,
         "deadline_ms": args.deadline_ms,
+        "batch": args.batch,
         "capacity_qps": capacity["answered_per_s"],
         "rows": rows,
     }
@@ -141,7 +142,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         "# torchwire under overload",
         "",
-        f"{r['when']}; recsys; server pinned to one core, load generator to another; capacity "
+        f"{r['when']}; recsys, {r.get('batch', 1)} item(s) per request; server pinned to one "
+        "core, load generator to another; capacity "
         f"(closed loop, 32 callers) {r['capacity_qps']:,.0f} QPS; deadline {r['deadline_ms']} ms; "
         f"server flags {r['server_flags'] or 'none'}; "
         + (
@@ -171,6 +173,11 @@ def main() -> None:
     parser.add_argument("--factors", default="1.2,2,4")
     parser.add_argument("--deadline-ms", type=float, default=100.0)
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per run")
+    parser.add_argument(
+        "--batch", type=int, default=1,
+        help="items per request: more work per call, for a server the load generator cannot "
+        "overload with single items (the native front end on one core)",
+    )  # fmt: skip
     parser.add_argument("--server-core", type=int, default=0)
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument(

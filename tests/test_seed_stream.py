@@ -120,3 +120,32 @@ def test_a_client_that_walks_away_mid_stream_leaves_the_server_serving(
     stream.close()
     answer = repo_stub.Predict(seed.pb2.PredictRequest(inputs=[1, 0, 0, 0]), timeout=10)
     assert list(answer.outputs) == [3, 0, 0, 0]
+
+
+def test_unary_calls_and_a_stream_sharing_a_model_each_get_their_own_rows(
+    demo_server: ServerThread, seed: SimpleNamespace, demo_repo: Path
+) -> None:
+    # On the native front end the unary calls are answered from the thread that computed them
+    # and the stream's through the event loop: one batch can hold both kinds.
+    import concurrent.futures
+
+    rng = np.random.default_rng(11)
+    inputs = [rng.standard_normal((1, 256), dtype=np.float32) for _ in range(240)]
+    reference = in_process(demo_repo / "recsys" / "1" / "model.pt")
+    with grpc.insecure_channel(demo_server.target) as channel:
+        stub = seed.grpc.ModelServiceStub(channel)
+
+        def unary(x: np.ndarray) -> np.ndarray:
+            request = seed.pb2.PredictRequest(inputs=x.ravel().tolist())
+            return np.array(stub.Predict(request, timeout=30).outputs)
+
+        def stream(chunk: list[np.ndarray]) -> list[np.ndarray]:
+            requests = (seed.pb2.PredictRequest(inputs=x.ravel().tolist()) for x in chunk)
+            return [np.array(r.outputs) for r in stub.PredictStream(requests, timeout=60)]
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            streamed = pool.submit(stream, inputs[:120])
+            answers = list(pool.map(unary, inputs[120:]))
+            answers = streamed.result() + answers
+    for x, answer in zip(inputs, answers, strict=True):
+        np.testing.assert_allclose(answer, reference(x).ravel(), rtol=1e-5, atol=1e-6)

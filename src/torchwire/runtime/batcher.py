@@ -75,11 +75,12 @@ these (seconds, and times the estimate) turn inline runs off for the model versi
 was misjudged. Two, so that one garbage collection during a call does not."""
 
 
-class _LoopLoad:
-    """The share of wall time the calling thread (the event loop's) wanted a CPU: ran, or was
-    ready to and waited for one (Linux's schedstat; elsewhere, the time it ran), over the last
-    complete window of about ``_LOAD_WINDOW_S``. A loop that waits for a core is as busy as one
-    that runs: on a machine whose cores are all taken, the CPU time alone looks idle."""
+class ThreadLoad:
+    """The share of wall time the thread that made it (the event loop's, the native front end's)
+    wanted a CPU: ran, or was ready to and waited for one (Linux's schedstat; elsewhere, the time
+    it ran), over the last complete window of about ``_LOAD_WINDOW_S``. A thread that waits for a
+    core is as busy as one that runs: on a machine whose cores are all taken, the CPU time alone
+    looks idle."""
 
     __slots__ = ("_fd", "_since", "_wanted", "busy")
 
@@ -116,15 +117,33 @@ class _LoopLoad:
         return self.busy
 
 
+Done = Callable[[Arrays | TorchwireError], None]
+"""Where a request queued with ``Batcher.enqueue`` gets its outcome: its own rows, or the error."""
+
+
 @dataclass(slots=True, eq=False)
-class _Request:
+class Ticket:
+    """A request in a batcher's queue. Its outcome goes to ``future`` (on the event loop) or to
+    ``done`` (called on the thread that computed it)."""
+
     arrays: Sequence[np.ndarray[Any, Any]]
     items: int
-    future: asyncio.Future[Arrays]
+    future: asyncio.Future[Arrays] | None
     deadline: float | None  # time.monotonic(); None: no deadline
+    done: Done | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     # Requests batch together only if their items have the same shapes (variable dimensions).
     shape_key: tuple[tuple[int, ...], ...] = ()
+    dropped: bool = False
+
+    def cancel(self) -> None:
+        """The caller went away: the request is not computed (if it was not already)."""
+        self.dropped = True
+        if self.future is not None:
+            self.future.cancel()
+
+    def cancelled(self) -> bool:
+        return self.dropped or (self.future is not None and self.future.cancelled())
 
 
 @dataclass
@@ -144,7 +163,7 @@ class VersionStats:
     last_inference_ms: int = 0  # wall clock of the last model call, ms since the epoch
 
 
-_Outcome = tuple[_Request, Arrays | TorchwireError]
+_Outcome = tuple[Ticket, Arrays | TorchwireError]
 
 
 class Batcher:
@@ -188,10 +207,10 @@ class Batcher:
         )
         """Most items a batch may have to run on the event loop (0: never)."""
         self._flush_pending = False
-        self._loop_load: _LoopLoad | None = None  # made on the loop's thread, by start()
+        self._loop_load: ThreadLoad | None = None  # made on the loop's thread, by start()
         self._gathering = 0  # inference threads holding a partial batch, waiting for more
         self._overruns = 0  # inline batches in a row that cost far more than estimated
-        self._queue: deque[_Request] = deque()
+        self._queue: deque[Ticket] = deque()
         self._queued_items = 0
         self._computing = 0  # instance threads inside a model call
         self._cond = threading.Condition()
@@ -221,7 +240,7 @@ class Batcher:
             self._threads.append(thread)
         if self.inline_items:  # the loop thread runs the model too: on one intra-op thread
             torch.set_num_threads(1)
-            self._loop_load = _LoopLoad()
+            self._loop_load = ThreadLoad()
 
     def submit(
         self, arrays: Sequence[np.ndarray[Any, Any]], items: int, deadline: float | None = None
@@ -238,28 +257,71 @@ class Batcher:
         The future fails with ``DeadlineExceededError`` when ``deadline`` (``time.monotonic()``)
         passes while queued, or ``ModelExecutionError`` when the model raises on this request.
         """
-        if self._closing or self._loop is None:
-            raise UnavailableError(f"model {self.label} is shutting down")
-        if self.model.device_failed:
-            raise self._unavailable()
+        self._check_open()
+        assert self._loop is not None
         future: asyncio.Future[Arrays] = self._loop.create_future()
         with self._cond:
-            if items > self.max_queue:
-                raise InvalidInputError(
-                    f"model {self.label}: the request has {items} items, more than its queue "
-                    f"holds (max_queue = {self.max_queue}); send at most that many per request"
-                )
-            if self._queued_items + items > self.max_queue:
-                raise self._queue_full(f"this request adds {items}")
-            key = (arrays[0].shape[1:],) if len(arrays) == 1 else tuple(a.shape[1:] for a in arrays)
-            self._queue.append(_Request(arrays, items, future, deadline, shape_key=key))
-            self._queued_items += items
+            self._append(Ticket(arrays, items, future, deadline))
             if not self._may_run_inline():
                 self._cond.notify()
             elif not self._flush_pending:  # decide once this loop turn's requests are queued
                 self._flush_pending = True
                 self._loop.call_soon(self._flush)
         return future
+
+    def enqueue(
+        self,
+        arrays: Sequence[np.ndarray[Any, Any]],
+        items: int,
+        deadline: float | None,
+        done: Done,
+    ) -> Ticket:
+        """``submit`` from any thread, the outcome going to ``done`` instead of a future, on the
+        thread that computes it. Nothing runs until ``dispatch``: queue a turn's requests, then
+        dispatch once. Raises as ``submit`` does."""
+        self._check_open()
+        ticket = Ticket(arrays, items, None, deadline, done)
+        with self._cond:
+            self._append(ticket)
+        return ticket
+
+    def dispatch(self, inline: bool) -> None:
+        """After ``enqueue``: run what is queued on the calling thread if ``inline`` allows, the
+        model is cheap and no inference thread holds a batch (its answers leave from here);
+        else wake an inference thread."""
+        with self._cond:
+            if not self._queue:
+                return
+            cheap = self.inline_items and self._queued_items <= self.inline_items
+            if not (inline and cheap) or self._computing or self._gathering or self._closing:
+                self._cond.notify()
+                return
+            batch, _ = self._first_batch()
+            if self._queue:  # other shapes: they do not batch with these
+                self._cond.notify()
+            self._computing += 1
+        _deliver_here(self._process(batch), self._loop)
+
+    def _check_open(self) -> None:
+        if self._closing or self._loop is None:
+            raise UnavailableError(f"model {self.label} is shutting down")
+        if self.model.device_failed:
+            raise self._unavailable()
+
+    def _append(self, ticket: Ticket) -> None:
+        """Queue ``ticket`` (call with ``_cond`` held), or refuse it."""
+        items, arrays = ticket.items, ticket.arrays
+        if items > self.max_queue:
+            raise InvalidInputError(
+                f"model {self.label}: the request has {items} items, more than its queue "
+                f"holds (max_queue = {self.max_queue}); send at most that many per request"
+            )
+        if self._queued_items + items > self.max_queue:
+            raise self._queue_full(f"this request adds {items}")
+        key = (arrays[0].shape[1:],) if len(arrays) == 1 else tuple(a.shape[1:] for a in arrays)
+        ticket.shape_key = key
+        self._queue.append(ticket)
+        self._queued_items += items
 
     def admit(self, deadline: float | None, now: float) -> None:
         """Refuse, before the request is decoded, what cannot be answered: a full queue, or a
@@ -327,7 +389,7 @@ class Batcher:
         started = time.thread_time()
         outcomes = self._process(batch)
         spent = time.thread_time() - started
-        _deliver(outcomes)
+        _deliver_here(outcomes, None)
         if not any(isinstance(outcome, TorchwireError) for _, outcome in outcomes):
             self._judge_inline(spent, sum(request.items for request in batch))
 
@@ -397,12 +459,10 @@ class Batcher:
         while (batch := self._take()) is not None:
             outcomes = self._process(batch)
             assert self._loop is not None
-            try:
-                self._loop.call_soon_threadsafe(_deliver, outcomes)
-            except RuntimeError:  # the loop is closed: nobody is left to answer
-                return
+            if not _deliver_here(outcomes, self._loop):
+                return  # the loop is closed: nobody is left to answer
 
-    def _process(self, batch: list[_Request]) -> list[_Outcome]:
+    def _process(self, batch: list[Ticket]) -> list[_Outcome]:
         """Compute a batch taken from the queue (``_computing`` counts it); count the outcomes."""
         try:
             try:
@@ -416,7 +476,7 @@ class Batcher:
                 self._computing -= 1
         return outcomes
 
-    def _take(self) -> list[_Request] | None:
+    def _take(self) -> list[Ticket] | None:
         with self._cond:
             while not self._queue:
                 if self._closing:
@@ -439,7 +499,7 @@ class Batcher:
             self._computing += 1
             return batch
 
-    def _first_batch(self) -> tuple[list[_Request], int]:
+    def _first_batch(self) -> tuple[list[Ticket], int]:
         """Take the oldest request and what fits beside it (under the lock); return the batch
         and its items."""
         first = self._queue.popleft()
@@ -447,7 +507,7 @@ class Batcher:
         batch = [first]
         return batch, self._fill(batch, first.items)
 
-    def _fill(self, batch: list[_Request], items: int) -> int:
+    def _fill(self, batch: list[Ticket], items: int) -> int:
         """Move queued requests that fit into ``batch`` (under the lock); return its items."""
         key = batch[0].shape_key
         while (
@@ -461,12 +521,12 @@ class Batcher:
             self._queued_items -= request.items
         return items
 
-    def _compute(self, batch: list[_Request]) -> list[_Outcome]:
+    def _compute(self, batch: list[Ticket]) -> list[_Outcome]:
         now = time.monotonic()
         outcomes: list[_Outcome] = []
-        live: list[_Request] = []
+        live: list[Ticket] = []
         for request in batch:
-            if request.future.cancelled():  # the caller went away: compute nothing for nobody
+            if request.cancelled():  # the caller went away: compute nothing for nobody
                 continue
             if request.deadline is not None and now >= request.deadline:
                 waited_ms = (now - request.enqueued_at) * 1000
@@ -482,7 +542,7 @@ class Batcher:
             outcomes.extend(self._run_or_split(live))
         return outcomes
 
-    def _run_or_split(self, batch: list[_Request]) -> list[_Outcome]:
+    def _run_or_split(self, batch: list[Ticket]) -> list[_Outcome]:
         """Run ``batch``; if the model fails on it (raises, or runs out of memory), run each half
         again, down to single requests: only the request that fails alone gets the error, in
         about 2 log2(n) calls for one poisoned request among n."""
@@ -521,7 +581,7 @@ class Batcher:
             "server restarts, retry (on another replica)"
         )
 
-    def _run_batch(self, batch: list[_Request]) -> list[_Outcome]:
+    def _run_batch(self, batch: list[Ticket]) -> list[_Outcome]:
         started = time.monotonic()
         succeeded = False
         items = sum(request.items for request in batch)
@@ -540,7 +600,7 @@ class Batcher:
             start = stop
         return outcomes
 
-    def _count(self, batch: list[_Request], items: int, started: float, succeeded: bool) -> None:
+    def _count(self, batch: list[Ticket], items: int, started: float, succeeded: bool) -> None:
         """One model call: into the V2 statistics always, into the metrics when it succeeded."""
         stats, compute = self.stats, time.monotonic() - started
         waits = [started - r.enqueued_at for r in batch]
@@ -574,15 +634,41 @@ def _retry_after(wait_ms: int) -> dict[str, str]:
     return {RETRY_AFTER_METADATA: str(wait_ms), RETRY_PUSHBACK_METADATA: str(wait_ms)}
 
 
+def _deliver_here(outcomes: list[_Outcome], loop: asyncio.AbstractEventLoop | None) -> bool:
+    """On the thread that computed them: hand each outcome to its ``done`` now, and the ones
+    awaited by a future to ``loop`` (None: this is the loop's thread). False if the loop is
+    closed."""
+    futures = []
+    for request, outcome in outcomes:
+        if request.done is None:
+            futures.append((request, outcome))
+        elif not request.dropped:
+            try:
+                request.done(outcome)
+            except Exception:  # the caller's bug must not kill the thread or strand the batch
+                log.exception("a request's answer callback failed")
+    if not futures:
+        return True
+    if loop is None:
+        _deliver(futures)
+        return True
+    try:
+        loop.call_soon_threadsafe(_deliver, futures)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _deliver(outcomes: list[_Outcome]) -> None:
     """On the event loop: resolve each caller's future, unless it was cancelled meanwhile."""
     for request, outcome in outcomes:
-        if request.future.done():
+        future = request.future
+        if future is None or future.done():
             continue
         if isinstance(outcome, TorchwireError):
-            request.future.set_exception(outcome)
+            future.set_exception(outcome)
         else:
-            request.future.set_result(outcome)
+            future.set_result(outcome)
 
 
 def _without_frames(exc: ModelExecutionError) -> ModelExecutionError:

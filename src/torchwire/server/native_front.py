@@ -2,8 +2,8 @@
 
 pygrpc-native's ``NativeGrpcFront`` owns the port. It serves the calls that carry the load, the
 seed ``Predict`` and V2 ``ModelInfer``, by handing them to Python in batches: one thread here
-waits for a batch and passes it to the event loop in one callback, where the data plane admits,
-decodes and queues each call; answers leave from the loop with ``respond``/``fail``. Every other
+takes each batch and, through the data plane, admits, decodes and queues each call, without the
+event loop; answers leave with ``respond``/``fail`` from the thread that computed them. Every other
 method (streams, health, reflection, model control) goes through to torchwire's grpc.aio server
 on a Unix socket behind it (``set_fallback``): clients see one port.
 
@@ -27,6 +27,8 @@ import grpc
 
 from torchwire.config import ServerSettings
 from torchwire.errors import TorchwireError, UnavailableError
+from torchwire.runtime import LOOP_BUSY, Batcher, ThreadLoad, Ticket
+from torchwire.runtime.model import Arrays
 from torchwire.server.auth import Access
 from torchwire.server.observe import Call, Observer
 from torchwire.server.plane import DataPlane, SeedInference, V2Inference
@@ -84,6 +86,11 @@ class NativeFront:
     """The native front end over the data plane, with ``fallback`` (a Unix socket path of a
     grpc.aio server) for every method it does not serve.
 
+    Calls never touch the event loop: the receiving thread admits, decodes and queues a batch
+    of calls, then runs it itself when the model is cheap and the thread is not busy
+    (``Batcher.dispatch``), else an inference thread does; the answer leaves from the thread that
+    computed it.
+
     Args:
         reuse_port: share the port with other processes (``--workers``).
     """
@@ -111,16 +118,15 @@ class NativeFront:
             max_concurrent_streams=settings.max_streams_per_connection,
             reuse_port=reuse_port,
         )
-        self._calls: dict[int, SeedInference | V2Inference] = {}
+        # Calls queued and not yet answered: the receiving thread adds, any thread removes.
+        self._calls: dict[int, tuple[Call, Ticket | None]] = {}
+        self._lock = threading.Lock()
         self._draining = False
-        self._drained = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drained = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self, fallback: str) -> int:
-        """Bind, take calls, and return the port (``ConfigError`` is the caller's to raise on
-        ``OSError``/``RuntimeError``)."""
-        self._loop = asyncio.get_running_loop()
+        """Bind, take calls, and return the port."""
         self._front.set_fallback(fallback)
         self._front.start()
         self._thread = threading.Thread(target=self._receive, name="torchwire-native", daemon=True)
@@ -128,23 +134,27 @@ class NativeFront:
         return int(self._front.bound_port)
 
     def _receive(self) -> None:
-        """Hand each batch of events to the event loop, until the front is closed."""
-        assert self._loop is not None
-        front, call_soon = self._front, self._loop.call_soon_threadsafe
-        while (events := front.recv_batch_details(BATCH_EVENTS)) is not None:
-            try:
-                call_soon(self._dispatch, events)
-            except RuntimeError:  # the loop is closed: the process is ending
-                return
+        """Take each batch of events until the front is closed; queue its calls, then dispatch
+        each model's queue once."""
+        load = ThreadLoad()
+        try:
+            while (events := self._front.recv_batch_details(BATCH_EVENTS)) is not None:
+                queued: dict[int, Batcher] = {}
+                for kind, call_id, method_id, payload, _, details in events:
+                    if kind == pygrpc_native.EVENT_CALL:
+                        batcher = self._begin(call_id, method_id, payload, details)
+                        if batcher is not None:
+                            queued[id(batcher)] = batcher
+                    else:  # the client went away or its deadline passed
+                        self._cancel(call_id)
+                inline = load.update() <= LOOP_BUSY
+                for batcher in queued.values():
+                    batcher.dispatch(inline)
+        finally:
+            load.close()
 
-    def _dispatch(self, events: Sequence[Any]) -> None:
-        for kind, call_id, method_id, payload, _, details in events:
-            if kind == pygrpc_native.EVENT_CALL:
-                self._begin(call_id, method_id, payload, details)
-            elif (inference := self._calls.get(call_id)) is not None:
-                inference.answer.cancel()  # the client went away or its deadline passed
-
-    def _begin(self, call_id: int, method_id: int, payload: bytes, details: Any) -> None:
+    def _begin(self, call_id: int, method_id: int, payload: bytes, details: Any) -> Batcher | None:
+        """Admit, decode and queue one call (or answer its error); return its model's batcher."""
         metadata, peer, remaining = details
         api = "seed" if method_id == _SEED else "v2"
         call = Call(self._observer, api, functools.partial(_origin, peer, metadata))
@@ -165,34 +175,58 @@ class NativeFront:
                 inference = self._plane.seed(payload, call, deadline)
             else:
                 inference = self._plane.v2(parse_infer(payload), call, deadline)
+            with self._lock:
+                self._calls[call_id] = (call, None)
+            ticket = inference.enqueue(functools.partial(self._answer, call_id, inference))
+        except Exception as exc:
+            self._forget(call_id)
+            self._fail(call_id, call, exc)
+            return None
+        with self._lock:  # unless an inference thread answered it already
+            if call_id in self._calls:
+                self._calls[call_id] = (call, ticket)
+        return inference.batcher
+
+    def _answer(
+        self, call_id: int, inference: SeedInference | V2Inference, outcome: Arrays | Exception
+    ) -> None:
+        """On the thread that computed it: send the answer, or the error."""
+        self._forget(call_id)
+        call = inference.call
+        if isinstance(outcome, Exception):
+            self._fail(call_id, call, outcome)
+            return
+        try:
+            encoded = inference.encode(outcome)
+            body = encoded if isinstance(encoded, bytes) else b"".join(encoded)
+            if len(body) > self._max_bytes:
+                raise TorchwireError(
+                    f"the answer is {len(body)} bytes, more than this server sends "
+                    f"(--max-message-bytes {self._max_bytes}): ask for fewer items",
+                    code="RESOURCE_EXHAUSTED",
+                )
         except Exception as exc:
             self._fail(call_id, call, exc)
             return
-        self._calls[call_id] = inference
-        inference.answer.add_done_callback(functools.partial(self._answer, call_id, inference))
+        self._front.respond(call_id, body)
+        call.finish()
 
-    def _answer(
-        self, call_id: int, inference: SeedInference | V2Inference, answer: asyncio.Future[Any]
-    ) -> None:
-        del self._calls[call_id]
-        call = inference.call
-        if answer.cancelled():
+    def _cancel(self, call_id: int) -> None:
+        with self._lock:
+            found = self._calls.pop(call_id, None)
+        if found is not None:
+            call, ticket = found
+            if ticket is not None:
+                ticket.cancel()  # not computed if it is still queued
             call.finish(asyncio.CancelledError())
-        else:
-            try:
-                encoded = inference.encode(answer.result())
-                body = encoded if isinstance(encoded, bytes) else b"".join(encoded)
-                if len(body) > self._max_bytes:
-                    raise TorchwireError(
-                        f"the answer is {len(body)} bytes, more than this server sends "
-                        f"(--max-message-bytes {self._max_bytes}): ask for fewer items",
-                        code="RESOURCE_EXHAUSTED",
-                    )
-            except Exception as exc:
-                self._fail(call_id, call, exc)
-            else:
-                self._front.respond(call_id, body)
-                call.finish()
+            self._check_drained()
+
+    def _forget(self, call_id: int) -> None:
+        with self._lock:
+            self._calls.pop(call_id, None)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
         if self._draining and not self._calls:
             self._drained.set()
 
@@ -213,21 +247,21 @@ class NativeFront:
         """Refuse new calls and wait up to ``grace_s`` for those taken to be answered; return
         whether they all were."""
         self._draining = True
-        if self._calls:
-            self._drained.clear()
-            try:
-                await asyncio.wait_for(self._drained.wait(), grace_s)
-            except TimeoutError:
-                log.warning(
-                    "%d native calls still unanswered after the grace period", len(self._calls)
-                )
-                return False
-        return True
+        self._drained.clear()
+        if not self._calls:
+            return True
+        if await asyncio.to_thread(self._drained.wait, grace_s):
+            return True
+        log.warning("%d native calls still unanswered after the grace period", len(self._calls))
+        return False
 
     async def close(self) -> None:
         """Close the port and every connection (GOAWAY); calls still open fail UNAVAILABLE."""
-        for inference in list(self._calls.values()):
-            inference.answer.cancel()
+        with self._lock:
+            left = list(self._calls.values())
+        for _, ticket in left:
+            if ticket is not None:
+                ticket.cancel()
         self._front.close()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5)

@@ -3,21 +3,21 @@
 The seed and V2 gRPC servicers, the REST API and the native front end hand their requests here:
 the plane finds the model version, admits the call before anything is decoded (a full queue, or
 a deadline the queued work would outlast, is refused at once), decodes with the API's codec,
-submits to the batcher, and the returned inference encodes the answer. Accounting is the
-``Call``'s (``observe``).
+and the returned inference queues it (``submit`` on the event loop, ``enqueue`` from any thread)
+and encodes the answer. Accounting is the ``Call``'s (``observe``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tritonclient.grpc import service_pb2 as pb
 
 from torchwire.errors import DeadlineExceededError, ModelNotFoundError
 from torchwire.repository import ModelRepository
-from torchwire.runtime import Batcher
+from torchwire.runtime import Batcher, Done, Ticket
 from torchwire.runtime.model import Arrays
 from torchwire.server.observe import Call
 from torchwire.server.seed_codec import decode_request, encode_response
@@ -38,26 +38,40 @@ def require_model_name(name: str) -> None:
 
 
 @dataclass(slots=True)
-class SeedInference:
-    """A seed ``PredictRequest`` queued on its model."""
+class _Admitted:
+    """A request admitted and decoded for its model version, not yet queued."""
 
     call: Call
-    answer: asyncio.Future[Arrays]
-    raw: bool
+    batcher: Batcher
+    arrays: Arrays
+    deadline: float | None
+
+    def submit(self) -> asyncio.Future[Arrays]:
+        """Queue it from the event loop; the future resolves to its own rows."""
+        return self.batcher.submit(self.arrays, self.call.items, self.deadline)
+
+    def enqueue(self, done: Done) -> Ticket:
+        """Queue it from any thread; ``done`` gets its rows or its error (``Batcher.enqueue``:
+        then ``dispatch``)."""
+        return self.batcher.enqueue(self.arrays, self.call.items, self.deadline, done)
+
+
+@dataclass(slots=True)
+class SeedInference(_Admitted):
+    """A seed ``PredictRequest``."""
+
+    raw: bool = False
 
     def encode(self, outputs: Arrays) -> bytes:
         return encode_response(outputs, self.raw, time.perf_counter() - self.call.started)
 
 
 @dataclass(slots=True)
-class V2Inference:
-    """A V2 ``ModelInferRequest`` (gRPC) queued on its model."""
+class V2Inference(_Admitted):
+    """A V2 ``ModelInferRequest`` (gRPC)."""
 
-    call: Call
-    answer: asyncio.Future[Arrays]
-    message: pb.ModelInferRequest
-    batcher: Batcher
-    selected: list[int]
+    message: pb.ModelInferRequest = field(default_factory=pb.ModelInferRequest)
+    selected: list[int] = field(default_factory=list)
 
     def encode(self, outputs: Arrays) -> Encoded:
         batcher = self.batcher
@@ -79,7 +93,7 @@ class DataPlane:
         metadata = request.metadata
         batcher = self._admit(metadata.get("model"), metadata.get("version"), call, deadline)
         arrays, call.items = decode_request(request, batcher.model)
-        return SeedInference(call, batcher.submit(arrays, call.items, deadline), bool(request.raw))
+        return SeedInference(call, batcher, arrays, deadline, bool(request.raw))
 
     def v2(self, request: InferRequest, call: Call, deadline: float | None) -> V2Inference:
         """A parsed ``ModelInferRequest``; V2 names its model."""
@@ -88,8 +102,7 @@ class DataPlane:
         batcher = self._admit(message.model_name, message.model_version or None, call, deadline)
         arrays, call.items = decode_infer(request, batcher.model)
         selected = requested_outputs([o.name for o in message.outputs], batcher.model)
-        answer = batcher.submit(arrays, call.items, deadline)
-        return V2Inference(call, answer, message, batcher, selected)
+        return V2Inference(call, batcher, arrays, deadline, message, selected)
 
     def target(self, name: str, version: str, call: Call, deadline: float | None) -> Batcher:
         """The admitted model version of a request whose transport decodes it itself (REST:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 
 from torchwire.errors import TorchwireError
+from torchwire.runtime.model import Arrays
 from torchwire.server.observe import Call, Observer
 from torchwire.server.plane import DataPlane, SeedInference
 from torchwire.server.status import abort_with, stream_errors, unary_errors
@@ -36,6 +37,7 @@ def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
 class _Queued:
     index: int
     inference: SeedInference
+    answer: asyncio.Future[Arrays]
 
 
 @dataclass(slots=True)
@@ -70,7 +72,7 @@ class SeedServicer:
     async def Predict(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         with self._observer.call("seed", context) as call:
             inference = self._plane.seed(data, call, call_deadline(context))
-            return inference.encode(await inference.answer)
+            return inference.encode(await inference.submit())
 
     @stream_errors
     async def PredictStream(
@@ -87,7 +89,7 @@ class SeedServicer:
                     await abort_with(context, entry.error, prefix)
                 inference = entry.inference
                 try:
-                    response = inference.encode(await inference.answer)
+                    response = inference.encode(await entry.answer)
                 except TorchwireError as exc:
                     inference.call.finish(exc)
                     await abort_with(context, exc, prefix)
@@ -105,7 +107,7 @@ class SeedServicer:
                     left.call.finish(asyncio.CancelledError())
                 elif left is not None:
                     left.inference.call.finish(asyncio.CancelledError())
-                    left.inference.answer.cancel()
+                    left.answer.cancel()
 
     async def _read_stream(
         self,
@@ -121,14 +123,15 @@ class SeedServicer:
                 call = self._observer.call("seed_stream", context)
                 try:
                     inference = self._plane.seed(data, call, deadline)
+                    answer = inference.submit()
                 except TorchwireError as exc:
                     await pending.put(_Failed(index, call, exc))
                     return
                 try:
-                    await pending.put(_Queued(index, inference))
+                    await pending.put(_Queued(index, inference, answer))
                 except asyncio.CancelledError:  # the stream ended while the window was full
                     call.finish(asyncio.CancelledError())
-                    inference.answer.cancel()
+                    answer.cancel()
                     raise
                 index += 1
         except Exception as exc:  # the request stream itself broke

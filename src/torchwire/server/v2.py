@@ -21,6 +21,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from torchwire.errors import InvalidInputError, ModelExecutionError, TorchwireError
 from torchwire.runtime import Batcher
+from torchwire.runtime.model import Arrays
 from torchwire.server import kserve
 from torchwire.server.observe import Call
 from torchwire.server.plane import V2Inference
@@ -41,6 +42,7 @@ class _Queued:
     request: InferRequest
     call: Call
     inference: V2Inference | None
+    answer: asyncio.Future[Arrays] | None = None
     error: Exception | None = None
 
 
@@ -161,7 +163,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def ModelInfer(self, request: InferRequest, context: grpc.aio.ServicerContext) -> bytes:
         with self._backend.observer.call("v2", context) as call:
             inference = self._backend.plane.v2(request, call, call_deadline(context))
-            return b"".join(inference.encode(await inference.answer))
+            return b"".join(inference.encode(await inference.submit()))
 
     async def ModelStreamInfer(
         self, requests: AsyncIterable[InferRequest], context: grpc.aio.ServicerContext
@@ -175,8 +177,8 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
                 try:
                     if queued.error is not None:
                         raise queued.error
-                    assert queued.inference is not None
-                    response = queued.inference.encode(await queued.inference.answer)
+                    assert queued.inference is not None and queued.answer is not None
+                    response = queued.inference.encode(await queued.answer)
                 except TorchwireError as exc:
                     queued.call.finish(exc)
                     message = queued.request.message
@@ -200,8 +202,8 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
             for entry in abandoned:
                 if entry is not None:
                     entry.call.finish(asyncio.CancelledError())
-                    if entry.inference is not None:
-                        entry.inference.answer.cancel()
+                    if entry.answer is not None:
+                        entry.answer.cancel()
 
     async def _read_stream(
         self,
@@ -216,25 +218,26 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
             async for request in requests:
                 call = self._backend.observer.call("v2_stream", context)
                 try:
-                    queued = _Queued(request, call, self._backend.plane.v2(request, call, deadline))
+                    inference = self._backend.plane.v2(request, call, deadline)
+                    queued = _Queued(request, call, inference, inference.submit())
                 except TorchwireError as exc:
-                    queued = _Queued(request, call, None, exc)
+                    queued = _Queued(request, call, None, error=exc)
                 except Exception as exc:  # a bug: this request fails, the stream goes on
                     log.error("unexpected error queueing a stream request", exc_info=exc)
                     error = ModelExecutionError("internal server error (see server log)")
-                    queued = _Queued(request, call, None, error)
+                    queued = _Queued(request, call, None, error=error)
                 try:
                     await pending.put(queued)
                 except asyncio.CancelledError:  # the stream ended while the window was full
                     call.finish(asyncio.CancelledError())
-                    if queued.inference is not None:
-                        queued.inference.answer.cancel()
+                    if queued.answer is not None:
+                        queued.answer.cancel()
                     raise
         except asyncio.CancelledError:
             raise
         except TorchwireError as exc:  # a malformed message: say so in the stream, then end
             call = self._backend.observer.call("v2_stream", context)
-            await pending.put(_Queued(InferRequest(pb.ModelInferRequest()), call, None, exc))
+            await pending.put(_Queued(InferRequest(pb.ModelInferRequest()), call, None, error=exc))
         except Exception as exc:  # the request stream itself broke: end the answers
             log.warning("V2 request stream broke: %s", exc)
         await pending.put(None)
