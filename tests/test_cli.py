@@ -163,7 +163,11 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(
             assert time.monotonic() < deadline, "new calls still accepted after the delay"
             time.sleep(0.05)
         # ... while the calls in flight complete with their answers.
-        answers = [list(call.result(timeout=60).outputs) for call in slow]
+        try:
+            answers = [list(call.result(timeout=60).outputs) for call in slow]
+        except grpc.RpcError as exc:
+            server.process.wait(60)
+            raise AssertionError(f"{exc}; the server said:\n{server.output}") from None
     assert answers == [[4000.0 + i] for i in range(3)]
     assert server.process.wait(60) == 0
     assert "SIGTERM received: shutting down" in server.output

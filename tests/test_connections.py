@@ -1,10 +1,13 @@
-"""What clients can hold on a server: idle connections are closed, connections are capped."""
+"""What clients can hold on a server: idle connections are closed, connections are capped; what
+the native front end cannot bound runs on grpc.aio."""
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import pytest
@@ -83,3 +86,31 @@ def test_a_connection_past_its_age_is_closed_gracefully_so_clients_reconnect(
         # ... and the next call goes over a new connection.
         assert predict(channel, seed) == [3.0, 6.0, 9.0, 12.0]
         channel.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        ({"max_connections": 3}, "--max-connections"),
+        ({"max_connection_age_s": 60.0}, "--max-connection-age-s"),
+        ({"connection_idle_s": 30.0}, "--connection-idle-s"),
+        ({"tempdir": "/nonexistent/torchwire"}, "no directory for its fallback socket"),
+    ],
+    ids=["max-connections", "connection-age", "connection-idle", "no-tmpdir"],
+)
+def test_what_the_native_front_end_cannot_serve_runs_on_grpc_aio_and_says_why(
+    test_repo: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    settings: dict[str, Any],
+    reason: str,
+) -> None:
+    if "tempdir" in settings:
+        monkeypatch.setattr(tempfile, "tempdir", settings.pop("tempdir"))
+    with ServerThread(repository=test_repo, **settings) as server:
+        assert server.server.grpc_frontend == "aio"
+        assert reason in server.server.grpc_frontend_why
+        assert f"gRPC front end: aio, not native: {server.server.grpc_frontend_why}" in caplog.text
+        with grpc.insecure_channel(server.target) as channel:
+            answer = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"")
+        assert answer == b"\x08\x01"  # live: true

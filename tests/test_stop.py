@@ -16,7 +16,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc._cython import cygrpc
+from torch import nn
 
 from support import Scale, ServerThread, wait_until, write_model
 from torchwire._proto import modelservice_messages_pb2 as pb
@@ -157,3 +159,39 @@ def test_a_grpc_whose_accept_loop_differs_serves_and_stops_as_before(
     assert np.frombuffer(answer.raw_outputs, np.float32).tolist() == [2.0, 2.0]
     server.stop()
     assert "will be answered CANCELLED" in caplog.text
+
+
+class _SlowCopy(nn.Module):
+    """Burns CPU for x[0, 0] rounds, then answers a copy of its (large) input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rounds = int(x[0, 0].item())
+        y = torch.ones(128, 128)
+        for _ in range(rounds):
+            y = torch.tanh(y @ y) * 0.5
+        return x + y[0, 0] * 0.0
+
+
+def test_answers_being_written_when_the_stop_comes_still_reach_their_callers(
+    tmp_path: Path,
+) -> None:
+    # The native front end sends an answer asynchronously: a stop that closed the port as soon
+    # as the last answer was handed over lost answers still being written (8 MB each here).
+    items = 2_000_000
+    write_model(tmp_path / "copy", _SlowCopy(), [items])
+    server = ServerThread(repository=tmp_path, grpc_frontend="native").start()
+    batcher = server.server.repository.get("copy")  # type: ignore[union-attr]
+    data = np.zeros(items, np.float32)
+    data[0] = 300  # rounds of model time, so that the stop starts while it computes
+    request = pb.PredictRequest(raw_inputs=data.tobytes()).SerializeToString()
+    size = ("grpc.max_receive_message_length", 64 << 20)
+    with grpc.insecure_channel(server.target, options=[size]) as channel:
+        predict = channel.unary_unary("/ModelService/Predict")
+        calls = [predict.future(request, timeout=60) for _ in range(4)]
+        wait_until(lambda: batcher.computing == 1, "the model computes")
+        stopped = server.begin_stop(grace_s=30)
+        answers = [pb.PredictResponse.FromString(call.result()) for call in calls]
+        assert stopped.result(60)
+    server.close()
+    for answer in answers:
+        assert np.frombuffer(answer.raw_outputs, np.float32)[0] == 300

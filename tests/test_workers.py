@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import psutil
@@ -184,6 +185,15 @@ def test_a_changed_model_file_is_swapped_in_on_every_worker(
     assert server.stop() == 0
 
 
+def _answers(calls: list[Any], server: CliServer) -> list[list[float]]:
+    """The calls' outputs; if one failed, the server's log (how it stopped) with the error."""
+    try:
+        return [list(call.result(timeout=60).outputs) for call in calls]
+    except grpc.RpcError as exc:
+        server.process.wait(60)
+        raise AssertionError(f"{exc}; the server said:\n{server.output}") from None
+
+
 def test_sigterm_under_load_answers_every_request_that_reached_a_worker_then_exits_0(
     servers: list[CliServer], seed: SimpleNamespace, test_repo: Path
 ) -> None:
@@ -239,7 +249,7 @@ def test_sigterm_under_load_answers_every_request_that_reached_a_worker_then_exi
     for thread in callers:
         thread.join(60)
 
-    assert [list(call.result(timeout=60).outputs) for call in slow] == [[3000.0], [3001.0]]
+    assert _answers(slow, server) == [[3000.0], [3001.0]]
     assert server.process.wait(60) == 0
     for channel in slow_channels:
         channel.close()

@@ -169,11 +169,17 @@ class Server:
         """Take calls: gRPC, and HTTP unless ``--http-port 0``."""
         control = self.worker.control if self.worker else repository
         backend = kserve.Backend(repository, self.observer, self.health, self.access, control)
-        why = native_front.unavailable_because(self.settings)
-        if self.settings.grpc_frontend == "native" and why is not None:
+        native = self.settings.grpc_frontend == "native"
+        why = native_front.unavailable_because(self.settings) if native else None
+        if native and why is None:
+            try:  # the Unix socket of grpc.aio behind it, in a directory of this process's own
+                self._fallback_dir = tempfile.mkdtemp(prefix="torchwire-grpc-")
+            except OSError as exc:
+                why = f"no directory for its fallback socket ({exc}); set TMPDIR"
+        if why is not None:
             log.warning("gRPC front end: aio, not native: %s", why)
             self.grpc_frontend_why = why
-        if self.settings.grpc_frontend == "native" and why is None:
+        if native and why is None:
             await self._serve_native(backend)
         else:
             self._grpc = self._build_grpc(backend, f"{self.settings.host}:{self.settings.port}")
@@ -191,7 +197,7 @@ class Server:
     async def _serve_native(self, backend: kserve.Backend) -> None:
         """The native front end on the port, grpc.aio behind it on a Unix socket of this
         process's own (a private directory) for every method the front does not serve."""
-        self._fallback_dir = tempfile.mkdtemp(prefix="torchwire-grpc-")
+        assert self._fallback_dir is not None
         fallback = os.path.join(self._fallback_dir, "fallback.sock")
         self._grpc = self._build_grpc(backend, f"unix:{fallback}")
         await self._grpc.start()

@@ -51,6 +51,8 @@ METHODS = [(SEED_PREDICT, False), (V2_INFER, False)]
 _SEED, _V2 = 0, 1
 BATCH_EVENTS = 256
 """Most calls taken from the front in one trip across the GIL."""
+FLUSH_POLL_S = 0.005
+"""While stopping, how often to look whether the last answers have been written."""
 KEEPALIVE_MS = 60_000
 """Ping a connection quiet this long; one that does not answer within KEEPALIVE_TIMEOUT_MS is
 closed, so a peer that vanished frees its socket and its streams."""
@@ -117,6 +119,7 @@ class NativeFront:
             keepalive_timeout_ms=KEEPALIVE_TIMEOUT_MS,
             max_concurrent_streams=settings.max_streams_per_connection,
             reuse_port=reuse_port,
+            metrics=True,  # calls finished on the wire: what a stop waits for (``_flushed``)
         )
         # Calls queued and not yet answered: the receiving thread adds, any thread removes.
         self._calls: dict[int, tuple[Call, Ticket | None]] = {}
@@ -244,16 +247,34 @@ class NativeFront:
         self._front.fail(call_id, code, "internal server error (see server log)")
 
     async def drain(self, grace_s: float) -> bool:
-        """Refuse new calls and wait up to ``grace_s`` for those taken to be answered; return
-        whether they all were."""
+        """Refuse new calls and wait up to ``grace_s`` for those taken to be answered and their
+        answers written; return whether they all were."""
+        deadline = time.monotonic() + grace_s
         self._draining = True
         self._drained.clear()
-        if not self._calls:
-            return True
-        if await asyncio.to_thread(self._drained.wait, grace_s):
-            return True
-        log.warning("%d native calls still unanswered after the grace period", len(self._calls))
-        return False
+        if self._calls:
+            log.info("native front end: answering the %d calls it has taken", len(self._calls))
+            if not await asyncio.to_thread(self._drained.wait, grace_s):
+                log.warning("%d native calls unanswered after the grace period", len(self._calls))
+                return False
+        # respond() only queues an answer: closing before it is written would lose it.
+        started, _ = self._counts()
+        while self._counts()[1] < started:
+            if time.monotonic() >= deadline:
+                log.warning("native front end: answers still being written after the grace period")
+                return False
+            await asyncio.sleep(FLUSH_POLL_S)
+        return True
+
+    def _counts(self) -> tuple[int, int]:
+        """Calls to the natively served methods started, and finished on the wire, so far."""
+        started = finished = 0
+        methods = (self._front.metrics() or {}).get("methods", {})
+        for path, _ in METHODS:
+            method = methods.get(path, {})
+            started += method.get("started", 0)
+            finished += sum(status.get("count", 0) for status in method.get("status", {}).values())
+        return started, finished
 
     async def close(self) -> None:
         """Close the port and every connection (GOAWAY); calls still open fail UNAVAILABLE."""
