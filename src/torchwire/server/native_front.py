@@ -8,8 +8,8 @@ method (streams, health, reflection, model control) goes through to torchwire's 
 on a Unix socket behind it (``set_fallback``): clients see one port.
 
 Stopping: new calls are refused UNAVAILABLE (never run, so safe to retry elsewhere), the calls
-already taken are answered, and only then is the front closed (GOAWAY): closing it first would
-fail them.
+already taken are answered and their answers written, and only then is the front closed
+(GOAWAY): closing it first would fail them.
 """
 
 from __future__ import annotations
