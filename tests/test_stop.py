@@ -188,7 +188,13 @@ def test_answers_being_written_when_the_stop_comes_still_reach_their_callers(
     with grpc.insecure_channel(server.target, options=[size]) as channel:
         predict = channel.unary_unary("/ModelService/Predict")
         calls = [predict.future(request, timeout=60) for _ in range(4)]
-        wait_until(lambda: batcher.computing == 1, "the model computes")
+        registry = server.server.metrics.registry
+
+        def inflight() -> float:
+            labels = {"model": "copy"}
+            return registry.get_sample_value("torchwire_inflight_requests", labels) or 0.0
+
+        wait_until(lambda: inflight() == 4 and batcher.computing == 1, "all 4 taken, 1 computes")
         stopped = server.begin_stop(grace_s=30)
         answers = [pb.PredictResponse.FromString(call.result()) for call in calls]
         assert stopped.result(60)
