@@ -262,7 +262,7 @@ class Batcher:
         future: asyncio.Future[Arrays] = self._loop.create_future()
         with self._cond:
             self._append(Ticket(arrays, items, future, deadline))
-            if not self._may_run_inline():
+            if not self._may_run_inline(self._loop_load):
                 self._cond.notify()
             elif not self._flush_pending:  # decide once this loop turn's requests are queued
                 self._flush_pending = True
@@ -285,22 +285,14 @@ class Batcher:
             self._append(ticket)
         return ticket
 
-    def dispatch(self, inline: bool) -> None:
-        """After ``enqueue``: run what is queued on the calling thread if ``inline`` allows, the
-        model is cheap and no inference thread holds a batch (its answers leave from here);
-        else wake an inference thread."""
+    def dispatch(self, load: ThreadLoad) -> None:
+        """After ``enqueue``: run what is queued on the calling thread, whose ``load`` it is, if
+        it is cheap, no inference thread holds a batch and the thread is not busy (its answers
+        leave from here); else wake an inference thread."""
         with self._cond:
-            if not self._queue:
-                return
-            cheap = self.inline_items and self._queued_items <= self.inline_items
-            if not (inline and cheap) or self._computing or self._gathering or self._closing:
-                self._cond.notify()
-                return
-            batch, _ = self._first_batch()
-            if self._queue:  # other shapes: they do not batch with these
-                self._cond.notify()
-            self._computing += 1
-        _deliver_here(self._process(batch), self._loop)
+            batch = self._take_here(load)
+        if batch is not None:
+            self._run_here(batch, self._loop)
 
     def _check_open(self) -> None:
         if self._closing or self._loop is None:
@@ -331,10 +323,7 @@ class Batcher:
             UnavailableError: the batcher is closing or its device failed.
             QueueFullError: refused for load, with the wait to retry after as metadata.
         """
-        if self._closing or self._loop is None:
-            raise UnavailableError(f"model {self.label} is shutting down")
-        if self.model.device_failed:
-            raise self._unavailable()
+        self._check_open()
         if self._queued_items >= self.max_queue:
             with self._cond:
                 raise self._queue_full("")
@@ -364,32 +353,46 @@ class Batcher:
             metadata=_retry_after(wait_ms),
         )
 
-    def _may_run_inline(self) -> bool:
-        """Whether what is queued may yet run on the event loop (call with ``_cond`` held): the
-        model is cheap, no inference thread holds a batch, and the loop is not busy."""
+    def _may_run_inline(self, load: ThreadLoad | None) -> bool:
+        """Whether what is queued may yet run on the calling thread, whose ``load`` it is (call
+        with ``_cond`` held): the model is cheap, no inference thread holds a batch, and the
+        thread is not busy."""
         if not self.inline_items or self._computing or self._gathering or self._closing:
             return False
-        assert self._loop_load is not None
-        return self._loop_load.update() <= LOOP_BUSY
+        assert load is not None
+        return load.update() <= LOOP_BUSY
 
     def _flush(self) -> None:
         """On the event loop: run what is queued right here if it is cheap, no inference
         thread is busy and the loop is not; else wake an inference thread."""
         self._flush_pending = False
         with self._cond:
-            if not self._queue:
-                return
-            if self._queued_items > self.inline_items or not self._may_run_inline():
-                self._cond.notify()
-                return
-            batch, _ = self._first_batch()
-            if self._queue:  # other shapes: they do not batch with these
-                self._cond.notify()
-            self._computing += 1
+            batch = self._take_here(self._loop_load)
+        if batch is not None:
+            self._run_here(batch, None)
+
+    def _take_here(self, load: ThreadLoad | None) -> list[Ticket] | None:
+        """The queued batch to run on the calling thread if it may (``_may_run_inline``), else
+        None with an inference thread woken (call with ``_cond`` held)."""
+        if not self._queue:
+            return None
+        if self._queued_items > self.inline_items or not self._may_run_inline(load):
+            self._cond.notify()
+            return None
+        batch, _ = self._first_batch()
+        if self._queue:  # other shapes: they do not batch with these
+            self._cond.notify()
+        self._computing += 1
+        return batch
+
+    def _run_here(self, batch: list[Ticket], loop: asyncio.AbstractEventLoop | None) -> None:
+        """Compute ``batch`` on this thread (``loop``: the event loop, if this is not its
+        thread) and answer it; a batch that cost far more than estimated counts against inline
+        runs (``_judge_inline``)."""
         started = time.thread_time()
         outcomes = self._process(batch)
         spent = time.thread_time() - started
-        _deliver_here(outcomes, None)
+        _deliver_here(outcomes, loop)
         if not any(isinstance(outcome, TorchwireError) for _, outcome in outcomes):
             self._judge_inline(spent, sum(request.items for request in batch))
 

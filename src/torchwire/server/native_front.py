@@ -27,7 +27,7 @@ import grpc
 
 from torchwire.config import ServerSettings
 from torchwire.errors import TorchwireError, UnavailableError
-from torchwire.runtime import LOOP_BUSY, Batcher, ThreadLoad, Ticket
+from torchwire.runtime import Batcher, ThreadLoad, Ticket
 from torchwire.runtime.model import Arrays
 from torchwire.server.auth import Access
 from torchwire.server.observe import Call, Observer
@@ -150,9 +150,8 @@ class NativeFront:
                             queued[id(batcher)] = batcher
                     else:  # the client went away or its deadline passed
                         self._cancel(call_id)
-                inline = load.update() <= LOOP_BUSY
                 for batcher in queued.values():
-                    batcher.dispatch(inline)
+                    batcher.dispatch(load)
         finally:
             load.close()
 
