@@ -33,6 +33,8 @@ SEED_PROTO = Path(__file__).parent / "seed_proto" / "model.proto"
 TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
 BANNER = re.compile(r"torchwire serving on [^ ]+:(\d+) \(gRPC")
 METRICS_LINE = re.compile(r"metrics: http://[^ ]+:(\d+)/metrics")
+GATES: dict[str, threading.Event] = {}
+"""Events a test's model.py waits on or sets (a Python model runs in the test's process)."""
 
 
 def compile_seed_client(out: Path) -> tuple[ModuleType, ModuleType]:

@@ -259,15 +259,19 @@ def test_malloc_arenas_are_capped_where_glibc_allows() -> None:
     assert cap_malloc_arenas(0) is False  # 0: glibc's own default, nothing called
 
 
-def test_serving_torchscript_models_does_not_import_torch_dynamo(demo_repo: Path) -> None:
+def test_serving_torchscript_models_does_not_import_torch_dynamo(
+    demo_repo: Path, tmp_path: Path
+) -> None:
     # torch.export's archive reader pulls in torch._dynamo: 1.4 s of a 4.4 s start-up here, for
     # a check that only .pt2 models need. The server imports it only when it meets one.
+    for name in ("recsys", "resnet18"):  # the demo's TorchScript models
+        (tmp_path / name).symlink_to(demo_repo / name)
     code = (
         "import sys, asyncio\n"
         "from torchwire.config import ServerSettings\n"
         "from torchwire.server.app import Server\n"
         "async def main():\n"
-        f"    server = Server(ServerSettings(repository={str(demo_repo)!r}, port=0, http_port=0,\n"
+        f"    server = Server(ServerSettings(repository={str(tmp_path)!r}, port=0, http_port=0,\n"
         "                                   metrics_port=0, host='127.0.0.1'))\n"
         "    await server.start()\n"
         "    await server.stop(0)\n"

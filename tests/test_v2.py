@@ -287,13 +287,17 @@ def test_errors_name_what_was_wrong(
             stub.ModelInfer(request, timeout=10)
         assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "raw content holds 15 bytes; shape [1, 4] of FP32 needs 16" in raw.value.details()
-        request.inputs[0].datatype = "BYTES"
+        request.inputs[0].datatype = "UINT64"
         with pytest.raises(grpc.RpcError) as unsupported:
             stub.ModelInfer(request, timeout=10)
         assert (
-            "'BYTES' is not supported; supported: FP32, FP64, FP16, BF16"
+            "'UINT64' is not supported; supported: FP32, FP64, FP16, BF16"
             in unsupported.value.details()
         )
+        request.inputs[0].datatype = "BYTES"  # a datatype, but not this model's
+        with pytest.raises(grpc.RpcError) as other:
+            stub.ModelInfer(request, timeout=10)
+        assert "input 'x': expected datatype FP32, got BYTES" in other.value.details()
 
 
 def test_repository_index_load_unload_and_statistics(

@@ -1,4 +1,4 @@
-"""The ``torchwire`` command: ``serve``, ``bench`` and ``predict``."""
+"""The ``torchwire`` command: ``serve``, ``bench``, ``predict``, ``repo check`` and ``export``."""
 
 from __future__ import annotations
 
@@ -63,7 +63,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("directory", type=Path, help="the model repository")
     check.set_defaults(func=_repo_check_command)
+    _add_export(commands)
     return parser
+
+
+def _add_export(commands: Any) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write an nn.Module as a repository model (any format) and check it loads and agrees",
+        description="Builds the module with MODULE:NAME, writes DIRECTORY/config.toml and "
+        "DIRECTORY/VERSION/<file>, loads it back as the server would and compares its answers "
+        "with the module's at 1 and 3 items.",
+    )
+    export.add_argument("directory", type=Path, help="the model's directory in a repository")
+    export.add_argument(
+        "--module", required=True, help="MODULE:NAME of an nn.Module or a function returning one"
+    )
+    export.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        dest="inputs",
+        metavar="NAME[:DTYPE]:SHAPE",
+        help="an input per item, in call order, e.g. image:FP32:3,224,224 (repeat per input)",
+    )
+    export.add_argument(
+        "--format", default="torchscript", choices=["torchscript", "exported", "aoti", "python"]
+    )
+    export.add_argument("--version", type=int, default=1, help="the version directory to write")
+    export.set_defaults(func=_export_command)
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    from torchwire.repository.export import describe, export_model, load_factory, parse_input
+
+    factory = load_factory(args.module)
+    inputs = [parse_input(text) for text in args.inputs]
+    result = export_model(
+        factory(), inputs, args.format, args.directory, args.version, factory=args.module
+    )
+    print(describe(result))
+    return 0
 
 
 def _repo_check_command(args: argparse.Namespace) -> int:

@@ -21,11 +21,14 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from torchwire.errors import ConfigError
 
-DType = Literal["FP32", "FP64", "FP16", "BF16", "INT8", "INT16", "INT32", "INT64", "UINT8", "BOOL"]
+DType = Literal[
+    "FP32", "FP64", "FP16", "BF16", "INT8", "INT16", "INT32", "INT64", "UINT8", "BOOL", "BYTES"
+]
 ENV_PREFIX = "TORCHWIRE_"
 
 
@@ -239,6 +242,18 @@ class InstancesConfig(_Strict):
     """fp16/bf16 run under ``torch.autocast``."""
 
 
+class CompileConfig(_Strict):
+    """``torch.compile`` of a Python model's ``predict`` (``format = "python"`` only)."""
+
+    mode: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    """off: eager; else torch.compile's mode (reduce-overhead: CUDA graphs, one per batch size:
+    set [batching] pad_to so that a few sizes are captured, at load)."""
+    dynamic: bool | None = None
+    """torch.compile's ``dynamic``: None lets it decide (it recompiles once a size varies)."""
+    fullgraph: bool = False
+    """Refuse graph breaks (the load fails saying where) instead of running them eagerly."""
+
+
 class VersionsConfig(_Strict):
     policy: Literal["latest", "all", "specific"] = "latest"
     specific: list[int] = Field(default_factory=list)
@@ -247,13 +262,34 @@ class VersionsConfig(_Strict):
 class ModelConfig(_Strict):
     """A model's ``config.toml``."""
 
-    format: Literal["torchscript", "exported"] = "torchscript"
+    format: Literal["torchscript", "exported", "aoti", "python"] = "torchscript"
+    """The version file: model.pt (TorchScript), model.pt2 (torch.export, or an AOTInductor
+    package for aoti), or model.py (a class ``Model``: see the README's "Python models")."""
     inputs: list[TensorSpec] = Field(min_length=1)
+    """What requests carry (for a Python model: before its preprocess)."""
     outputs: list[TensorSpec] = Field(default_factory=list)
-    """Checked against the warm-up run; when empty, taken from it."""
+    """Checked against the warm-up run; when empty, taken from it (a Python model: required)."""
     batching: BatchingConfig = BatchingConfig()
     instances: InstancesConfig = InstancesConfig()
     versions: VersionsConfig = VersionsConfig()
+    compile: CompileConfig = CompileConfig()
+
+    @model_validator(mode="after")
+    def _fits_format(self) -> ModelConfig:
+        if self.format == "python":
+            if not self.outputs:
+                raise ValueError("a Python model declares its [[outputs]] (name, dtype, shape)")
+            return self
+        if self.compile.mode != "off":
+            raise ValueError(f'[compile] applies to format = "python", not {self.format!r}')
+        texts = [f"'{s.name}'" for s in (*self.inputs, *self.outputs) if s.dtype == "BYTES"]
+        if texts:
+            raise ValueError(
+                f'BYTES tensors ({", ".join(texts)}) need format = "python" (a model.py whose '
+                f"preprocess or postprocess turns them into tensors); {self.format} models take "
+                "and give numbers only"
+            )
+        return self
 
     @field_validator("inputs", "outputs")
     @classmethod

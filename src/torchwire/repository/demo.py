@@ -2,6 +2,10 @@
 
 - ``recsys``: FP32[256] -> FP32[1], an MLP 256-512-256-1 with a sigmoid.
 - ``resnet18``: FP32[3,224,224] -> FP32[1000], ResNet-18 in pure torch with random weights.
+- ``vision``: BYTES[1] (a JPEG or PNG) -> INT64[5] classes, FP32[5] scores: the same ResNet-18 as
+  a Python model (``vision_model.py``) that decodes and resizes the image in ``preprocess``.
+- ``recsys-aoti``: ``recsys`` as an AOTInductor package, built only where a C++ compiler is
+  found (it compiles for about 20 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +23,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 # Bump when the demo models or their configs change: a new cache directory is then built.
-DEMO_REVISION = 2
+DEMO_REVISION = 3
 
 RECSYS_CONFIG = """\
 format = "torchscript"
@@ -60,6 +65,32 @@ shape = [1000]
 
 # Measured on 2 cores: 42 images/s at batch 1, 47-49 at batch 2-4, 44 at batch 8 (all cores);
 # larger batches only add latency. Compute-bound: the model gets every core.
+[batching]
+max_batch_size = 4
+max_delay_ms = 5.0
+max_queue = 64
+"""
+
+
+VISION_CONFIG = """\
+format = "python"
+
+# An encoded JPEG or PNG per item; model.py decodes it (preprocess) and runs ResNet-18 (predict).
+[[inputs]]
+name = "image"
+dtype = "BYTES"
+shape = [1]
+
+[[outputs]]
+name = "classes"
+dtype = "INT64"
+shape = [5]
+
+[[outputs]]
+name = "scores"
+dtype = "FP32"
+shape = [5]
+
 [batching]
 max_batch_size = 4
 max_delay_ms = 5.0
@@ -135,12 +166,57 @@ def _save(module: nn.Module, directory: Path, config: str) -> None:
     scripted.save(str(directory / "1" / "model.pt"))  # type: ignore[no-untyped-call]
 
 
+def _save_vision(directory: Path) -> None:
+    """``vision``: the Python model beside the weights of ``resnet18`` (the same network)."""
+    (directory / "1").mkdir(parents=True)
+    (directory / "config.toml").write_text(VISION_CONFIG)
+    shutil.copyfile(Path(__file__).with_name("vision_model.py"), directory / "1" / "model.py")
+    torch.manual_seed(0)
+    torch.save(ResNet18().eval().state_dict(), directory / "1" / "resnet18.pt")
+
+
+def _save_aoti(directory: Path) -> None:
+    """``recsys-aoti``: ``recsys`` exported with a dynamic batch and compiled by AOTInductor."""
+    torch.manual_seed(0)
+    module = RecSys().eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(
+        module, (torch.zeros(2, 256),), dynamic_shapes={"features": {0: batch}}
+    )
+    (directory / "1").mkdir(parents=True)
+    with warnings.catch_warnings():  # torch 2.13's own use of a deprecated pytree name
+        warnings.simplefilter("ignore", FutureWarning)
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(directory / "1" / "model.pt2")
+        )
+    (directory / "config.toml").write_text(
+        RECSYS_CONFIG.replace('format = "torchscript"', 'format = "aoti"')
+    )
+
+
+def compiler_found() -> str | None:
+    """The C++ compiler AOTInductor would use ($CXX, else c++ or g++ on the PATH), if any."""
+    return next(
+        (
+            found
+            for name in (os.environ.get("CXX"), "c++", "g++")
+            if name and (found := shutil.which(name))
+        ),
+        None,
+    )
+
+
 def build_demo_repository(target: Path) -> None:
     """Write the demo models into ``target`` (which must not exist)."""
     torch.manual_seed(0)
     _save(RecSys(), target / "recsys", RECSYS_CONFIG)
     torch.manual_seed(0)
     _save(ResNet18(), target / "resnet18", RESNET18_CONFIG)
+    _save_vision(target / "vision")
+    if compiler_found() is None:
+        log.warning("no C++ compiler found (c++, g++ or $CXX): the demo has no recsys-aoti")
+        return
+    _save_aoti(target / "recsys-aoti")
 
 
 def ensure_demo_repository(cache_dir: Path) -> Path:

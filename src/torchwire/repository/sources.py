@@ -15,7 +15,12 @@ from pathlib import Path
 from torchwire.config import ModelConfig, TensorSpec, load_model_config
 from torchwire.errors import ConfigError
 
-MODEL_FILES = {"torchscript": "model.pt", "exported": "model.pt2"}
+MODEL_FILES = {
+    "torchscript": "model.pt",
+    "exported": "model.pt2",
+    "aoti": "model.pt2",
+    "python": "model.py",
+}
 
 Stamp = tuple[int, int, int]  # inode, size, mtime in ns
 

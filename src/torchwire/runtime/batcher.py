@@ -54,6 +54,7 @@ from torchwire.errors import (
 from torchwire.metrics import ModelMetrics
 from torchwire.runtime.cost import CallCost
 from torchwire.runtime.model import Arrays, LoadedModel
+from torchwire.runtime.steps import step_pool
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +206,18 @@ class Batcher:
         self.inline_items = self.cost.inline_items(
             batching.inline_max_ms / 1000, self.max_batch_size
         )
-        """Most items a batch may have to run on the event loop (0: never)."""
+        """Most items a batch may have to run on the event loop (0: never; never for a model
+        with per-request steps, whose requests are queued from the step threads)."""
+        if model.prepares or model.finishes:
+            self.inline_items = 0
         self._flush_pending = False
         self._loop_load: ThreadLoad | None = None  # made on the loop's thread, by start()
         self._gathering = 0  # inference threads holding a partial batch, waiting for more
         self._overruns = 0  # inline batches in a row that cost far more than estimated
         self._queue: deque[Ticket] = deque()
         self._queued_items = 0
+        self._preparing = 0  # items in the step threads' preprocess, counted against max_queue
+        self._finishing = 0  # requests in the step threads' postprocess
         self._computing = 0  # instance threads inside a model call
         self._cond = threading.Condition()
         self._closing = False
@@ -260,6 +266,9 @@ class Batcher:
         self._check_open()
         assert self._loop is not None
         future: asyncio.Future[Arrays] = self._loop.create_future()
+        if self.model.prepares:
+            self._prepare_later(Ticket(arrays, items, future, deadline))
+            return future
         with self._cond:
             self._append(Ticket(arrays, items, future, deadline))
             if not self._may_run_inline(self._loop_load):
@@ -281,9 +290,41 @@ class Batcher:
         dispatch once. Raises as ``submit`` does."""
         self._check_open()
         ticket = Ticket(arrays, items, None, deadline, done)
+        if self.model.prepares:
+            self._prepare_later(ticket)
+            return ticket
         with self._cond:
             self._append(ticket)
         return ticket
+
+    def _prepare_later(self, ticket: Ticket) -> None:
+        """Hand ``ticket`` to a step thread, which prepares it (``model.prepare``) and queues
+        it; its items count against ``max_queue`` meanwhile. Raises as ``_append`` does."""
+        with self._cond:
+            self._check_room(ticket.items)
+            self._preparing += ticket.items
+        step_pool().submit(self._prepare, ticket)
+
+    def _prepare(self, ticket: Ticket) -> None:
+        """On a step thread: prepare the request and queue it, or answer its error."""
+        error: TorchwireError | None = None
+        if not ticket.cancelled():
+            try:
+                ticket.arrays = self.model.prepare(ticket.arrays, ticket.items)
+            except TorchwireError as exc:
+                error = exc
+            except Exception:  # a bug of ours: the caller gets INTERNAL, the log the rest
+                log.exception("%s: preparing a request failed", self.label)
+                error = ModelExecutionError("internal error preparing the request (see the log)")
+        with self._cond:
+            self._preparing -= ticket.items
+            if error is None and not ticket.cancelled():
+                self._queue_ticket(ticket)
+                self._cond.notify()
+            elif self._closing:  # an inference thread may be waiting for this one
+                self._cond.notify_all()
+        if error is not None:
+            _deliver_here([(ticket, error)], self._loop)
 
     def dispatch(self, load: ThreadLoad) -> None:
         """After ``enqueue``: run what is queued on the calling thread, whose ``load`` it is, if
@@ -302,18 +343,25 @@ class Batcher:
 
     def _append(self, ticket: Ticket) -> None:
         """Queue ``ticket`` (call with ``_cond`` held), or refuse it."""
-        items, arrays = ticket.items, ticket.arrays
+        self._check_room(ticket.items)
+        self._queue_ticket(ticket)
+
+    def _check_room(self, items: int) -> None:
+        """Refuse a request of ``items`` items that the queue cannot take (``_cond`` held)."""
         if items > self.max_queue:
             raise InvalidInputError(
                 f"model {self.label}: the request has {items} items, more than its queue "
                 f"holds (max_queue = {self.max_queue}); send at most that many per request"
             )
-        if self._queued_items + items > self.max_queue:
+        if self._queued_items + self._preparing + items > self.max_queue:
             raise self._queue_full(f"this request adds {items}")
+
+    def _queue_ticket(self, ticket: Ticket) -> None:
+        arrays = ticket.arrays
         key = (arrays[0].shape[1:],) if len(arrays) == 1 else tuple(a.shape[1:] for a in arrays)
         ticket.shape_key = key
         self._queue.append(ticket)
-        self._queued_items += items
+        self._queued_items += ticket.items
 
     def admit(self, deadline: float | None, now: float) -> None:
         """Refuse, before the request is decoded, what cannot be answered: a full queue, or a
@@ -324,7 +372,7 @@ class Batcher:
             QueueFullError: refused for load, with the wait to retry after as metadata.
         """
         self._check_open()
-        if self._queued_items >= self.max_queue:
+        if self._queued_items + self._preparing >= self.max_queue:
             with self._cond:
                 raise self._queue_full("")
         if deadline is None or not self._queued_items:
@@ -392,7 +440,7 @@ class Batcher:
         started = time.thread_time()
         outcomes = self._process(batch)
         spent = time.thread_time() - started
-        _deliver_here(outcomes, loop)
+        self._deliver(outcomes, loop)
         if not any(isinstance(outcome, TorchwireError) for _, outcome in outcomes):
             self._judge_inline(spent, sum(request.items for request in batch))
 
@@ -447,6 +495,7 @@ class Batcher:
                 )
         if any(thread.is_alive() for thread in threads):
             return False
+        await asyncio.to_thread(self._wait_finished, max(0.0, deadline - time.monotonic()))
         # Its device memory back to the device, off the loop (emptying CUDA's cache waits for
         # the device).
         try:
@@ -455,6 +504,11 @@ class Batcher:
             log.warning("%s: could not release its memory: %s", self.label, exc)
         return True
 
+    def _wait_finished(self, timeout_s: float) -> None:
+        """Until no request is in ``finish`` (the model is about to be released)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._finishing, timeout_s)
+
     # -- inference threads -------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -462,8 +516,39 @@ class Batcher:
         while (batch := self._take()) is not None:
             outcomes = self._process(batch)
             assert self._loop is not None
-            if not _deliver_here(outcomes, self._loop):
+            if not self._deliver(outcomes, self._loop):
                 return  # the loop is closed: nobody is left to answer
+
+    def _deliver(self, outcomes: list[_Outcome], loop: asyncio.AbstractEventLoop | None) -> bool:
+        """Answer a computed batch (``_deliver_here``); the rows of a model that ``finishes``
+        go through a step thread first."""
+        if not self.model.finishes:
+            return _deliver_here(outcomes, loop)
+        now: list[_Outcome] = []
+        for ticket, outcome in outcomes:
+            if isinstance(outcome, TorchwireError) or ticket.cancelled():
+                now.append((ticket, outcome))
+                continue
+            with self._cond:
+                self._finishing += 1
+            step_pool().submit(self._finish, ticket, outcome, self._loop)
+        return _deliver_here(now, loop) if now else True
+
+    def _finish(self, ticket: Ticket, rows: Arrays, loop: asyncio.AbstractEventLoop | None) -> None:
+        """On a step thread: one request's rows through ``model.finish``, then answered."""
+        outcome: Arrays | TorchwireError
+        try:
+            outcome = self.model.finish(rows)
+        except TorchwireError as exc:
+            outcome = exc
+        except Exception:
+            log.exception("%s: finishing a request failed", self.label)
+            outcome = ModelExecutionError("internal error finishing the request (see the log)")
+        finally:
+            with self._cond:
+                self._finishing -= 1
+                self._cond.notify_all()
+        _deliver_here([(ticket, outcome)], loop)
 
     def _process(self, batch: list[Ticket]) -> list[_Outcome]:
         """Compute a batch taken from the queue (``_computing`` counts it); count the outcomes."""
@@ -482,7 +567,7 @@ class Batcher:
     def _take(self) -> list[Ticket] | None:
         with self._cond:
             while not self._queue:
-                if self._closing:
+                if self._closing and not self._preparing:
                     return None
                 self._cond.wait()
             batch, items = self._first_batch()

@@ -20,11 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from torchwire.errors import DeviceFailedError
-from torchwire.runtime.dtypes import numpy_dtype
 from torchwire.runtime.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -149,10 +147,7 @@ def choose_threads(size: int, batch_s: dict[int, float], shared: int) -> tuple[i
 def _time(model: LoadedModel, items: int, threads: int) -> float:
     """Best time of a call on ``items`` items of zeros with ``threads`` intra-op threads; this
     thread's own thread count is put back after."""
-    arrays = [
-        np.zeros((items, *(1 if d == -1 else d for d in spec.shape)), numpy_dtype(spec.dtype))
-        for spec in model.inputs
-    ]
+    arrays = model.sample(items)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -22,9 +22,13 @@ TORCH_DTYPES: dict[DType, torch.dtype] = {
     "BOOL": torch.bool,
 }
 # numpy has no bfloat16: BF16 tensors travel as FP32 arrays and are cast on the model's device.
+# BYTES (no torch dtype) are numpy object arrays of ``bytes``, for Python models only.
 NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
-    name: np.dtype(np.float32 if name == "BF16" else torch.empty(0, dtype=dtype).numpy().dtype)
-    for name, dtype in TORCH_DTYPES.items()
+    **{
+        name: np.dtype(np.float32 if name == "BF16" else torch.empty(0, dtype=dtype).numpy().dtype)
+        for name, dtype in TORCH_DTYPES.items()
+    },
+    "BYTES": np.dtype(object),
 }
 DTYPE_BY_TORCH: dict[torch.dtype, DType] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 SUPPORTED: tuple[str, ...] = get_args(DType)

@@ -4,9 +4,10 @@ opaque objects, sample inputs that fail the safe loader) and loads AOTInductor l
 which runs code chosen by whoever wrote the file. An archive that would need any of them is
 refused with a message saying which part; plain tensors and the JSON program load as usual.
 
-TorchScript files are another matter: ``torch.jit.load`` runs the model's own code (``__setstate__``
-and then ``forward``) by design. See the README's "Security": who may write the repository may run
-code in the server.
+TorchScript files and AOTInductor packages (``format = "aoti"``) are another matter:
+``torch.jit.load`` runs the model's own code (``__setstate__``, then ``forward``) by design, and
+an AOTInductor package is compiled code. See the README's "Security": who may write the
+repository may run code in the server.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +30,22 @@ def load_exported(path: Path, device: torch.device) -> torch.nn.Module:
     from torch.export.passes import move_to_device_pass  # torch._dynamo: see check_archive
 
     return move_to_device_pass(torch.export.load(str(path)), device).module()
+
+
+def load_aoti(path: Path, device: torch.device) -> Any:
+    """The AOTInductor package at ``path`` (``torch._inductor.aoti_compile_and_package``) as a
+    callable on ``device``: the package was compiled for one device type, and a package for
+    another fails here or at the warm-up, saying so."""
+    index = device.index if device.type == "cuda" and device.index is not None else -1
+    try:
+        return torch._inductor.aoti_load_package(str(path), device_index=index)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"{path}: cannot load the AOTInductor package: {first} (was it made by "
+            "torch._inductor.aoti_compile_and_package with torch "
+            f"{torch.__version__.split('+')[0]}, for {device.type}?)"
+        ) from exc
 
 
 def check_archive(path: Path) -> None:
@@ -68,7 +86,10 @@ def check_archive(path: Path) -> None:
                 if str(meta.get("path_name", "")).startswith(pickled_objects):
                     raise refuse(f"constant '{fqn}' is a pickled object ({name})")
         elif name.startswith(AOTINDUCTOR_DIR):
-            raise refuse(f"it holds AOTInductor compiled code ({name})")
+            raise ConfigError(
+                f"{path}: holds AOTInductor compiled code ({name}): serve it with "
+                'format = "aoti" in config.toml (loading it runs that code, by design)'
+            )
         elif name.startswith(SAMPLE_INPUTS_DIR):
             try:
                 torch.load(io.BytesIO(reader.read_bytes(name)), weights_only=True)

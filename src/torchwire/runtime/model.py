@@ -46,7 +46,7 @@ from torchwire.errors import (
     exception_chain,
 )
 from torchwire.runtime.dtypes import DTYPE_BY_TORCH, TORCH_DTYPES, numpy_dtype
-from torchwire.runtime.exported import load_exported
+from torchwire.runtime.exported import load_aoti, load_exported
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ _ASKED = (
 )
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` says an allocation failed (TorchScript may wrap the torch type)."""
     text = str(exc)
     return isinstance(exc, torch.OutOfMemoryError) or any(
@@ -134,7 +134,7 @@ from a destructor when they free memory of a failed context, which aborts the pr
 on an H200 instead of exit code 4, the batch's callers left unanswered)."""
 
 
-def _is_accelerator_error(exc: BaseException) -> bool:
+def is_accelerator_error(exc: BaseException) -> bool:
     """Whether ``exc`` is an error of the device (CUDA's), not of the model's code (torch 2.8
     and later raise ``AcceleratorError``; TorchScript wraps it, keeping CUDA's words)."""
     return isinstance(exc, _ACCELERATOR_ERRORS) or "CUDA error: " in str(exc)
@@ -182,11 +182,17 @@ def _asked(exc: BaseException) -> str:
 
 
 class LoadedModel:
-    """A TorchScript or ``torch.export`` model with its signature, ready to run batches.
+    """A TorchScript, ``torch.export`` or AOTInductor model with its signature, ready to run
+    batches (``PythonModel``, a ``model.py``, is one too).
 
     Calls run under ``torch.inference_mode()`` in the calling thread (an inference thread of the
     batcher, never the event loop), with ``torch.autocast`` for fp16/bf16 precision.
     """
+
+    prepares = False
+    """Whether each request goes through ``prepare`` before it is queued (on a step thread)."""
+    finishes = False
+    """Whether each request's rows go through ``finish`` before they are answered."""
 
     def __init__(self, module: Any, config: ModelConfig, path: Path, device: torch.device) -> None:
         self.path = path
@@ -211,6 +217,10 @@ class LoadedModel:
     @classmethod
     def load(cls, path: Path, config: ModelConfig) -> LoadedModel:
         """Load ``path`` onto the configured device; raise ``ConfigError`` saying why not."""
+        if config.format == "python":
+            from torchwire.runtime.python_model import PythonModel  # it builds on this class
+
+            return PythonModel.load(path, config)
         device = torch.device(config.instances.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"{path}: device {device} requested but CUDA is not available")
@@ -219,6 +229,8 @@ class LoadedModel:
         try:
             if config.format == "exported":
                 module = load_exported(path, device)  # ConfigError if it would unpickle objects
+            elif config.format == "aoti":
+                module = load_aoti(path, device)
             else:
                 module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
                 module.eval()
@@ -271,6 +283,22 @@ class LoadedModel:
         if items == 0:
             raise InvalidInputError("a request must hold at least one item, got 0")
         return items
+
+    def prepare(self, arrays: Sequence[np.ndarray[Any, Any]], items: int) -> Arrays:
+        """One request's arrays as ``run_batch`` takes them (``prepares``: a Python model's
+        ``preprocess``)."""
+        return list(arrays)
+
+    def finish(self, outputs: Arrays) -> Arrays:
+        """One request's rows as the client gets them (``finishes``: ``postprocess``)."""
+        return outputs
+
+    def sample(self, items: int) -> Arrays:
+        """A batch of ``items`` items of zeros (variable dimensions at 1), to time calls."""
+        return [
+            np.zeros((items, *(1 if d == -1 else d for d in spec.shape)), numpy_dtype(spec.dtype))
+            for spec in self.inputs
+        ]
 
     def __call__(self, arrays: Sequence[np.ndarray[Any, Any]]) -> Arrays:
         """Run one batch; return one array per output, each with the batch dimension first."""
@@ -331,7 +359,7 @@ class LoadedModel:
         """``exc`` as ``DeviceFailedError`` if it is a device error and the device no longer
         computes (or was found failed already); else None. The failed call's frames (its
         tensors) are kept."""
-        if not _is_accelerator_error(exc):
+        if not is_accelerator_error(exc):
             return None
         seen_before = self.device_failed
         if not seen_before and self._device_works():
@@ -434,9 +462,9 @@ class LoadedModel:
         already); None for anything else (a bug: raise it as it is)."""
         if isinstance(exc, ModelExecutionError):
             return exc
-        if _is_out_of_memory(exc):
+        if is_out_of_memory(exc):
             return self._out_of_memory(exc, items)
-        if _is_accelerator_error(exc):
+        if is_accelerator_error(exc):
             failed = self._failed_device(exc)
             return failed or ModelExecutionError(f"model raised {_device_error(exc)}")
         return None
@@ -536,7 +564,7 @@ class LoadedModel:
                 with torch.autocast(self.device.type, dtype=self._autocast_dtype):
                     result = self._module(*inputs)
         except Exception as exc:
-            if _is_out_of_memory(exc) or _is_accelerator_error(exc):
+            if is_out_of_memory(exc) or is_accelerator_error(exc):
                 raise  # run_batch (or _warm_run) says what it amounts to
             log.warning("%s raised on a batch of %d", self.path, len(inputs[0]), exc_info=exc)
             raise ModelExecutionError(f"model raised {_last_line(exc)}") from exc

@@ -33,6 +33,11 @@ def decode_request(request: SeedRequest, model: LoadedModel) -> tuple[Arrays, in
         raise InvalidInputError(
             f"the seed API serves single-input models; this one takes {names}: use the V2 API"
         )
+    spec = model.inputs[0]
+    if spec.dtype == "BYTES":
+        raise InvalidInputError(
+            f"the seed API carries floats; input '{spec.name}' is BYTES: use the V2 API"
+        )
     raw = request.raw
     if raw:
         if request.floats.size:
@@ -44,7 +49,6 @@ def decode_request(request: SeedRequest, model: LoadedModel) -> tuple[Arrays, in
         flat = np.frombuffer(raw, dtype=FLOAT32_LE)
     else:
         flat = request.floats
-    spec = model.inputs[0]
     per_item = model.item_size(0)
     if flat.size == 0 or flat.size % per_item:
         raise InvalidInputError(

@@ -3,12 +3,15 @@
 Inputs come as typed ``contents`` or as ``raw_input_contents`` (little-endian, one buffer per
 input); outputs always go back as ``raw_output_contents``, which every V2 client reads. BF16 travels
 as 2-byte ``ml_dtypes.bfloat16`` on the wire and as float32 inside torchwire (numpy has no
-bfloat16): the model's device casts it.
+bfloat16): the model's device casts it. BYTES elements travel as Triton writes them: in raw
+contents each is a 4-byte little-endian length and its bytes; typed, one ``bytes_contents`` entry
+each; inside torchwire, a numpy object array of ``bytes``.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +38,9 @@ CONTENTS_FIELDS = {
     "UINT8": "uint_contents",
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
 }
+_LENGTH = struct.Struct("<I")
 
 
 def wire_dtype(datatype: str) -> np.dtype[Any]:
@@ -50,7 +55,13 @@ def wire_dtype(datatype: str) -> np.dtype[Any]:
 
 def wire_bytes(array: np.ndarray[Any, Any], datatype: str) -> memoryview:
     """``array``'s bytes as V2 carries a tensor (little-endian, row-major), copied only if its
-    dtype or layout differs."""
+    dtype or layout differs; BYTES as length-prefixed elements."""
+    if datatype == "BYTES":
+        parts = []
+        for element in array.reshape(-1):
+            data = element.encode() if isinstance(element, str) else bytes(element)
+            parts += [_LENGTH.pack(len(data)), data]
+        return memoryview(b"".join(parts))
     wire = np.ascontiguousarray(array, dtype=wire_dtype(datatype))
     return wire.reshape(-1).view(np.uint8).data
 
@@ -99,6 +110,71 @@ def _from_values(values: Any, dtype: np.dtype[Any], datatype: str, where: str) -
     return array
 
 
+def _elements(values: Any, where: str) -> list[bytes]:
+    """BYTES ``values`` (``bytes_contents``; JSON strings, nested lists allowed) as a flat list."""
+    if isinstance(values, (bytes, str)):
+        values = [values]
+    flat: list[bytes] = []
+    pending = [iter(values)]
+    while pending:
+        for value in pending[-1]:
+            if isinstance(value, bytes):
+                flat.append(value)
+            elif isinstance(value, str):
+                flat.append(value.encode())
+            elif isinstance(value, list):
+                pending.append(iter(value))
+                break
+            else:
+                raise InvalidInputError(
+                    f"{where}: BYTES data holds {type(value).__name__} values; send strings"
+                )
+        else:
+            pending.pop()
+    return flat
+
+
+def _split_bytes(raw: bytes | memoryview, count: int, where: str) -> list[bytes]:
+    """Raw BYTES contents: ``count`` elements, each a 4-byte little-endian length and its bytes,
+    with nothing left over."""
+    view, offset, found = memoryview(raw), 0, []
+    for index in range(count):
+        if offset + 4 > len(view):
+            raise InvalidInputError(
+                f"{where}: raw BYTES content ends at element {index} of {count}; each element "
+                "is a 4-byte little-endian length followed by that many bytes"
+            )
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise InvalidInputError(
+                f"{where}: raw BYTES element {index} claims {length} bytes; "
+                f"{len(view) - offset} are left"
+            )
+        found.append(bytes(view[offset : offset + length]))
+        offset += length
+    if offset != len(view):
+        raise InvalidInputError(
+            f"{where}: raw BYTES content has {len(view) - offset} bytes after its {count} elements"
+        )
+    return found
+
+
+def _bytes_tensor(tensor: WireTensor, shape: tuple[int, ...], where: str) -> np.ndarray:
+    count = math.prod(shape)
+    if tensor.raw is not None:
+        elements = _split_bytes(tensor.raw, count, where)
+    else:
+        elements = _elements(tensor.values, where)
+        if len(elements) != count:
+            raise InvalidInputError(
+                f"{where}: data holds {len(elements)} values; shape {list(shape)} needs {count}"
+            )
+    array = np.empty(count, dtype=object)
+    array[:] = elements
+    return array.reshape(shape)
+
+
 def _tensor(tensor: WireTensor, model: LoadedModel) -> np.ndarray[Any, Any]:
     spec = next(s for s in model.inputs if s.name == tensor.name)
     where = f"input '{tensor.name}'"
@@ -121,6 +197,8 @@ def _tensor(tensor: WireTensor, model: LoadedModel) -> np.ndarray[Any, Any]:
             f"{where}: shape {list(shape)[:8]} holds {count} elements, more than any request "
             f"can carry ({MAX_ELEMENTS})"
         )
+    if spec.dtype == "BYTES":
+        return _bytes_tensor(tensor, shape, where)
     dtype = wire_dtype(spec.dtype)
     if tensor.raw is not None:
         if len(tensor.raw) != count * dtype.itemsize:

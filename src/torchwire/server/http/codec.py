@@ -14,6 +14,7 @@ import reprlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 
 from torchwire.errors import InvalidInputError
@@ -165,6 +166,17 @@ def _outputs(header: dict[str, Any], model: LoadedModel) -> tuple[list[int], lis
     return selected, [binary.get(model.outputs[i].name, binary_all) for i in selected]
 
 
+def _strings(array: np.ndarray[Any, Any], name: str) -> list[str]:
+    """A BYTES output as JSON strings, which must be UTF-8."""
+    try:
+        return [e if isinstance(e, str) else bytes(e).decode() for e in array.reshape(-1)]
+    except UnicodeDecodeError:
+        raise InvalidInputError(
+            f"output '{name}' holds bytes that are not UTF-8 text, which JSON cannot carry: ask "
+            "for it as binary data (its parameters.binary_data = true)"
+        ) from None
+
+
 def encode(
     request: HttpInfer, model: LoadedModel, name: str, version: int, outputs: Arrays
 ) -> tuple[bytes, int | None]:
@@ -181,6 +193,8 @@ def encode(
             blob = wire_bytes(array, spec.dtype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        elif spec.dtype == "BYTES":
+            entry["data"] = _strings(array, spec.name)
         else:
             entry["data"] = array.reshape(-1).tolist()
         described.append(entry)
