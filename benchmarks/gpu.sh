@@ -2,6 +2,8 @@
 # The GPU machine's one call (16 cores, one GPU), under 5 minutes: benchmarks/gpu.py (resnet18 on
 # the GPU: the GPU path's checks, the in-process ceiling, torchwire one process, padded batches
 # and --workers, fp32/fp16, a py-spy profile; the seconds of each stage are in its report).
+# With FORMATS=1, then benchmarks/formats.py --device cuda (recsys as TorchScript and as an
+# AOTInductor package compiled there for CUDA, the vision Python model; about 1.5 minutes).
 # With SCALEOUT=1, then benchmarks/scaleout.py --gpu (recsys with 1, 2, 4, 8 workers, four
 # separate processes, the open-loop rate under P99 < 50 ms; measured on an H200 before: 3.5 min
 # more).
@@ -26,6 +28,10 @@ python3 -c "import torchwire.server.app, tritonclient.grpc, pygrpc_native" || { 
 out=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 timeout 300 python3 benchmarks/gpu.py --profile --out "$out" "$@"; echo "gpu.py exit $?"
+if [[ "${FORMATS:-0}" == 1 ]]; then  # recsys TorchScript vs AOTInductor, vision, on the GPU
+  timeout 150 python3 benchmarks/formats.py --device cuda --seconds 2 --out "$out"
+  echo "formats.py exit $?"
+fi
 if [[ "${SCALEOUT:-0}" == 1 ]]; then
   timeout 210 python3 benchmarks/scaleout.py --gpu --out "$out" ${SCALEOUT_ARGS:-}
   echo "scaleout.py exit $?"

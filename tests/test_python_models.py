@@ -29,10 +29,14 @@ from support import ServerThread, free_port, http_request, in_process, wait_unti
 from torchwire.config import ModelConfig, load_model_config
 from torchwire.errors import ConfigError
 from torchwire.repository.check import check_repository
+from torchwire.repository.demo import compiler_found
 from torchwire.repository.vision_model import example_image
 from torchwire.runtime import LoadedModel
 
 FAST_WATCH = {"watch_interval_s": 0.1, "watch_settle_s": 0.3}
+NEEDS_COMPILER = pytest.mark.skipif(
+    compiler_found() is None, reason="no C++ compiler: AOTInductor cannot build (CI installs g++)"
+)
 
 TEXT_CONFIG = """\
 format = "python"
@@ -121,7 +125,8 @@ def server(
     over gRPC and HTTP."""
     root = tmp_path_factory.mktemp("python-repo")
     for name in ("vision", "recsys", "recsys-aoti"):
-        (root / name).symlink_to(demo_repo / name)
+        if (demo_repo / name).exists():  # recsys-aoti: where a C++ compiler built it
+            (root / name).symlink_to(demo_repo / name)
     write_python_model(root / "text", TEXT_CONFIG, {1: TEXT_MODEL})
     with ServerThread(
         repository=root, http_port=free_port(), grpc_frontend=frontend, watch="off"
@@ -334,6 +339,7 @@ def test_requests_being_preprocessed_count_against_the_queue(
     client.close()
 
 
+@NEEDS_COMPILER
 def test_recsys_as_aotinductor_answers_as_torchscript(
     server: ServerThread, demo_repo: Path
 ) -> None:
@@ -477,6 +483,7 @@ def test_configs_that_cannot_work_say_why(tmp_path: Path, config: str, said: str
     assert said in str(caught.value)
 
 
+@NEEDS_COMPILER
 def test_an_aotinductor_package_served_as_exported_is_refused_naming_the_format(
     demo_repo: Path, tmp_path: Path
 ) -> None:
@@ -493,3 +500,54 @@ def test_a_torchscript_model_beside_python_ones_is_unchanged(tmp_path: Path) -> 
     write_python_model(tmp_path / "py", SCALE_CONFIG, {1: SCALE.format(factor=2)})
     rows = check_repository(tmp_path)
     assert [(r.model, r.ok) for r in rows] == [("py", True), ("ts", True)], rows
+
+
+COMPILED = """\
+import torch
+
+
+class Model:
+    def setup(self, device):
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)
+        ).to(device)
+
+    def predict(self, inputs):
+        y = torch.tanh(self.net(inputs["x"])) * 2
+        if {graph_break}:
+            torch._dynamo.graph_break()
+        return {{"y": y}}
+"""
+
+
+def test_torch_compile_of_predict_answers_as_eager_and_fullgraph_refuses_breaks(
+    tmp_path: Path,
+) -> None:
+    eager = write_python_model(
+        tmp_path / "eager", SCALE_CONFIG, {1: COMPILED.format(graph_break=False)}
+    )
+    compiled = write_python_model(
+        tmp_path / "compiled",
+        SCALE_CONFIG + '[compile]\nmode = "default"\ndynamic = true\n',
+        {1: COMPILED.format(graph_break=False)},
+    )
+    x = np.random.default_rng(0).random((5, 4), dtype=np.float32)
+    answers = []
+    for directory in (eager, compiled):
+        model = LoadedModel.load(
+            directory / "1" / "model.py", load_model_config(directory / "config.toml")
+        )
+        model.warm_up()
+        answers.append(model.run_batch([[x]])[0])
+        model.release()
+    np.testing.assert_allclose(answers[1], answers[0], rtol=1e-5, atol=1e-6)
+    write_python_model(
+        tmp_path / "strict",
+        SCALE_CONFIG + '[compile]\nmode = "default"\nfullgraph = true\n',
+        {1: COMPILED.format(graph_break=True)},
+    )
+    (row,) = [r for r in check_repository(tmp_path) if r.model == "strict"]
+    assert not row.ok and "strict/1/model.py" in row.detail and "graph_break" in row.detail, (
+        row.detail
+    )

@@ -151,6 +151,8 @@ def _time(model: LoadedModel, items: int, threads: int) -> float:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        if model.config.compile.mode != "off":  # a new size may compile: not the call's cost
+            model.run_batch([arrays])
         return _best(lambda: model.run_batch([arrays]))
     finally:
         torch.set_num_threads(before)

@@ -162,7 +162,7 @@ class PythonModel(LoadedModel):
                 instance = model_class()
                 setup = getattr(instance, "setup", None)
                 if setup is not None:
-                    with torch.inference_mode():
+                    with torch.no_grad():  # not inference_mode: setup may build and change tensors
                         setup(device)
             except Exception as exc:
                 step = "setup" if "instance" in locals() else "Model()"
@@ -219,7 +219,11 @@ class PythonModel(LoadedModel):
             parts = [request[index] for request in requests]
             inputs[name] = self._stacked(name, parts, padded)
         try:
-            result = self._predict(inputs)
+            if self._autocast_dtype is None:
+                result = self._predict(inputs)
+            else:
+                with torch.autocast(self.device.type, dtype=self._autocast_dtype):
+                    result = self._predict(inputs)
         except Exception as exc:
             if is_out_of_memory(exc) or is_accelerator_error(exc):
                 raise  # run_batch says what it amounts to
@@ -284,7 +288,7 @@ class PythonModel(LoadedModel):
                 self._prepared = [str(name) for name in found]
             prepared = self.prepare(request, 1)
             if self._post is not None:
-                with torch.inference_mode():
+                with torch.inference_mode(), self._on_stream(keep=False):
                     found = self._predict(
                         {
                             n: self._stacked(n, [a], 1)
