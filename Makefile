@@ -1,11 +1,12 @@
 # make run: set up .venv and serve the built-in demo models on :50051
 # make test: set up .venv and run the test suite
+# make docs: the docs site from docs/ into docs/_build/html (reference pages generated from the code)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint proto proto-check check image-check deploy-configs
+.PHONY: install run test lint proto proto-check check image-check deploy-configs docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +35,11 @@ deploy-configs: install
 
 proto-check: install
 	PYTHON=$(BIN)/python scripts/proto.sh --check
+
+# The reference pages from the code, then the site; a broken link or anchor fails the build.
+docs: install
+	$(BIN)/python scripts/docs_reference.py
+	$(BIN)/sphinx-build -q -W --keep-going -n -b html docs docs/_build/html
 
 check: proto-check lint test
 

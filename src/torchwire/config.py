@@ -184,7 +184,7 @@ class ServerSettings(_Strict):
     @classmethod
     def field_help(cls) -> dict[str, str]:
         """Each field's docstring, for the CLI's help text."""
-        return _field_docs(cls)
+        return field_docs(cls)
 
 
 class TensorSpec(_Strict):
@@ -264,7 +264,7 @@ class ModelConfig(_Strict):
 
     format: Literal["torchscript", "exported", "aoti", "python"] = "torchscript"
     """The version file: model.pt (TorchScript), model.pt2 (torch.export, or an AOTInductor
-    package for aoti), or model.py (a class ``Model``: see the README's "Python models")."""
+    package for aoti), or model.py (a class ``Model``: see docs/models.md)."""
     inputs: list[TensorSpec] = Field(min_length=1)
     """What requests carry (for a Python model: before its preprocess)."""
     outputs: list[TensorSpec] = Field(default_factory=list)
@@ -301,7 +301,7 @@ class ModelConfig(_Strict):
         return specs
 
 
-def _field_docs(cls: type[BaseModel]) -> dict[str, str]:
+def field_docs(cls: type[BaseModel]) -> dict[str, str]:
     """Read the docstrings written under each field (the source is the single definition)."""
     import ast
     import inspect

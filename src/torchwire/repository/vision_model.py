@@ -1,7 +1,7 @@
 """The demo's ``vision`` model: a JPEG or PNG in, the top-5 ImageNet classes of ResNet-18 out.
 
 Copied as ``vision/1/model.py`` into the demo repository, beside ``resnet18.pt`` (its weights);
-it is also the example of a Python model (README, "Python models"). ``preprocess`` decodes and
+it is also the example of a Python model (docs/models.md). ``preprocess`` decodes and
 resizes each image with Pillow on the step threads (Pillow lets go of the GIL while it decodes and
 resamples), so that the model's batches never wait for a decoder.
 """

@@ -6,7 +6,7 @@ refused with a message saying which part; plain tensors and the JSON program loa
 
 TorchScript files and AOTInductor packages (``format = "aoti"``) are another matter:
 ``torch.jit.load`` runs the model's own code (``__setstate__``, then ``forward``) by design, and
-an AOTInductor package is compiled code. See the README's "Security": who may write the
+an AOTInductor package is compiled code. See docs/security.md: who may write the
 repository may run code in the server.
 """
 

@@ -1,6 +1,6 @@
 """A Python model: the class ``Model`` of a version's ``model.py``, served like any other format.
 
-The contract (README, "Python models"): ``setup(device)`` once at load, ``preprocess(request)``
+The contract (docs/models.md): ``setup(device)`` once at load, ``preprocess(request)``
 per request, ``predict(inputs)`` on a batch, ``postprocess(answer)`` per request; only ``predict``
 is required. ``preprocess`` and ``postprocess`` run on the step threads (``runtime.steps``), in
 parallel and never on the event loop or the inference thread, so the model's device does not wait
