@@ -22,6 +22,7 @@ from torch import nn
 
 from support import Scale, ServerThread, wait_until, write_model
 from torchwire._proto import modelservice_messages_pb2 as pb
+from torchwire.compat import grpc_aio
 from torchwire.server import drain
 
 CALLS = 8
@@ -146,7 +147,7 @@ def test_a_grpc_whose_accept_loop_differs_serves_and_stops_as_before(
 ) -> None:
     # A grpcio whose private accept loop is not the one drain.py mirrors (1.85 changed it):
     # nothing is wrapped or taken, calls are served, the stop says what it cannot do.
-    monkeypatch.setattr(drain, "_knows_grpc", lambda core: False)
+    monkeypatch.setattr(grpc_aio, "known", lambda: False)
     write_model(tmp_path / "scale", Scale(2.0), [2])
     server = ServerThread(repository=tmp_path, grpc_frontend="aio").start()
     request = pb.PredictRequest(

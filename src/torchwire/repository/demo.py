@@ -14,11 +14,12 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from torchwire.compat.torch_internals import aoti_compile_and_package
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +187,7 @@ def _save_aoti(directory: Path) -> None:
         module, (torch.zeros(2, 256),), dynamic_shapes={"features": {0: batch}}
     )
     (directory / "1").mkdir(parents=True)
-    with warnings.catch_warnings():  # torch 2.13's own use of a deprecated pytree name
-        warnings.simplefilter("ignore", FutureWarning)
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(directory / "1" / "model.pt2")
-        )
+    aoti_compile_and_package(program, directory / "1" / "model.pt2")
     (directory / "config.toml").write_text(
         RECSYS_CONFIG.replace('format = "torchscript"', 'format = "aoti"')
     )

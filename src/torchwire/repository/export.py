@@ -18,7 +18,6 @@ import inspect
 import math
 import shutil
 import textwrap
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from torchwire.compat.torch_internals import aoti_compile_and_package
 from torchwire.config import DType, ModelConfig, TensorSpec, load_model_config, parse_shape
 from torchwire.errors import ConfigError
 from torchwire.repository.sources import MODEL_FILES
@@ -158,13 +158,11 @@ def _write(
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     parameters = list(inspect.signature(module.forward).parameters)  # dynamic_shapes' keys
     dynamic = {name: {0: batch} for name in parameters[: len(example)]}
-    with warnings.catch_warnings():  # torch's own deprecations, not the user's
-        warnings.simplefilter("ignore", FutureWarning)
-        program = torch.export.export(module, tuple(example), dynamic_shapes=dynamic)
-        if fmt == "exported":
-            torch.export.save(program, str(target))
-        else:
-            torch._inductor.aoti_compile_and_package(program, package_path=str(target))
+    program = torch.export.export(module, tuple(example), dynamic_shapes=dynamic)
+    if fmt == "exported":
+        torch.export.save(program, str(target))
+    else:
+        aoti_compile_and_package(program, target)
 
 
 def export_model(

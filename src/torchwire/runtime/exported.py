@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from torchwire.compat.torch_internals import aoti_load_package, open_archive
 from torchwire.errors import ConfigError
 
 
@@ -33,12 +34,11 @@ def load_exported(path: Path, device: torch.device) -> torch.nn.Module:
 
 
 def load_aoti(path: Path, device: torch.device) -> Any:
-    """The AOTInductor package at ``path`` (``torch._inductor.aoti_compile_and_package``) as a
-    callable on ``device``: the package was compiled for one device type, and a package for
-    another fails here or at the warm-up, saying so."""
+    """The AOTInductor package at ``path`` as a callable on ``device``: the package was compiled
+    for one device type, and a package for another fails here or at the warm-up, saying so."""
     index = device.index if device.type == "cuda" and device.index is not None else -1
     try:
-        return torch._inductor.aoti_load_package(str(path), device_index=index)
+        return aoti_load_package(path, index)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
@@ -50,18 +50,6 @@ def load_aoti(path: Path, device: torch.device) -> Any:
 
 def check_archive(path: Path) -> None:
     """Raise ``ConfigError`` if loading the archive at ``path`` could run code from it."""
-    # Imported here: torch.export.pt2_archive pulls in torch._dynamo, 1.4 s of every server's
-    # start-up (two thirds of it) when imported with this module, and most models are not .pt2.
-    from torch.export.pt2_archive import PT2ArchiveReader
-    from torch.export.pt2_archive.constants import (
-        AOTINDUCTOR_DIR,
-        ARCHIVE_FORMAT_PATH,
-        CUSTOM_OBJ_FILENAME_PREFIX,
-        OPAQUE_OBJ_FILENAME_PREFIX,
-        SAMPLE_INPUTS_DIR,
-    )
-
-    pickled_objects = (CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX)
 
     def refuse(why: str) -> ConfigError:
         return ConfigError(
@@ -71,27 +59,26 @@ def check_archive(path: Path) -> None:
         )
 
     try:
-        reader = PT2ArchiveReader(str(path))
-        names = reader.get_file_names()
+        archive = open_archive(path)
     except Exception as exc:  # not a zip, truncated: torch.export.load would say the same
         raise ConfigError(f"{path}: cannot read exported model: {exc}") from None
-    if ARCHIVE_FORMAT_PATH not in names:
+    if archive.format_path not in archive.names:
         raise refuse("it is in the older .pt2 layout (before torch 2.8), which is all pickles")
-    for name in names:
+    for name in archive.names:
         if name.endswith("_config.json") and name.startswith("data/"):
-            payloads = json.loads(reader.read_string(name)).get("config", {})
+            payloads = json.loads(archive.read_string(name)).get("config", {})
             for fqn, meta in payloads.items():
                 if meta.get("use_pickle"):
                     raise refuse(f"'{fqn}' is stored as a pickle ({name})")
-                if str(meta.get("path_name", "")).startswith(pickled_objects):
+                if str(meta.get("path_name", "")).startswith(archive.pickled_prefixes):
                     raise refuse(f"constant '{fqn}' is a pickled object ({name})")
-        elif name.startswith(AOTINDUCTOR_DIR):
+        elif name.startswith(archive.aoti_dir):
             raise ConfigError(
                 f"{path}: holds AOTInductor compiled code ({name}): serve it with "
                 'format = "aoti" in config.toml (loading it runs that code, by design)'
             )
-        elif name.startswith(SAMPLE_INPUTS_DIR):
+        elif name.startswith(archive.sample_inputs_dir):
             try:
-                torch.load(io.BytesIO(reader.read_bytes(name)), weights_only=True)
+                torch.load(io.BytesIO(archive.read_bytes(name)), weights_only=True)
             except Exception:
                 raise refuse(f"its sample inputs ({name}) hold more than tensors") from None

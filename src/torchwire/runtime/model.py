@@ -23,7 +23,6 @@ import os
 import re
 import sys
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import psutil
 import torch
 
+from torchwire.compat.torch_internals import quiet_readonly_arrays
 from torchwire.config import DType, ModelConfig, TensorSpec
 from torchwire.errors import (
     DEVICE_FAILED,
@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 
 Arrays = list[np.ndarray[Any, Any]]
 _FLOATS = frozenset({"FP16", "BF16", "FP32", "FP64"})
-# Request arrays are read-only views of the received bytes; torch only reads them (torch.cat).
-warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
 
 
 class _StreamPool:
@@ -217,6 +215,7 @@ class LoadedModel:
     @classmethod
     def load(cls, path: Path, config: ModelConfig) -> LoadedModel:
         """Load ``path`` onto the configured device; raise ``ConfigError`` saying why not."""
+        quiet_readonly_arrays()
         if config.format == "python":
             from torchwire.runtime.python_model import PythonModel  # it builds on this class
 

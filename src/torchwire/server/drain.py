@@ -19,10 +19,9 @@ quiesce is held, errors included (``context.abort`` sends its status at once, so
 before it sends). A client that sends without waiting for answers (open loop) can still lose a
 call to that window.
 
-This reaches into grpc's private Cython layer for the three names grpc.aio's own accept loop uses
-(``AioServer._request_call``, ``_handle_rpc``, ``_schedule_rpc_coro``), as grpcio 1.81 has them
-(constraints.txt pins it). Where their signatures differ (grpcio 1.85 changed both), nothing is
-wrapped or asked for, and stopping works as before, with a warning.
+Asking the core for calls uses grpc.aio's private accept loop (``compat.grpc_aio``). Where this
+grpcio's differs from the one that module knows, nothing is wrapped or asked for, and stopping
+works as grpc.aio does by itself, with a warning.
 """
 
 from __future__ import annotations
@@ -36,7 +35,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
-from grpc._cython import cygrpc
+
+from torchwire.compat import grpc_aio
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +50,6 @@ HOLD_MAX_S = 0.2
 """Answers are held at most this long (clients that send without waiting never go quiet)."""
 HOLD_MARGIN_S = 0.02
 """A held answer leaves at least this long before its call's deadline."""
-_HANDLE_RPC = ("generic_handlers", "interceptors", "rpc_state", "loop", "concurrency_exceeded")
-_SCHEDULE_RPC_CORO = ("rpc_coro", "rpc_state", "loop")
-
-
-def _knows_grpc(core: Any) -> bool:
-    """Whether grpc.aio's accept loop (``core``: its private ``cygrpc.AioServer``) is the one
-    this module mirrors (grpcio 1.81)."""
-    if not (hasattr(core, "_request_call") and hasattr(core, "is_running")):
-        return False
-    try:
-        handle = tuple(inspect.signature(cygrpc._handle_rpc).parameters)
-        schedule = tuple(inspect.signature(cygrpc._schedule_rpc_coro).parameters)
-    except (AttributeError, TypeError, ValueError):
-        return False
-    return handle == _HANDLE_RPC and schedule == _SCHEDULE_RPC_CORO
 
 
 class Drain:
@@ -72,13 +57,13 @@ class Drain:
     held); ``open`` asks gRPC's core for calls ``WIDTH`` at a time until the server stops."""
 
     def __init__(self, server: grpc.aio.Server, interceptors: Sequence[Any]) -> None:
-        self._core: Any = getattr(server, "_server", None)  # private: cygrpc.AioServer
+        self._core: Any = grpc_aio.accept_loop(server)  # None: not the loop compat knows
         self._interceptors = tuple(interceptors)
         self._handlers: list[grpc.GenericRpcHandler] = []
         self._tasks: set[asyncio.Task[Any]] = set()  # the accept tasks and the calls they took
         self._arrivals = 0  # calls that reached a handler
         self._gate: asyncio.Event | None = None  # once open: set, answers leave; clear, held
-        self._known = _knows_grpc(self._core)
+        self._known = self._core is not None
         if not self._known:
             return
         add = server.add_generic_rpc_handlers
@@ -163,12 +148,10 @@ class Drain:
         core, handlers, interceptors = self._core, self._handlers, self._interceptors
         while True:
             try:
-                rpc_state = await core._request_call()
+                rpc_state = await grpc_aio.request_call(core)
             except Exception:  # the core has stopped: it fails the calls still asked for
                 return
-            # What grpc.aio's accept loop does with a call (no concurrency limit is set here).
-            coroutine = cygrpc._handle_rpc(handlers, interceptors, rpc_state, loop, False)
-            self._spawn(loop, cygrpc._schedule_rpc_coro(coroutine, rpc_state, loop))
+            self._spawn(loop, grpc_aio.serve(handlers, interceptors, rpc_state, loop))
 
 
 class _Holding(grpc.GenericRpcHandler):  # type: ignore[misc]

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from torchwire.compat.aiohttp_runner import set_shutdown_timeout
 from torchwire.errors import (
     HTTP_STATUS,
     RETRY_AFTER_METADATA,
@@ -240,5 +241,5 @@ class HttpFrontend:
 
     async def stop(self, grace_s: float) -> None:
         """Stop listening; requests in flight get ``grace_s`` to finish."""
-        self._runner._shutdown_timeout = grace_s  # aiohttp takes it at construction only
+        set_shutdown_timeout(self._runner, grace_s)
         await asyncio.wait_for(self._runner.cleanup(), grace_s + 5)
