@@ -3,12 +3,14 @@ serves a JPEG classifier, a text model and a compiled ranking model meets them."
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import sys
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -31,7 +33,7 @@ from torchwire.errors import ConfigError
 from torchwire.repository.check import check_repository
 from torchwire.repository.demo import compiler_found
 from torchwire.repository.vision_model import example_image
-from torchwire.runtime import LoadedModel
+from torchwire.runtime import Batcher, LoadedModel
 
 FAST_WATCH = {"watch_interval_s": 0.1, "watch_settle_s": 0.3}
 NEEDS_COMPILER = pytest.mark.skipif(
@@ -92,6 +94,8 @@ class Model:
     def postprocess(self, answer):
         if answer["text"][0, 0] == b"fail-post":
             raise KeyError("postprocess was told to fail")
+        if answer["text"][0, 0] == b"bad-bytes":  # not bytes: the server must not send it
+            return {"upper": np.array([[3]], dtype=object), "length": answer["length"]}
         upper = np.array([[t.upper()] for t in answer["text"][:, 0]], dtype=object)
         return {"upper": upper, "length": answer["length"]}
 """
@@ -166,6 +170,21 @@ def test_a_jpeg_and_a_png_get_the_top5_of_the_same_pipeline_in_process(
         np.testing.assert_allclose(answer.as_numpy("scores"), scores, rtol=1e-4, atol=1e-6)
         np.testing.assert_array_equal(answer.as_numpy("classes"), classes)
         client.close()
+
+
+def test_metadata_and_config_of_a_python_model_as_triton_gives_them(server: ServerThread) -> None:
+    client = triton_grpc.InferenceServerClient(server.target)
+    metadata = client.get_model_metadata("vision", as_json=True)
+    assert metadata["platform"] == "python"
+    assert metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": ["-1", "1"]}]
+    config = client.get_model_config("vision", as_json=True)["config"]
+    assert config["input"][0]["data_type"] == "TYPE_STRING"
+    assert [o["name"] for o in config["output"]] == ["classes", "scores"]
+    http = triton_http.InferenceServerClient(f"127.0.0.1:{server.server.http_port}")
+    assert http.get_model_metadata("vision")["platform"] == "python"
+    assert http.get_model_config("vision")["input"][0]["data_type"] == "TYPE_STRING"
+    client.close()
+    http.close()
 
 
 def test_a_corrupt_jpeg_is_refused_by_name_and_its_batchmates_are_answered(
@@ -284,6 +303,12 @@ def test_malformed_bytes_are_refused_saying_what_was_wrong(server: ServerThread)
         server, "text", [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": [7]}]
     )
     assert status == 400 and "send strings" in body["error"]
+    # JSON that the json module reads but that is no text: a lone surrogate.
+    body = b'{"inputs":[{"name":"text","datatype":"BYTES","shape":[1,1],"data":["\\ud800"]}]}'
+    port = server.server.http_port
+    assert port is not None
+    status, _, answer = http_request(port, "POST", "/v2/models/text/infer", body)
+    assert status == 400 and "not valid Unicode" in answer["error"]
     # A refusal of preprocess is INVALID_ARGUMENT too.
     status, _, body = _rest_infer(server, "text", [_rest_bytes("text", [b""])])
     assert status == 400 and "empty strings are not accepted" in body["error"]
@@ -297,14 +322,18 @@ def test_a_failing_request_fails_alone_in_its_batch(server: ServerThread) -> Non
         text.set_data_from_numpy(np.array([[word]], dtype=object))
         return client.infer("text", [text]).as_numpy("upper")[0, 0]
 
-    words = [b"fail-predict", b"fail-post", b"ok1", b"ok2", b"ok3", b"ok4"]
+    words = [b"fail-predict", b"fail-post", b"bad-bytes", b"ok1", b"ok2", b"ok3", b"ok4"]
     with concurrent.futures.ThreadPoolExecutor(len(words)) as pool:
         calls = {word: pool.submit(ask, word) for word in words}
     for word, call in calls.items():
-        if word.startswith(b"fail"):
+        if word.startswith((b"fail", b"bad")):
             error = call.exception()
             assert isinstance(error, InferenceServerException)
             assert error.status() == "StatusCode.INTERNAL"
+            if word == b"bad-bytes":
+                assert "output 'upper' is BYTES" in error.message(), error.message()
+                assert "holding other objects" in error.message()
+                continue
             step = "predict" if word == b"fail-predict" else "postprocess"
             assert f"{step} raised (" in error.message() and "text/1/model.py:" in error.message()
         else:
@@ -446,16 +475,21 @@ def test_helpers_beside_model_py_are_imported_relative_to_it(tmp_path: Path) -> 
         tmp_path / "m",
         SCALE_CONFIG,
         {
-            1: "from .helpers import FACTOR\n\nclass Model:\n    def predict(self, inputs):\n"
-            "        return {'y': inputs['x'] * FACTOR}\n"
+            1: "from . import helpers\nfrom .helpers import FACTOR\n\nclass Model:\n"
+            "    def predict(self, inputs):\n"
+            "        return {'y': inputs['x'] * FACTOR * helpers.ONE}\n"
         },
     )
-    (directory / "1" / "helpers.py").write_text("FACTOR = 5\n")
+    (directory / "1" / "helpers.py").write_text("FACTOR = 5\nONE = 1\n")
     config = load_model_config(directory / "config.toml")
+    before = set(sys.modules)
     model = LoadedModel.load(directory / "1" / "model.py", config)
     model.warm_up()
     assert model.run_batch([[np.ones((2, 4), np.float32)]])[0].tolist() == [[5.0] * 4] * 2
+    loaded = {name for name in set(sys.modules) - before if name.startswith("torchwire_models.")}
+    assert len(loaded) == 2 and any(name.endswith(".helpers") for name in loaded), loaded
     model.release()
+    assert not loaded & set(sys.modules)  # model.py and its helpers are gone
 
 
 @pytest.mark.parametrize(
@@ -521,6 +555,7 @@ class Model:
 """
 
 
+@NEEDS_COMPILER  # inductor compiles C++ on a CPU
 def test_torch_compile_of_predict_answers_as_eager_and_fullgraph_refuses_breaks(
     tmp_path: Path,
 ) -> None:
@@ -551,3 +586,56 @@ def test_torch_compile_of_predict_answers_as_eager_and_fullgraph_refuses_breaks(
     assert not row.ok and "strict/1/model.py" in row.detail and "graph_break" in row.detail, (
         row.detail
     )
+
+
+HELD = """\
+import support
+
+
+class Model:
+    def preprocess(self, request):
+        if request["x"][0, 0] == 7:
+            support.GATES["held"].set()
+            support.GATES["hold"].wait(30)
+        return request
+
+    def predict(self, inputs):
+        return {"y": inputs["x"] * 2}
+"""
+
+
+def test_closing_a_version_waits_for_requests_in_preprocess_with_several_instances(
+    tmp_path: Path, gates: dict[str, threading.Event]
+) -> None:
+    """close() while a request is in preprocess: every inference thread waits for it, it is
+    answered, and then all of them stop (two instances, no postprocess: each thread must be
+    woken by the request's arrival, not only the one that takes it)."""
+    gates["hold"].clear()
+    gates["held"].clear()
+    config = SCALE_CONFIG + "[instances]\ncount = 2\n"
+    directory = write_python_model(tmp_path / "m", config, {1: HELD})
+    model = LoadedModel.load(
+        directory / "1" / "model.py", load_model_config(directory / "config.toml")
+    )
+    model.warm_up()
+
+    async def main() -> tuple[bool, list[list[float]]]:
+        batcher = Batcher(model, "m", 1)
+        batcher.start(asyncio.get_running_loop())
+        held = batcher.submit([np.full((1, 4), 7, np.float32)], 1)
+        await asyncio.to_thread(gates["held"].wait, 30)
+        closing = asyncio.ensure_future(batcher.close(timeout_s=10))
+        # Both inference threads back asleep, woken by close() and waiting for the request:
+        # (threading.Condition keeps its sleepers in _waiters).
+        await asyncio.to_thread(
+            wait_until,
+            lambda: len(batcher._cond._waiters) == 2,
+            "both threads to wait",  # type: ignore[attr-defined]
+        )
+        gates["hold"].set()
+        answer = await asyncio.wait_for(held, 20)
+        return await asyncio.wait_for(closing, 20), answer[0].tolist()
+
+    closed, doubled = asyncio.run(main())
+    assert doubled == [[14.0] * 4]
+    assert closed  # False: an inference thread was never woken, and the model never released

@@ -36,6 +36,7 @@ def check_repository(root: Path) -> list[CheckRow]:
     for name, source in scan.sources.items():
         for version, path in sorted(source.files.items()):
             started = time.monotonic()
+            model = None
             try:
                 model = LoadedModel.load(path, source.config)
                 model.warm_up()
@@ -45,6 +46,9 @@ def check_repository(root: Path) -> list[CheckRow]:
             else:
                 threads = f"threads {model.config.instances.count}x{cost.threads} ({cost.why})"
                 detail, ok = f"{model.signature()}  {threads}", True
+            finally:
+                if model is not None:
+                    model.release()
             rows.append(CheckRow(name, str(version), ok, time.monotonic() - started, detail))
     return sorted(rows, key=lambda row: (row.model, row.version))
 

@@ -24,7 +24,7 @@ from torchwire.compat.torch_internals import aoti_compile_and_package
 log = logging.getLogger(__name__)
 
 # Bump when the demo models or their configs change: a new cache directory is then built.
-DEMO_REVISION = 4
+DEMO_REVISION = 5
 
 RECSYS_CONFIG = """\
 format = "torchscript"

@@ -209,19 +209,18 @@ def export_model(
     target = version_dir / MODEL_FILES[fmt]
     try:
         _write(fmt, module, example, inputs, [o.name for o in config.outputs], target, factory)
-        difference = check_export(module, config, target, rtol, atol)
+        difference, signature = check_export(module, config, target, rtol, atol)
     except BaseException:
         shutil.rmtree(version_dir, ignore_errors=True)
         raise
-    loaded = LoadedModel.load(target, config)
-    return Exported(target, config_path, difference, loaded.signature())
+    return Exported(target, config_path, difference, signature)
 
 
 def check_export(
     module: torch.nn.Module, config: ModelConfig, path: Path, rtol: float, atol: float
-) -> float:
+) -> tuple[float, str]:
     """Load ``path`` as the server would, warm it up, and compare it with ``module`` at 1 and 3
-    items; return the largest absolute difference."""
+    items; return the largest absolute difference and the loaded model's signature."""
     model = LoadedModel.load(path, config)
     try:
         model.warm_up()
@@ -245,7 +244,7 @@ def check_export(
                         largest,
                         float(np.max(np.abs(answer.astype(np.float64) - expected_np))),
                     )
-        return largest if math.isfinite(largest) else 0.0
+        return (largest if math.isfinite(largest) else 0.0), model.signature()
     finally:
         model.release()
 

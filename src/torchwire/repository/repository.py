@@ -140,8 +140,12 @@ class ModelRepository:
         """Load, warm up and wrap one version (blocking: call it from a thread)."""
         started = time.monotonic()
         model = LoadedModel.load(source.files[version], source.config)
-        model.warm_up()
-        cost = measure(model, self._torch_threads, self._cores)
+        try:
+            model.warm_up()
+            cost = measure(model, self._torch_threads, self._cores)
+        except BaseException:  # what it holds (memory, a Python model's modules) goes now
+            model.release()
+            raise
         batcher = Batcher(
             model, source.name, version, cost, self.metrics.for_model(source.name),
             on_device_failure=self.on_device_failure,

@@ -26,18 +26,20 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
 
 
 def decode(data: bytes) -> np.ndarray[Any, Any]:
-    """One encoded image as a normalised FP32[3, 224, 224]: the shorter side resized to 256,
-    then the centre cropped (ImageNet's evaluation transform)."""
+    """One encoded image as a normalised FP32[3, 224, 224]: ImageNet's evaluation transform (the
+    shorter side resized to 256, the centre 224 cropped) in one resampling."""
     image: Image.Image = Image.open(io.BytesIO(data))
     if image.width * image.height > MAX_PIXELS:
         raise ValueError(f"{image.width}x{image.height} pixels, more than {MAX_PIXELS}")
     image.draft("RGB", (256, 256))  # JPEG: decode at a reduced scale when that is enough
     image = image.convert("RGB")
-    scale = 256 / min(image.size)
-    width, height = round(image.width * scale), round(image.height * scale)
-    image = image.resize((width, height), Image.Resampling.BILINEAR)
-    left, top = (width - SIZE) // 2, (height - SIZE) // 2
-    image = image.crop((left, top, left + SIZE, top + SIZE))
+    # The centre 224x224 of the image scaled so that its shorter side is 256, resampled straight
+    # from the source: a long thin image never becomes a huge intermediate one.
+    side = SIZE * min(image.size) / 256
+    left, top = (image.width - side) / 2, (image.height - side) / 2
+    image = image.resize(
+        (SIZE, SIZE), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)
+    )
     pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
     return (pixels - MEAN) / STD
 

@@ -216,8 +216,9 @@ class Batcher:
         self._overruns = 0  # inline batches in a row that cost far more than estimated
         self._queue: deque[Ticket] = deque()
         self._queued_items = 0
-        self._preparing = 0  # items in the step threads' preprocess, counted against max_queue
-        self._finishing = 0  # requests in the step threads' postprocess
+        # Items in the step threads' preprocess and postprocess: counted against max_queue.
+        self._preparing = 0
+        self._finishing = 0
         self._computing = 0  # instance threads inside a model call
         self._cond = threading.Condition()
         self._closing = False
@@ -308,21 +309,27 @@ class Batcher:
     def _prepare(self, ticket: Ticket) -> None:
         """On a step thread: prepare the request and queue it, or answer its error."""
         error: TorchwireError | None = None
-        if not ticket.cancelled():
-            try:
+        queued = False
+        try:
+            if not ticket.cancelled():
                 ticket.arrays = self.model.prepare(ticket.arrays, ticket.items)
-            except TorchwireError as exc:
-                error = exc
-            except Exception:  # a bug of ours: the caller gets INTERNAL, the log the rest
-                log.exception("%s: preparing a request failed", self.label)
-                error = ModelExecutionError("internal error preparing the request (see the log)")
-        with self._cond:
-            self._preparing -= ticket.items
-            if error is None and not ticket.cancelled():
-                self._queue_ticket(ticket)
-                self._cond.notify()
-            elif self._closing:  # an inference thread may be waiting for this one
-                self._cond.notify_all()
+        except TorchwireError as exc:
+            error = exc
+        except BaseException:  # a bug of ours (or SystemExit): INTERNAL, the rest in the log
+            log.exception("%s: preparing a request failed", self.label)
+            error = ModelExecutionError("internal error preparing the request (see the log)")
+        finally:
+            with self._cond:
+                self._preparing -= ticket.items
+                if error is None and not ticket.cancelled():
+                    ticket.enqueued_at = time.monotonic()  # queue time starts now
+                    self._queue_ticket(ticket)
+                    queued = True
+                # While closing, every inference thread waits for this one: wake them all.
+                if self._closing:
+                    self._cond.notify_all()
+                elif queued:
+                    self._cond.notify()
         if error is not None:
             _deliver_here([(ticket, error)], self._loop)
 
@@ -348,13 +355,19 @@ class Batcher:
 
     def _check_room(self, items: int) -> None:
         """Refuse a request of ``items`` items that the queue cannot take (``_cond`` held)."""
+        if self._closing:  # checked again under the lock: close() may have begun since
+            raise UnavailableError(f"model {self.label} is shutting down")
         if items > self.max_queue:
             raise InvalidInputError(
                 f"model {self.label}: the request has {items} items, more than its queue "
                 f"holds (max_queue = {self.max_queue}); send at most that many per request"
             )
-        if self._queued_items + self._preparing + items > self.max_queue:
+        if self._waiting() + items > self.max_queue:
             raise self._queue_full(f"this request adds {items}")
+
+    def _waiting(self) -> int:
+        """Items queued, or in a step thread's preprocess or postprocess."""
+        return self._queued_items + self._preparing + self._finishing
 
     def _queue_ticket(self, ticket: Ticket) -> None:
         arrays = ticket.arrays
@@ -372,12 +385,13 @@ class Batcher:
             QueueFullError: refused for load, with the wait to retry after as metadata.
         """
         self._check_open()
-        if self._queued_items + self._preparing >= self.max_queue:
+        if self._waiting() >= self.max_queue:
             with self._cond:
                 raise self._queue_full("")
-        if deadline is None or not self._queued_items:
+        ahead = self._queued_items + self._preparing
+        if deadline is None or not ahead:
             return
-        wait_s = self._queued_items * self._per_item_s() / self.instances
+        wait_s = ahead * self._per_item_s() / self.instances
         if now + wait_s > deadline:
             if self._metrics is not None:
                 self._metrics.too_late.inc()
@@ -395,9 +409,11 @@ class Batcher:
             self._metrics.queue_full.inc()
         wait_ms = self._drain_estimate_ms()
         adds = f", {adds}" if adds else ""
+        steps = self._preparing + self._finishing
+        steps_text = f" ({steps} of them in pre- or postprocess)" if steps else ""
         return QueueFullError(
-            f"model {self.label}: queue full ({self._queued_items} of {self.max_queue} items "
-            f"waiting{adds}); retry in about {wait_ms} ms",
+            f"model {self.label}: queue full ({self._waiting()} of {self.max_queue} items "
+            f"waiting{steps_text}{adds}); retry in about {wait_ms} ms",
             metadata=_retry_after(wait_ms),
         )
 
@@ -495,7 +511,11 @@ class Batcher:
                 )
         if any(thread.is_alive() for thread in threads):
             return False
-        await asyncio.to_thread(self._wait_finished, max(0.0, deadline - time.monotonic()))
+        if not await asyncio.to_thread(self._wait_finished, max(0.0, deadline - time.monotonic())):
+            log.error(
+                "%s: postprocess still busy after %.1f s: not released", self.label, timeout_s
+            )
+            return False
         # Its device memory back to the device, off the loop (emptying CUDA's cache waits for
         # the device).
         try:
@@ -504,10 +524,11 @@ class Batcher:
             log.warning("%s: could not release its memory: %s", self.label, exc)
         return True
 
-    def _wait_finished(self, timeout_s: float) -> None:
-        """Until no request is in ``finish`` (the model is about to be released)."""
+    def _wait_finished(self, timeout_s: float) -> bool:
+        """Until no request is in ``finish`` (the model is about to be released); False if one
+        still is after ``timeout_s``."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._finishing, timeout_s)
+            return self._cond.wait_for(lambda: not self._finishing, timeout_s)
 
     # -- inference threads -------------------------------------------------------------------
 
@@ -530,7 +551,7 @@ class Batcher:
                 now.append((ticket, outcome))
                 continue
             with self._cond:
-                self._finishing += 1
+                self._finishing += ticket.items
             step_pool().submit(self._finish, ticket, outcome, self._loop)
         return _deliver_here(now, loop) if now else True
 
@@ -541,12 +562,12 @@ class Batcher:
             outcome = self.model.finish(rows)
         except TorchwireError as exc:
             outcome = exc
-        except Exception:
+        except BaseException:
             log.exception("%s: finishing a request failed", self.label)
             outcome = ModelExecutionError("internal error finishing the request (see the log)")
         finally:
             with self._cond:
-                self._finishing -= 1
+                self._finishing -= ticket.items
                 self._cond.notify_all()
         _deliver_here([(ticket, outcome)], loop)
 

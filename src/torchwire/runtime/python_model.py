@@ -21,6 +21,7 @@ import logging
 import sys
 import threading
 import traceback
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -85,9 +86,17 @@ def _defined_at(function: Any, path: Path) -> str:
         return str(path)
 
 
+_PACKAGE = "torchwire_models"
+
+
 def _import(path: Path) -> Any:
-    """``path`` imported as a new package rooted at its directory."""
-    name = f"torchwire_models.m{next(_LOADS)}"
+    """``path`` imported as a new package rooted at its directory (``torchwire_models.mN``:
+    each load its own, so that a changed file is new code)."""
+    if _PACKAGE not in sys.modules:  # the parent that relative imports resolve through
+        parent = types.ModuleType(_PACKAGE, "Python models loaded by torchwire")
+        parent.__path__ = []
+        sys.modules[_PACKAGE] = parent
+    name = f"{_PACKAGE}.m{next(_LOADS)}"
     spec = importlib.util.spec_from_file_location(
         name, path, submodule_search_locations=[str(path.parent)]
     )
@@ -98,12 +107,18 @@ def _import(path: Path) -> Any:
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
-        sys.modules.pop(name, None)
+        _forget(name)
         raise ConfigError(f"{exc.filename or path}:{exc.lineno}: syntax error: {exc.msg}") from None
     except BaseException as exc:  # SystemExit from an import too: the server must go on
-        sys.modules.pop(name, None)
+        _forget(name)
         raise ConfigError(f"{_where(exc, path)}: importing it raised {_said(exc)}") from exc
     return module
+
+
+def _forget(name: str) -> None:
+    """Drop the module ``name`` and the modules it imported from beside it."""
+    for key in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
+        del sys.modules[key]
 
 
 class PythonModel(LoadedModel):
@@ -169,7 +184,7 @@ class PythonModel(LoadedModel):
                 raise ConfigError(f"{_where(exc, path)}: {step} raised {_said(exc)}") from exc
             return cls(instance, config, path, device)
         except BaseException:
-            sys.modules.pop(module.__name__, None)
+            _forget(module.__name__)
             raise
 
     # -- per request, on the step threads ------------------------------------------------------
@@ -187,11 +202,17 @@ class PythonModel(LoadedModel):
         try:
             result = self._pre(request)
         except Exception as exc:
+            if is_out_of_memory(exc) or is_accelerator_error(exc):  # the device's, not the input's
+                raise ModelExecutionError(f"preprocess raised {_said(exc)}") from None
             raise InvalidInputError(
                 f"preprocess refused the request ({_shown(_where(exc, self.path))}): {_said(exc)}"
             ) from None
         where = f"{_shown(self._pre_at)} (preprocess)"
-        return self._rows(result, self._prepared, items, where, on_device=True)
+        arrays = self._rows(result, self._prepared, items, where, on_device=True)
+        if self._cuda and any(isinstance(a, torch.Tensor) for a in arrays):
+            # Made on this step thread's stream: done before predict reads them on another.
+            torch.cuda.current_stream(self.device).synchronize()
+        return arrays
 
     def finish(self, outputs: Arrays) -> Arrays:
         """One request's rows of ``predict``'s outputs through ``postprocess``, checked against
@@ -349,7 +370,7 @@ class PythonModel(LoadedModel):
     def release(self) -> None:
         super().release()
         self._instance = self._predict = self._pre = self._post = None  # type: ignore[assignment]
-        sys.modules.pop(self._module_name, None)
+        _forget(self._module_name)
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -393,10 +414,13 @@ class PythonModel(LoadedModel):
             if spec.dtype == "BYTES":
                 if array.dtype.kind == "S":
                     array = array.astype(object)
-                if array.dtype != want:
+                if array.dtype != want or not all(
+                    isinstance(e, (bytes, str)) for e in array.reshape(-1)
+                ):
                     raise ModelExecutionError(
                         f"{where}: output '{spec.name}' is BYTES: give a numpy object array of "
-                        f"bytes, got {array.dtype}"
+                        f"bytes or str, got {array.dtype}"
+                        + (" holding other objects" if array.dtype == want else "")
                     )
             elif array.dtype != want:
                 if array.dtype.kind != _FLOAT_KINDS or want.kind != _FLOAT_KINDS:

@@ -20,7 +20,12 @@ from torchwire.server.health import Health
 from torchwire.server.observe import Observer
 from torchwire.server.plane import DataPlane, require_model_name
 
-PLATFORMS = {"torchscript": "pytorch_libtorch", "exported": "pytorch_exported"}
+PLATFORMS = {
+    "torchscript": "pytorch_libtorch",
+    "exported": "pytorch_exported",
+    "aoti": "pytorch_aoti",
+    "python": "python",  # Triton's Python backend says the same
+}
 EXTENSIONS = [
     "model_repository",
     "model_repository(unload_dependents)",
@@ -110,7 +115,8 @@ def model_config(batcher: Batcher) -> View:
 
     def tensors(specs: Any) -> list[View]:
         return [
-            {"name": s.name, "data_type": f"TYPE_{s.dtype}", "dims": list(s.shape)} for s in specs
+            {"name": s.name, "data_type": _config_type(s.dtype), "dims": list(s.shape)}
+            for s in specs
         ]
 
     return {
@@ -162,3 +168,8 @@ async def repository_index(repository: ModelRepository, ready_only: bool = False
         for name, version, state, reason in await repository.index()
         if not ready_only or state == "READY"
     ]
+
+
+def _config_type(dtype: str) -> str:
+    """A datatype as Triton's model configuration names it (BYTES is its TYPE_STRING)."""
+    return "TYPE_STRING" if dtype == "BYTES" else f"TYPE_{dtype}"

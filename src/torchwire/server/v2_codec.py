@@ -59,7 +59,9 @@ def wire_bytes(array: np.ndarray[Any, Any], datatype: str) -> memoryview:
     if datatype == "BYTES":
         parts = []
         for element in array.reshape(-1):
-            data = element.encode() if isinstance(element, str) else bytes(element)
+            data = element.encode() if isinstance(element, str) else element
+            if not isinstance(data, bytes):  # bytes(3) would be three NULs
+                raise TypeError(f"a BYTES tensor holds a {type(element).__name__}")
             parts += [_LENGTH.pack(len(data)), data]
         return memoryview(b"".join(parts))
     wire = np.ascontiguousarray(array, dtype=wire_dtype(datatype))
@@ -121,7 +123,12 @@ def _elements(values: Any, where: str) -> list[bytes]:
             if isinstance(value, bytes):
                 flat.append(value)
             elif isinstance(value, str):
-                flat.append(value.encode())
+                try:
+                    flat.append(value.encode())
+                except UnicodeEncodeError:  # a lone surrogate ("\ud800"): not text
+                    raise InvalidInputError(
+                        f"{where}: BYTES data holds a string that is not valid Unicode"
+                    ) from None
             elif isinstance(value, list):
                 pending.append(iter(value))
                 break

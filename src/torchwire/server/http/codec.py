@@ -169,7 +169,7 @@ def _outputs(header: dict[str, Any], model: LoadedModel) -> tuple[list[int], lis
 def _strings(array: np.ndarray[Any, Any], name: str) -> list[str]:
     """A BYTES output as JSON strings, which must be UTF-8."""
     try:
-        return [e if isinstance(e, str) else bytes(e).decode() for e in array.reshape(-1)]
+        return [e if isinstance(e, str) else e.decode() for e in array.reshape(-1)]
     except UnicodeDecodeError:
         raise InvalidInputError(
             f"output '{name}' holds bytes that are not UTF-8 text, which JSON cannot carry: ask "
