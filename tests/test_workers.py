@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -103,6 +104,56 @@ def test_two_workers_answer_on_one_port_and_metrics_count_each_request_once(
     durations = metric_samples(url, "torchwire_request_duration_seconds_count")
     assert sum(value for _, value in durations) == 60
     assert len(metric_samples(url, "torchwire_worker_info")) == 2
+    assert server.stop() == 0
+
+
+WORDS_CONFIG = """\
+format = "python"
+[[inputs]]
+name = "text"
+dtype = "BYTES"
+shape = [1]
+[[outputs]]
+name = "length"
+dtype = "INT64"
+shape = [1]
+"""
+WORDS_MODEL = """\
+import numpy as np
+import torch
+
+
+class Model:
+    def example(self):
+        return {"text": np.array([[b"warm"]], dtype=object)}
+
+    def preprocess(self, request):
+        return {"length": np.array([[len(t)] for t in request["text"][:, 0]], dtype=np.int64)}
+
+    def predict(self, inputs):
+        return {"length": inputs["length"] * 1}
+"""
+
+
+def test_a_python_model_with_preprocess_serves_from_every_worker(
+    servers: list[CliServer], tmp_path: Path
+) -> None:
+    (tmp_path / "words" / "1").mkdir(parents=True)
+    (tmp_path / "words" / "config.toml").write_text(WORDS_CONFIG)
+    (tmp_path / "words" / "1" / "model.py").write_text(WORDS_MODEL)
+    server = serve(servers, "--repository", str(tmp_path))
+    target = server.wait_ready()
+    for i in range(40):  # each on a new connection: the kernel picks the worker
+        client = triton.InferenceServerClient(
+            target, channel_args=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        text = triton.InferInput("text", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"x" * i]], dtype=object))
+        answer = client.infer("words", [text], headers={"x-request-id": f"w{i}"})
+        assert answer.as_numpy("length").tolist() == [[i]]
+        client.close()
+    lines = server.wait_for(ANSWERED_BY.format(code="OK", request_id=r"w\d+"), count=40)
+    assert {match.group(1) for match in lines} == {"0", "1"}, "one worker answered everything"
     assert server.stop() == 0
 
 
