@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+import torchwire
 from support import Busy, Held, Scale, ServerThread, in_process, wait_until, write_model
+from torchwire import Client
 from torchwire.config import BatchingConfig, ModelConfig, TensorSpec
 from torchwire.runtime import Batcher, LoadedModel, batcher
 from torchwire.runtime.cost import DEFAULT_TORCH_THREADS
@@ -273,3 +275,22 @@ def test_a_call_the_queued_work_would_outlast_is_refused_before_it_is_decoded(
         assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert list(busy.result().outputs) == [3000.0]
         assert list(queued.result().outputs) == [0.0]
+
+
+def test_a_bug_in_the_batcher_answers_internal_with_an_error_id_not_its_text(
+    repo_server: ServerThread, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    batcher = repo_server.server.repository.get("scale", "2")  # type: ignore[union-attr]
+
+    def compute(batch: list[Any]) -> Any:
+        raise RuntimeError("secret internals: /etc/shadow")
+
+    monkeypatch.setattr(batcher, "_compute", compute)
+    with Client(repo_server.target, retries=0, timeout=10) as client:
+        with pytest.raises(torchwire.TorchwireError) as caught:
+            client.predict("scale", np.ones((1, 4), np.float32), version="2")
+    assert caught.value.code == "INTERNAL"
+    message = str(caught.value)
+    assert "secret" not in message and "error id" in message, message
+    error_id = message.split("error id ")[1].split(":")[0]
+    assert f"error id {error_id}" in caplog.text and "secret internals" in caplog.text

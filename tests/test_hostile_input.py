@@ -3,6 +3,7 @@ test named for it. Every answer is a precise status, and the server goes on serv
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,7 +71,10 @@ def _gauge(server: ServerThread, model: str) -> float:
 
 
 def test_finding_2_a_v2_stream_survives_a_request_that_raises_unexpectedly(
-    server: ServerThread, stub: Any, monkeypatch: pytest.MonkeyPatch
+    server: ServerThread,
+    stub: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     real = plane.require_model_name
 
@@ -84,11 +88,12 @@ def test_finding_2_a_v2_stream_survives_a_request_that_raises_unexpectedly(
     requests = [_request("scale", [1, 4], ones), _request("explode", [1, 4], ones),
                 _request("scale", [1, 4], ones)]  # fmt: skip
     answers = list(stub.ModelStreamInfer(iter(requests), timeout=30))
-    assert [a.error_message for a in answers] == [
-        "",
-        "[INTERNAL] internal server error (see server log)",
-        "",
-    ]
+    assert [bool(a.error_message) for a in answers] == [False, True, False]
+    assert answers[1].error_message.startswith("[INTERNAL] internal server error (error id ")
+    # The bug's own words stay in the log, under the error id the caller was given.
+    error_id = re.search(r"error id (\w+)", answers[1].error_message)
+    assert error_id and "boom" not in answers[1].error_message
+    assert f"error id {error_id.group(1)}" in caplog.text and "boom" in caplog.text
     assert (
         answers[2].infer_response.raw_output_contents[0] == (np.ones(4, np.float32) * 2).tobytes()
     )

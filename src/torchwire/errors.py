@@ -17,12 +17,15 @@ name. This module imports no gRPC::
     │   └── DeviceFailedError   INTERNAL           the GPU failed for good (the process restarts)
     └── ConfigError             (start-up)         a config file, flag or model file is wrong
 
-Unexpected exceptions (bugs) are sent as INTERNAL with a generic message and logged in full. A
-status with no class of its own (CANCELLED, UNKNOWN, ...) reaches a client as ``TorchwireError``.
+Unexpected exceptions (bugs) are sent as INTERNAL with a generic message and an error id, and
+logged in full under that id (``report_bug``). A status with no class of its own (CANCELLED,
+UNKNOWN, ...) reaches a client as ``TorchwireError``.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 from collections.abc import Iterator
 
 
@@ -118,6 +121,17 @@ class DeviceFailedError(ModelExecutionError):
     def __init__(self, message: str, seen_before: bool = False) -> None:
         super().__init__(message)
         self.seen_before = seen_before
+
+
+def report_bug(logger: logging.Logger, what: str, exc: BaseException | None) -> TorchwireError:
+    """A bug met while serving: logged with its traceback under a new error id; the error the
+    caller gets says only that id (the exception's text may hold anything)."""
+    error_id = secrets.token_hex(6)
+    logger.error("%s (error id %s)", what, error_id, exc_info=exc)
+    return TorchwireError(
+        f"internal server error (error id {error_id}: the server log has the details)",
+        code="INTERNAL",
+    )
 
 
 class ConfigError(TorchwireError):

@@ -19,7 +19,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from torchwire.errors import TorchwireError, UnavailableError, error_for_status
+from torchwire.errors import TorchwireError, UnavailableError, error_for_status, report_bug
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +111,9 @@ class Link:
             reply: Message = {"re": ident, "result": result or {}}
         except TorchwireError as exc:
             reply = {"re": ident, "error": {"code": exc.code, "message": str(exc)}}
-        except Exception:
-            log.exception("unexpected error answering %s", message)
-            reply = {"re": ident, "error": {"code": "INTERNAL", "message": "internal error"}}
+        except Exception as exc:
+            bug = report_bug(log, f"unexpected error answering {message}", exc)
+            reply = {"re": ident, "error": {"code": "INTERNAL", "message": str(bug)}}
         if ident is not None:
             with contextlib.suppress(UnavailableError):
                 await self._send(reply)

@@ -50,6 +50,7 @@ from torchwire.errors import (
     TorchwireError,
     UnavailableError,
     exception_chain,
+    report_bug,
 )
 from torchwire.metrics import ModelMetrics
 from torchwire.runtime.cost import CallCost
@@ -315,9 +316,8 @@ class Batcher:
                 ticket.arrays = self.model.prepare(ticket.arrays, ticket.items)
         except TorchwireError as exc:
             error = exc
-        except BaseException:  # a bug of ours (or SystemExit): INTERNAL, the rest in the log
-            log.exception("%s: preparing a request failed", self.label)
-            error = ModelExecutionError("internal error preparing the request (see the log)")
+        except BaseException as exc:  # a bug of ours (or SystemExit): INTERNAL, the rest logged
+            error = report_bug(log, f"{self.label}: preparing a request failed", exc)
         finally:
             with self._cond:
                 self._preparing -= ticket.items
@@ -562,9 +562,8 @@ class Batcher:
             outcome = self.model.finish(rows)
         except TorchwireError as exc:
             outcome = exc
-        except BaseException:
-            log.exception("%s: finishing a request failed", self.label)
-            outcome = ModelExecutionError("internal error finishing the request (see the log)")
+        except BaseException as exc:
+            outcome = report_bug(log, f"{self.label}: finishing a request failed", exc)
         finally:
             with self._cond:
                 self._finishing -= ticket.items
@@ -577,8 +576,8 @@ class Batcher:
             try:
                 outcomes = self._compute(batch)
             except Exception as exc:  # a bug here must not kill the thread or strand callers
-                log.exception("%s failed on a batch", self.label)
-                outcomes = [(r, ModelExecutionError(f"internal error: {exc}")) for r in batch]
+                bug = report_bug(log, f"{self.label} failed on a batch", exc)
+                outcomes = [(r, bug) for r in batch]
             self._tally(outcomes)  # before another batch can start and tally too
         finally:
             with self._cond:

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from torchwire.config import ServerSettings
-from torchwire.errors import TorchwireError, UnavailableError
+from torchwire.errors import TorchwireError, UnavailableError, report_bug
 from torchwire.runtime import Batcher, ThreadLoad, Ticket
 from torchwire.runtime.model import Arrays
 from torchwire.server.auth import Access
@@ -241,9 +241,8 @@ class NativeFront:
             trailing = [(k, v) for k, v in exc.metadata.items() if not k.startswith("grpc-")]
             self._front.fail(call_id, status_code(exc).value[0], str(exc), trailing or None)
             return
-        log.error("unexpected error serving a native call", exc_info=exc)
-        code = grpc.StatusCode.INTERNAL.value[0]
-        self._front.fail(call_id, code, "internal server error (see server log)")
+        bug = report_bug(log, "unexpected error serving a native call", exc)
+        self._front.fail(call_id, grpc.StatusCode.INTERNAL.value[0], str(bug))
 
     async def drain(self, grace_s: float) -> bool:
         """Refuse new calls and wait up to ``grace_s`` for those taken to be answered and their

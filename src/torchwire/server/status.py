@@ -2,7 +2,8 @@
 
 Handlers raise ``torchwire.errors`` exceptions; ``unary_errors`` and ``stream_errors`` turn them
 into ``context.abort(code, message)``. Anything else is a bug: it is logged with its traceback and
-sent as INTERNAL with a generic message, never ``str(exc)``.
+sent as INTERNAL with a generic message and an error id (``errors.report_bug``), never
+``str(exc)``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ async def abort_with(
         if exc.metadata:
             context.set_trailing_metadata(tuple(exc.metadata.items()))
         await context.abort(status_code(exc), prefix + str(exc))
-    log.error("unexpected error in a handler", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, prefix + "internal server error (see server log)")
+    bug = errors.report_bug(log, "unexpected error in a handler", exc)
+    await context.abort(grpc.StatusCode.INTERNAL, prefix + str(bug))
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 

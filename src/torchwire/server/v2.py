@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from torchwire.errors import InvalidInputError, ModelExecutionError, TorchwireError
+from torchwire.errors import InvalidInputError, TorchwireError, report_bug
 from torchwire.runtime import Batcher
 from torchwire.runtime.model import Arrays
 from torchwire.server import kserve
@@ -223,8 +223,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
                 except TorchwireError as exc:
                     queued = _Queued(request, call, None, error=exc)
                 except Exception as exc:  # a bug: this request fails, the stream goes on
-                    log.error("unexpected error queueing a stream request", exc_info=exc)
-                    error = ModelExecutionError("internal server error (see server log)")
+                    error = report_bug(log, "unexpected error queueing a stream request", exc)
                     queued = _Queued(request, call, None, error=error)
                 try:
                     await pending.put(queued)

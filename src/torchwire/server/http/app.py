@@ -25,6 +25,7 @@ from torchwire.errors import (
     RETRY_AFTER_METADATA,
     ConfigError,
     TorchwireError,
+    report_bug,
 )
 from torchwire.server import kserve
 from torchwire.server.http.codec import HEADER_LENGTH, decode, encode, parse_body
@@ -71,9 +72,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         elif isinstance(exc, web.HTTPRequestEntityTooLarge):
             message = f"the request body is too large: {exc.text} (--max-message-bytes)"
         return error_response(exc.status, message)
-    except Exception:
-        log.exception("unexpected error serving %s %s", request.method, request.path)
-        return error_response(500, "internal server error (see server log)")
+    except Exception as exc:
+        bug = report_bug(log, f"unexpected error serving {request.method} {request.path}", exc)
+        return error_response(500, str(bug))
 
 
 class HttpApi:
