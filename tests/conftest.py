@@ -7,7 +7,15 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from support import Busy, Poisoned, Scale, ServerThread, compile_seed_client, write_model
+from support import (
+    Busy,
+    CliServer,
+    Poisoned,
+    Scale,
+    ServerThread,
+    compile_seed_client,
+    write_model,
+)
 from torchwire.repository import ensure_demo_repository
 
 
@@ -22,6 +30,15 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_repo(cache_dir: Path) -> Path:
     return ensure_demo_repository(cache_dir)
+
+
+@pytest.fixture
+def cli_servers() -> Iterator[list[CliServer]]:
+    """`torchwire serve` processes a test starts (append them): each is closed after it."""
+    servers: list[CliServer] = []
+    yield servers
+    for server in servers:
+        server.close()
 
 
 @pytest.fixture(scope="session")

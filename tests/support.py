@@ -260,6 +260,9 @@ def http_request(
 
 
 def free_port() -> int:
+    """A port nothing listens on now. Servers of ours bind port 0 and report theirs; this is for
+    what must be told a port before it binds (nginx's own ports) or a port where no server is
+    (a dead replica)."""
     import socket
 
     with socket.socket() as sock:

@@ -24,7 +24,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from support import TORCHWIRE, Scale, ServerThread, free_port, http_request, write_model
+from support import TORCHWIRE, Scale, ServerThread, http_request, write_model
 from torchwire import Client
 from torchwire.config import ModelConfig, TensorSpec
 from torchwire.errors import ConfigError, UnauthenticatedError
@@ -77,7 +77,7 @@ def test_tokens_guard_every_api_but_health_and_follow_their_file(
     repo: Path, tokens: Path, seed: SimpleNamespace, frontend: str
 ) -> None:
     with ServerThread(
-        repository=repo, auth_token_file=tokens, http_port=free_port(), grpc_frontend=frontend
+        repository=repo, auth_token_file=tokens, http_port="auto", grpc_frontend=frontend
     ) as server:
         target = server.target
         # gRPC, seed API: no token, a wrong one, a right one.
@@ -156,7 +156,7 @@ def test_auth_health_guards_probes_too(repo: Path, tokens: Path) -> None:
 
 
 def test_model_control_is_off_by_default(repo: Path) -> None:
-    with ServerThread(repository=repo, http_port=free_port()) as server:
+    with ServerThread(repository=repo, http_port="auto") as server:
         client = triton.InferenceServerClient(server.target)
         with pytest.raises(InferenceServerException) as refused:
             client.unload_model("scale")
@@ -172,7 +172,7 @@ def test_model_control_token_takes_an_admin_token(repo: Path, tokens: Path, tmp_
     admin = tmp_path / "admin"
     admin.write_text("root\n")
     with ServerThread(
-        repository=repo, http_port=free_port(), auth_token_file=tokens, model_control="token",
+        repository=repo, http_port="auto", auth_token_file=tokens, model_control="token",
         admin_token_file=admin,
     ) as server:  # fmt: skip
         client = triton.InferenceServerClient(server.target)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,14 +17,6 @@ import pytest
 import torch
 
 from support import TORCHWIRE, CliServer, Scale, health_status, in_process
-
-
-@pytest.fixture
-def cli_servers() -> Iterator[list[CliServer]]:
-    servers: list[CliServer] = []
-    yield servers
-    for server in servers:
-        server.close()
 
 
 def _predict(target: str, seed: SimpleNamespace, inputs: Any, **metadata: str) -> Any:
@@ -138,6 +129,7 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(
     )
     cli_servers.append(server)
     target = server.wait_ready()
+    url = server.metrics_url()
     with grpc.insecure_channel(target) as channel:
         stub = seed.grpc.ModelServiceStub(channel)
         slow = [
@@ -147,7 +139,11 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(
             )
             for i in range(3)
         ]
-        time.sleep(0.5)  # let the three calls reach the server: each computes for about a second
+        # All three calls reached the server (each computes for about a second).
+        deadline = time.monotonic() + 30
+        while 'torchwire_inflight_requests{model="busy"} 3.0' not in _scrape(url):
+            assert time.monotonic() < deadline, "the three calls never reached the model"
+            time.sleep(0.05)  # polling /metrics
         server.process.send_signal(signal.SIGTERM)
         # Shutting down: health says so during the shutdown delay, then new calls are refused ...
         deadline = time.monotonic() + 10

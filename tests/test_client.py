@@ -109,8 +109,8 @@ def test_the_pool_spreads_requests_over_its_connections(
 
 
 def test_a_call_retries_until_a_restarted_server_answers(test_repo: Path) -> None:
-    port = free_port()
-    first = ServerThread(repository=test_repo, port=port).start()
+    first = ServerThread(repository=test_repo).start()
+    port = first.server.port  # the second server binds the port the first one leaves
     with Client(f"127.0.0.1:{port}", timeout=20, retries=4) as client:
         assert client.predict("scale", np.ones((1, 4))).tolist() == [[3.0] * 4]
         first.stop()
@@ -154,14 +154,10 @@ def test_a_renewed_certificate_takes_effect_without_a_restart(
     import ssl
     import urllib.request
 
-    from support import free_port
-
     key, cert = _self_signed(tmp_path)
     new_key, new_cert = _self_signed(tmp_path, "-new")
-    http_port = free_port()
-    with ServerThread(
-        repository=test_repo, tls_cert=cert, tls_key=key, http_port=http_port
-    ) as server:
+    with ServerThread(repository=test_repo, tls_cert=cert, tls_key=key, http_port="auto") as server:
+        http_port = server.server.http_port
 
         def https_ok(ca: Path) -> bool:
             context = ssl.create_default_context(cafile=str(ca))

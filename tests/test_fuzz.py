@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 
-from support import Scale, ServerThread, free_port, write_model
+from support import Scale, ServerThread, write_model
 from torchwire._proto.modelservice_messages_pb2 import PredictRequest
 
 EXAMPLES = int(os.environ.get("TORCHWIRE_FUZZ_EXAMPLES", "120"))
@@ -53,7 +53,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     (root / "ints" / "config.toml").write_text(
         'format = "torchscript"\n[[inputs]]\nname = "x"\ndtype = "INT8"\nshape = [4]\n'
     )
-    with ServerThread(repository=root, watch="off", http_port=free_port()) as server:
+    with ServerThread(repository=root, watch="off", http_port="auto") as server:
         yield server
 
 

@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from support import Busy, Scale, ServerThread, free_port, wait_until, write_model
+from support import Busy, Scale, ServerThread, wait_until, write_model
 from torchwire.server import plane
 
 
@@ -35,7 +35,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, frontend: str) -> Iterator[
         repository=root,
         watch="off",
         model_control="open",
-        http_port=free_port(),
+        http_port="auto",
         grpc_frontend=frontend,
     ) as server:
         yield server

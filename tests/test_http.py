@@ -4,6 +4,7 @@ send it, and every client mistake answered with a 4xx status and a JSON error.""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -24,7 +25,6 @@ from support import (
     Busy,
     CliServer,
     ServerThread,
-    free_port,
     http_request,
     in_process,
     wait_until,
@@ -50,7 +50,7 @@ def server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     write_model(root / "pixels", PixelMean(), [3, 8, 8], dtype="UINT8")
     with ServerThread(
         repository=root,
-        http_port=free_port(),
+        http_port="auto",
         max_message_bytes=2 * 2**20,
         watch="off",
         model_control="open",
@@ -270,12 +270,13 @@ def test_queue_full_is_429_and_a_passed_timeout_is_504(server: ServerThread) -> 
 
 
 def test_workers_share_the_http_port(tmp_path: Path) -> None:
-    port = free_port()
-    server = CliServer("--workers", "2", "--port", "0", "--http-port", str(port),
-                       env={"TORCHWIRE_HTTP_PORT": str(port)})  # fmt: skip
+    server = CliServer("--workers", "2", "--port", "0", "--http-port", "auto",
+                       env={"TORCHWIRE_HTTP_PORT": "auto"})  # fmt: skip
     try:
         server.wait_ready()
-        assert f"127.0.0.1:{port} (HTTP) with 2 workers" in server.output
+        found = re.search(r"127\.0\.0\.1:(\d+) \(HTTP\) with 2 workers", server.output)
+        assert found, server.output
+        port = int(found.group(1))
         client = triton_http.InferenceServerClient(f"127.0.0.1:{port}", concurrency=8)
         tensor = triton_http.InferInput("features", [1, 256], "FP32")
         tensor.set_data_from_numpy(_recsys(1))

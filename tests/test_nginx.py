@@ -288,7 +288,7 @@ def _scale_server(tmp_path: Path) -> Iterator[tuple[ServerThread, Any]]:
     inference thread (inline runs off, so that a test can hold them); yields the server and the
     model's batcher."""
     write_model(tmp_path / "repo" / "scale", Scale(2.0), [2], extra=NO_INLINE)
-    with ServerThread(repository=tmp_path / "repo", http_port=free_port()) as server:
+    with ServerThread(repository=tmp_path / "repo", http_port="auto") as server:
         yield server, server.server.repository.get("scale")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import CliServer, Scale, ServerThread, free_port, health_status, write_model
+from support import CliServer, Scale, ServerThread, health_status, wait_until, write_model
 from torchwire.runtime import LoadedModel
 
 GIB = 1024**3
@@ -123,12 +122,11 @@ def test_health_is_not_serving_while_models_load(
         warm_up(self)
 
     monkeypatch.setattr(LoadedModel, "warm_up", held)
-    port = free_port()
-    server = ServerThread(repository=tmp_path, port=port)
+    server = ServerThread(repository=tmp_path)
     starting = server.begin()
     try:
         assert loading.wait(60)
-        target = f"127.0.0.1:{port}"
+        target = f"127.0.0.1:{server.server.port}"  # a lone server binds before it loads
         with grpc.insecure_channel(target) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             watcher = Watcher(target)
@@ -165,7 +163,8 @@ def test_memory_watchdog_trips_and_recovers_with_hysteresis(
         # Back above the threshold but inside the margin: still NOT_SERVING (no flapping).
         watchdog.recover_margin_bytes = 1000 * GIB
         watchdog.min_available_bytes = max(0, available - 2 * GIB)
-        time.sleep(0.5)  # five readings
+        readings = watchdog.readings
+        wait_until(lambda: watchdog.readings >= readings + 5, "five readings")
         assert health_status(target) == "NOT_SERVING"
         # Above threshold plus margin: SERVING within an interval.
         watchdog.recover_margin_bytes = 0

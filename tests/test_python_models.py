@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 import support
-from support import ServerThread, free_port, http_request, in_process, wait_until, write_model
+from support import ServerThread, http_request, in_process, wait_until, write_model
 from torchwire.config import ModelConfig, load_model_config
 from torchwire.errors import ConfigError
 from torchwire.repository.check import check_repository
@@ -133,7 +133,7 @@ def server(
             (root / name).symlink_to(demo_repo / name)
     write_python_model(root / "text", TEXT_CONFIG, {1: TEXT_MODEL})
     with ServerThread(
-        repository=root, http_port=free_port(), grpc_frontend=frontend, watch="off"
+        repository=root, http_port="auto", grpc_frontend=frontend, watch="off"
     ) as server:
         yield server
 

@@ -250,7 +250,8 @@ def test_a_new_version_becomes_the_default_and_the_old_one_drains(
             return stub.Predict.future(request, timeout=30)
 
         slow_on_v1 = ask(3000, model="v", version="1")  # computes for about a second
-        time.sleep(0.2)
+        first = server.server.repository.get("v", "1")  # type: ignore[union-attr]
+        wait_for(lambda: first.computing == 1, "the slow call to compute on version 1")
         (model_dir / "2").mkdir()
         replace_atomically(model_dir / "2" / "model.pt", scripted_bytes(Shift(1000.0)))
         wait_for(lambda: ask(0, model="v").result().outputs[0] == 1001.0, "version 2")

@@ -15,7 +15,6 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,17 +33,9 @@ from support import CliServer, DeviceFault, Scale, connection, write_model
 ANSWERED_BY = r"\[worker (\d+)\] torchwire\.access: .*code={code}.*request_id={request_id}"
 
 
-@pytest.fixture
-def servers() -> Iterator[list[CliServer]]:
-    started: list[CliServer] = []
-    yield started
-    for server in started:
-        server.close()
-
-
-def serve(servers: list[CliServer], *args: str, env: dict[str, str] | None = None) -> CliServer:
+def serve(cli_servers: list[CliServer], *args: str, env: dict[str, str] | None = None) -> CliServer:
     server = CliServer("--port", "0", "--workers", "2", "--access-log", "true", *args, env=env)
-    servers.append(server)
+    cli_servers.append(server)
     return server
 
 
@@ -82,9 +73,9 @@ def model_ready_everywhere(target: str, model: str, connections: int = 24) -> se
 
 
 def test_two_workers_answer_on_one_port_and_metrics_count_each_request_once(
-    servers: list[CliServer], seed: SimpleNamespace, test_repo: Path
+    cli_servers: list[CliServer], seed: SimpleNamespace, test_repo: Path
 ) -> None:
-    server = serve(servers, "--repository", str(test_repo))
+    server = serve(cli_servers, "--repository", str(test_repo))
     target = server.wait_ready()
     assert "with 2 workers" in server.output
     # Each worker times its models and chooses their threads within its share of the cores, as
@@ -136,12 +127,12 @@ class Model:
 
 
 def test_a_python_model_with_preprocess_serves_from_every_worker(
-    servers: list[CliServer], tmp_path: Path
+    cli_servers: list[CliServer], tmp_path: Path
 ) -> None:
     (tmp_path / "words" / "1").mkdir(parents=True)
     (tmp_path / "words" / "config.toml").write_text(WORDS_CONFIG)
     (tmp_path / "words" / "1" / "model.py").write_text(WORDS_MODEL)
-    server = serve(servers, "--repository", str(tmp_path))
+    server = serve(cli_servers, "--repository", str(tmp_path))
     target = server.wait_ready()
     for i in range(40):  # each on a new connection: the kernel picks the worker
         client = triton.InferenceServerClient(
@@ -158,9 +149,9 @@ def test_a_python_model_with_preprocess_serves_from_every_worker(
 
 
 def test_unload_on_one_connection_holds_on_every_worker_even_one_restarted_after(
-    servers: list[CliServer], seed: SimpleNamespace, test_repo: Path
+    cli_servers: list[CliServer], seed: SimpleNamespace, test_repo: Path
 ) -> None:
-    server = serve(servers, "--repository", str(test_repo), "--model-control", "open")
+    server = serve(cli_servers, "--repository", str(test_repo), "--model-control", "open")
     target = server.wait_ready()
     control = triton.InferenceServerClient(target)
 
@@ -199,10 +190,10 @@ def test_unload_on_one_connection_holds_on_every_worker_even_one_restarted_after
 
 
 def test_a_worker_whose_device_fails_is_started_again_and_the_server_serves_on(
-    servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
 ) -> None:
     write_model(tmp_path / "fault", DeviceFault(), [2])
-    server = serve(servers, "--repository", str(tmp_path))
+    server = serve(cli_servers, "--repository", str(tmp_path))
     target = server.wait_ready()
     with pytest.raises(grpc.RpcError) as caught:
         predict(target, seed, [-3, 2], "poison", model="fault")
@@ -218,11 +209,11 @@ def test_a_worker_whose_device_fails_is_started_again_and_the_server_serves_on(
 
 
 def test_a_changed_model_file_is_swapped_in_on_every_worker(
-    servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
 ) -> None:
     repo = tmp_path / "repo"
     write_model(repo / "scale", Scale(2.0), [2])
-    server = serve(servers, "--repository", str(repo), "--watch", "off")
+    server = serve(cli_servers, "--repository", str(repo), "--watch", "off")
     target = server.wait_ready()
     assert predict(target, seed, [1, 2], "before") == [2.0, 4.0]
 
@@ -246,9 +237,9 @@ def _answers(calls: list[Any], server: CliServer) -> list[list[float]]:
 
 
 def test_sigterm_under_load_answers_every_request_that_reached_a_worker_then_exits_0(
-    servers: list[CliServer], seed: SimpleNamespace, test_repo: Path
+    cli_servers: list[CliServer], seed: SimpleNamespace, test_repo: Path
 ) -> None:
-    server = serve(servers, "--repository", str(test_repo), "--shutdown-delay-s", "0.5")
+    server = serve(cli_servers, "--repository", str(test_repo), "--shutdown-delay-s", "0.5")
     target = server.wait_ready()
     # Two slow calls (about a second of compute each) on their own connections ...
     slow_channels = [connection(target) for _ in range(2)]
@@ -321,13 +312,13 @@ def test_sigterm_under_load_answers_every_request_that_reached_a_worker_then_exi
 
 
 def test_a_worker_that_cannot_start_stops_the_server_instead_of_looping(
-    tmp_path: Path, servers: list[CliServer], test_repo: Path
+    tmp_path: Path, cli_servers: list[CliServer], test_repo: Path
 ) -> None:
     # Every worker process dies at start-up (exit code 3) before it can load anything.
     (tmp_path / "sitecustomize.py").write_text(
         "import os\nif 'TORCHWIRE_WORKER_SPEC' in os.environ:\n    os._exit(3)\n"
     )
-    server = serve(servers, "--repository", str(test_repo), env={"PYTHONPATH": str(tmp_path)})
+    server = serve(cli_servers, "--repository", str(test_repo), env={"PYTHONPATH": str(tmp_path)})
     assert server.process.wait(120) == 1
     server.wait_for(r"failed to start 5 time\(s\) in a row \(repeated failures, last exited")
 
@@ -360,16 +351,16 @@ def test_a_busy_port_is_refused_not_shared() -> None:
 
 
 def test_signals_while_workers_start_neither_kill_them_nor_leave_them_behind(
-    servers: list[CliServer], test_repo: Path
+    cli_servers: list[CliServer], test_repo: Path
 ) -> None:
-    server = serve(servers, "--repository", str(test_repo))
+    server = serve(cli_servers, "--repository", str(test_repo))
     started = server.wait_for(r"worker (\d+) \(pid (\d+)\) started", count=2)
     server.process.send_signal(signal.SIGHUP)  # a rescan: workers still starting ignore it
     server.wait_ready()
     assert "killed by SIGHUP" not in server.output
     assert "failed to start" not in server.output
 
-    second = serve(servers, "--repository", str(test_repo))
+    second = serve(cli_servers, "--repository", str(test_repo))
     pids = [int(m.group(2)) for m in second.wait_for(r"worker (\d+) \(pid (\d+)\) started", 2)]
     second.process.send_signal(signal.SIGTERM)  # before they are ready
     assert second.process.wait(60) == 0

@@ -83,8 +83,9 @@ class ServerSettings(_Strict):
     """Address to listen on."""
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port (0 picks a free one)."""
-    http_port: int = Field(8000, ge=0, le=65535)
-    """KServe V2 REST port on the same host; 0 turns HTTP off."""
+    http_port: Annotated[int, Field(ge=0, le=65535)] | Literal["auto"] = 8000
+    """KServe V2 REST port on the same host; 0 turns HTTP off; auto picks a free one (the
+    start-up banner says which)."""
     metrics_port: int = Field(8002, ge=0, le=65535)
     """Prometheus /metrics port (0 picks a free one)."""
     metrics_host: str = "0.0.0.0"
@@ -176,6 +177,10 @@ class ServerSettings(_Strict):
     (free on the device plus its allocator's unused cache); 0: GPU memory never trips it."""
 
     _parse_input_shape = field_validator("input_shape", mode="before")(_parse_shape)
+
+    def http_bind_port(self) -> int:
+        """The port to bind for HTTP: ``http_port``, 0 (any free one) for auto."""
+        return 0 if self.http_port == "auto" else self.http_port
 
     def worker_count(self) -> int:
         """``workers`` as a number: ``auto`` is the cores this process may use."""

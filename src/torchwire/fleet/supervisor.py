@@ -124,7 +124,7 @@ class Supervisor:
         try:
             self.port = self._hold_port(self.settings.port, "gRPC")
             if self.settings.http_port:
-                self.http_port = self._hold_port(self.settings.http_port, "HTTP")
+                self.http_port = self._hold_port(self.settings.http_bind_port(), "HTTP")
             if self.settings.metrics_enabled:
                 self.metrics_port = self.metrics.serve(
                     self.settings.metrics_host, self.settings.metrics_port

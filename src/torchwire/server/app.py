@@ -189,7 +189,7 @@ class Server:
             self._http = HttpFrontend(api, self.settings.max_message_bytes)
             self.http_port = await self._http.start(
                 self.settings.host,
-                self.settings.http_port,
+                self.settings.http_bind_port(),
                 reuse_port=self.worker is not None,
                 ssl_context=self.tls.http_context(),
             )

@@ -69,6 +69,8 @@ class MemoryWatchdog:
         self._on_change = on_change
         self._metrics = metrics
         self._stop = asyncio.Event()
+        self.readings = 0
+        """Readings taken so far (tests and diagnostics wait on it)."""
 
     def _judge(self, reading: _Reading) -> bool:
         margin = 0 if self.healthy else self.recover_margin_bytes
@@ -125,6 +127,7 @@ class MemoryWatchdog:
                 self._describe(reading),
             )
             await self._on_change(healthy)
+        self.readings += 1  # once acted on
         return healthy
 
     async def run(self) -> None:
