@@ -21,7 +21,7 @@ from collections import Counter
 
 import grpc
 import psutil
-from scaleout import free_port
+from common import free_port
 
 METHOD = "/Probe/Echo"
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import psutil
 import torch
+from common import free_port, run_with_server_cpu
 from run import load, server
-from scaleout import free_port, run_with_server_cpu
 from torch import nn
 
 from torchwire.repository import ensure_demo_repository

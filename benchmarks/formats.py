@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 import tritonclient.grpc as triton_grpc
+from common import run_with_server_cpu, torchwire
 from PIL import Image
-from scaleout import run_with_server_cpu, torchwire
 
 from torchwire.bench import LoadConfig
 from torchwire.repository import ensure_demo_repository
@@ -162,7 +162,7 @@ def wait_for_vision(target: str, jpeg: bytes) -> None:
 
 
 def vision_server(root: Path, seconds: float, jpeg: bytes, callers: int) -> dict[str, Any]:
-    # recsys is there too: what scaleout.torchwire waits for.
+    # recsys is there too: what common.torchwire waits for.
     with torchwire(root, 1, "recsys") as (target, process):
         wait_for_vision(target, jpeg)
         counts, errors, stop, measuring = (

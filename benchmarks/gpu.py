@@ -35,9 +35,9 @@ import numpy as np
 import psutil
 import torch
 import tritonclient.grpc as triton
+from common import ROOT, closed, free_port, load, machine, torchwire
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
-from scaleout import ROOT, closed, free_port, load, machine, torchwire
 from torch import nn
 
 from torchwire.config import load_model_config

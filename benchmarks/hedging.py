@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scaleout import ROOT, machine, torchwire
+from common import ROOT, machine, torchwire
 
 from torchwire import AsyncClient
 from torchwire.repository import ensure_demo_repository
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hedge_s = args.hedge_after_ms / 1000
     results: dict[str, Any] = {"machine": machine(args), "runs": []}
     with torchwire(demo, 1, "recsys") as (a, process), torchwire(demo, 1, "recsys") as (b, _):
-        # This process holds torch's objects (scaleout imports it): a full garbage collection
+        # This process holds torch's objects (common imports it): a full garbage collection
         # over them stalled the client 100-120 ms, once a run. Frozen, as the server's are.
         gc.collect()
         gc.freeze()

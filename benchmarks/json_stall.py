@@ -33,8 +33,8 @@ import threading
 from pathlib import Path
 
 import numpy as np
+from common import TORCHWIRE, free_port, wait_serving
 from cpu_by_thread import image_repository
-from scaleout import TORCHWIRE, free_port, wait_serving
 
 from torchwire.bench import LoadConfig, run_load
 from torchwire.repository import ensure_demo_repository

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scaleout import ROOT, TORCHWIRE, free_port
+from common import ROOT, TORCHWIRE, free_port
 
 from torchwire.bench import LoadConfig, run_load
 from torchwire.client import Client

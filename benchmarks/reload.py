@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import ROOT, TORCHWIRE
 from hdrh.histogram import HdrHistogram
-from scaleout import ROOT, TORCHWIRE
 
 from torchwire.bench import LoadConfig, RunResult, run_load
 from torchwire.bench.stats import new_histogram, summarize

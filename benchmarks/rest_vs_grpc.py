@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 import torch
-from scaleout import ROOT, SHAPES, free_port, wait_serving
+from common import ROOT, SHAPES, free_port, wait_serving
 
 from torchwire.bench import LoadConfig, run_load, sweep
 from torchwire.bench.report import sweep_summary

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
+from common import ROOT, TORCHWIRE, free_port, run_with_server_cpu
 from rich.console import Console
-from scaleout import ROOT, TORCHWIRE, free_port, run_with_server_cpu
 
 from torchwire.bench import LoadConfig, run_load, sweep
 from torchwire.bench.report import sweep_summary

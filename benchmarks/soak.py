@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 import psutil
-from scaleout import ROOT, free_port, wait_serving
+from common import ROOT, free_port, wait_serving
 from tritonclient.grpc import service_pb2 as pb
 
 from torchwire.bench import LoadConfig, run_load

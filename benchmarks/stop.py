@@ -24,7 +24,7 @@ from collections import Counter
 
 import grpc
 import numpy as np
-from scaleout import TORCHWIRE, free_port
+from common import TORCHWIRE, free_port
 
 from torchwire._proto import modelservice_messages_pb2 as pb
 

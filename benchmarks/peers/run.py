@@ -58,7 +58,7 @@ import tritonclient.grpc.aio as triton_aio
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from scaleout import ROOT, SHAPES, free_port, run_with_server_cpu  # noqa: E402
+from common import ROOT, SHAPES, free_port, run_with_server_cpu  # noqa: E402
 
 from torchwire.bench import LoadConfig, run_load, sweep  # noqa: E402
 from torchwire.bench.report import sweep_summary  # noqa: E402

@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from support import compile_seed_client
-
-model_pb2, model_pb2_grpc = compile_seed_client(Path(tempfile.mkdtemp(prefix="seed-proto-")))
+# torchwire's copy of the founding proto: the same service, fields and bytes on the wire.
+from torchwire._proto import modelservice_messages_pb2 as model_pb2
+from torchwire._proto import modelservice_pb2_grpc as model_pb2_grpc
 
 
 class ModelServicer(model_pb2_grpc.ModelServiceServicer):

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
-import tempfile
 from collections.abc import Callable
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from support import compile_seed_client
+# torchwire's copy of the founding proto: the same service, fields and bytes on the wire.
+from torchwire._proto import modelservice_messages_pb2 as model_pb2
+from torchwire._proto import modelservice_pb2_grpc as model_pb2_grpc
 
 
 def _answer(pb2: Any, item_size: int) -> Callable[[Any], Any]:
@@ -37,7 +35,7 @@ def _answer(pb2: Any, item_size: int) -> Callable[[Any], Any]:
 
 
 def serve_sync(port: int, item_size: int) -> None:
-    pb2, pb2_grpc = compile_seed_client(Path(tempfile.mkdtemp(prefix="echo-proto-")))
+    pb2, pb2_grpc = model_pb2, model_pb2_grpc
     answer = _answer(pb2, item_size)
 
     class Echo(pb2_grpc.ModelServiceServicer):
@@ -58,7 +56,7 @@ def serve_sync(port: int, item_size: int) -> None:
 
 
 async def serve(port: int, item_size: int) -> None:
-    pb2, pb2_grpc = compile_seed_client(Path(tempfile.mkdtemp(prefix="echo-proto-")))
+    pb2, pb2_grpc = model_pb2, model_pb2_grpc
     answer = _answer(pb2, item_size)
 
     class Echo(pb2_grpc.ModelServiceServicer):
