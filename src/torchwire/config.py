@@ -157,7 +157,7 @@ class ServerSettings(_Strict):
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
     """How long a thread may hold the GIL while another waits for it (Python's default is 5).
     An inference thread gives the GIL up at every model call and copy and must wait this long
-    to get it back from a busy event loop: with 5 ms, one GPU batch of 52 images cost 29 ms."""
+    to get it back from a busy event loop (docs/design-notes.md, "The GIL switch interval")."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Logging level."""
     log_format: Literal["text", "json"] = "text"

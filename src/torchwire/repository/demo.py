@@ -39,9 +39,8 @@ name = "score"
 dtype = "FP32"
 shape = [1]
 
-# Measured on 2 cores (benchmarks/run.py): one model call costs 0.04 ms at 1 item and 0.23 ms
-# at 64, so batches of up to 64 amortise the per-call overhead; the request rate, not the model,
-# is the bottleneck, so one intra-op thread leaves the other core to the event loop and gRPC.
+# Batches of up to 64 amortise the per-call overhead; the request rate, not the model, is the
+# bottleneck, so one intra-op thread leaves the other cores to serving (docs/design-notes.md).
 [batching]
 max_batch_size = 64
 max_delay_ms = 2.0
@@ -64,8 +63,7 @@ name = "logits"
 dtype = "FP32"
 shape = [1000]
 
-# Measured on 2 cores: 42 images/s at batch 1, 47-49 at batch 2-4, 44 at batch 8 (all cores);
-# larger batches only add latency. Compute-bound: the model gets every core.
+# Compute-bound: larger batches than 4 only add latency, and the model gets every core.
 [batching]
 max_batch_size = 4
 max_delay_ms = 5.0
@@ -92,8 +90,7 @@ name = "scores"
 dtype = "FP32"
 shape = [5]
 
-# Measured on 2 cores (benchmarks/formats.py): decode + predict peaks at batch 8 in process;
-# batches of at most 4 held the server to 0.86-0.87x of that, batches of 8 reached 0.97-1.01x.
+# Decoding and ResNet-18 together peak at batch 8 (docs/models.md, "Measured").
 [batching]
 max_batch_size = 8
 max_delay_ms = 5.0

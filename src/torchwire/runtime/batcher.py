@@ -62,12 +62,7 @@ log = logging.getLogger(__name__)
 LOOP_BUSY = 0.7
 """Above this share of wall time in which the event loop's thread ran or waited for a core,
 cheap batches go to the inference threads: the loop is needed for requests, and a busy server
-batches. Measured here (2 cores, client on the same host): 64 callers keep the loop at
-0.76-1.00 (mean 0.87-0.91), one caller at 0.57-0.63, PredictStream at 2,000 answers/s at
-0.43-0.84 (mean 0.63). A threshold of 0.85 with a way back below 0.6 lost 3-25 % at 64 callers
-(the loop stayed inline while saturated). When other processes take the cores, waiting for
-one counts as busy, and the batches go to the inference threads: torchwire's behaviour before
-inline runs existed."""
+batches (why 0.7: docs/design-notes.md, "Inline batches")."""
 _LOAD_WINDOW_S = 0.02
 INLINE_GIVE_UP_S = 0.002
 INLINE_GIVE_UP_FACTOR = 10

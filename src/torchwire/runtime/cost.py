@@ -3,13 +3,12 @@
 1. Intra-op threads. Unless the config or ``--torch-threads`` says, a model gets torch's threads
    (shared among its instances) only where they pay: a full batch must take at least
    ``SERIAL_BATCH_S`` on one thread and run ``MIN_SPEEDUP`` times faster on them. Otherwise the
-   extra threads only compete with the event loop for the cores. Measured on 2 cores: recsys
-   (64 items in 0.38 ms on one thread, 1.4x on two) serves 3,198 QPS with one thread and 3,011
-   with two; resnet18 (4 images in 158 ms, 1.9x on two) 39 images/s with two and 22 with one.
+   extra threads only compete with the event loop for the cores (docs/design-notes.md,
+   "Intra-op threads").
 2. Batches cheap enough to run on the event loop itself (``Batcher`` decides when): those whose
    estimated time on one thread is within ``[batching] inline_max_ms``. Handing a lone request
-   to an inference thread and its answer back costs about 125 us of CPU (two thread wake-ups,
-   the GIL passed both ways), more than recsys computes.
+   to an inference thread and its answer back (two thread wake-ups, the GIL passed both ways)
+   costs more CPU than a small model computes.
 """
 
 from __future__ import annotations
@@ -84,8 +83,8 @@ def measure(model: LoadedModel, torch_threads: int = 0, cores: int = 0) -> CallC
     where the measurement says they pay (``choose_threads``).
 
     Nothing is timed, and nothing will run inline, on a GPU (the device computes; intra-op
-    threads would only spin beside the event loop: 16 of them cost 10 ms of CPU per image on an
-    H200, so it gets 1), or for a model with variable input dimensions (its cost depends on
+    threads would only spin beside the event loop, so it gets 1), or for a model with variable
+    input dimensions (its cost depends on
     sizes that the warm-up cannot know: it gets torch's threads). Runs the model a few times
     (blocking: call it where the model is loaded).
     """

@@ -129,7 +129,7 @@ _FAILED_DEVICES: dict[torch.device, list[object]] = {}
 """Devices found failed in this process (a CUDA context is the whole process's): no model runs
 on them again. Each keeps what this process held on it, never freed: CUDA's allocators throw
 from a destructor when they free memory of a failed context, which aborts the process (SIGABRT
-on an H200 instead of exit code 4, the batch's callers left unanswered)."""
+instead of exit code 4, the batch's callers left unanswered: docs/design-notes.md)."""
 
 
 def is_accelerator_error(exc: BaseException) -> bool:
@@ -343,9 +343,8 @@ class LoadedModel:
             return
         module, self._module = self._module, None
         if self.config.format == "exported" and module is not None:
-            # An exported module refers to itself (bound methods, its graph), so dropping it
-            # frees nothing until a full garbage collection (0.4 s of the event loop in a
-            # server). Emptying every submodule frees its weights now.
+            # An exported module refers to itself (bound methods, its graph): dropping it frees
+            # nothing until a full garbage collection. Emptying every submodule frees it now.
             for part in list(module.modules()):
                 part.__dict__.clear()
         self._per_thread = threading.local()
@@ -632,16 +631,15 @@ class LoadedModel:
                 tensor = tensor.to(answer)  # cast on the device, before the copy
             tensors.append(tensor)
         if self._cuda:
-            # Copied blocking, into pageable memory: a non-blocking copy's pinned memory would
-            # go with the answer, and the host allocator that frees it after the answer is sent
-            # throws on a failed device (abort: seen on an H200).
+            # Copied blocking, into pageable memory: the pinned memory of a non-blocking copy
+            # would go with the answer, and freeing it on a failed device aborts the process.
             tensors = [t.cpu() for t in tensors]
         return [tensor.numpy() for tensor in tensors]
 
 
 PARALLEL_COPY_BYTES = 1 << 20
 """Batches larger than this are concatenated by ``torch.cat`` (intra-op threads, one GIL release);
-smaller ones by numpy, which costs less per request (76 vs 12 us for 64 recsys requests)."""
+smaller ones by numpy, which costs less per request (docs/design-notes.md, "Concatenation")."""
 
 
 def _concatenate(

@@ -3,18 +3,18 @@
 When grpc.aio stops a server, gRPC's core first kills every call it has accepted but the Python
 server has not yet asked for, and only then sends the clients GOAWAY. grpc.aio asks for one call
 at a time, so under load a few calls always wait in the core, and their callers get CANCELLED,
-which no client retries (3 to 11 of them per stop under 16 closed-loop callers here). ``Drain``
+which no client retries (figures: docs/design-notes.md, "Stopping grpc.aio"). ``Drain``
 asks the core for many calls at once as the server starts to stop: a call that arrives is then
 handed to Python at once and served like any other, and the core has nothing left to kill. A
 client that sends a call after the GOAWAY gets UNAVAILABLE from its own transport (retried).
 
 That leaves the calls a client sends between the core's shutdown and its reading the GOAWAY:
-still cancelled (0 to 7 per stop under the same load). ``quiesce`` closes that window for
+still cancelled. ``quiesce`` closes that window for
 clients that wait for an answer before they send again (closed loop, the usual case): just before
 the shutdown it holds the answers of unary calls until no new call has come for ``QUIET_S`` (at
 most ``HOLD_MAX_S``, and never past a call's deadline). Those clients then have nothing in
-flight when the core shuts down, and get their answers right after the GOAWAY (``release``):
-0 CANCELLED in 9 stops under 16 closed-loop callers. Every unary answer that leaves during the
+flight when the core shuts down, and get their answers right after the GOAWAY (``release``).
+Every unary answer that leaves during the
 quiesce is held, errors included (``context.abort`` sends its status at once, so it is held
 before it sends). A client that sends without waiting for answers (open loop) can still lose a
 call to that window.
@@ -45,7 +45,7 @@ WIDTH = 256
 event loop."""
 QUIET_S = 0.02
 """No new call for this long: the clients are waiting for their answers (a closed-loop client
-sends its next call well within it of getting an answer, on this 2-core machine under load)."""
+sends its next call well within it of getting one)."""
 HOLD_MAX_S = 0.2
 """Answers are held at most this long (clients that send without waiting never go quiet)."""
 HOLD_MARGIN_S = 0.02
