@@ -24,7 +24,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH
 # A wheel missing from .whl (e.g. orjson) would fail every server at import: stop here instead.
 # pygrpc_native too: without it every run would measure the grpc.aio front end, not the default.
-python3 -c "import torchwire.server.app, tritonclient.grpc, pygrpc_native" || { echo "missing wheels: see the header"; exit 1; }
+python3 -c "import torchwire.server.process.app, tritonclient.grpc, pygrpc_native" || { echo "missing wheels: see the header"; exit 1; }
 out=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 timeout 300 python3 benchmarks/gpu.py --profile --out "$out" "$@"; echo "gpu.py exit $?"

@@ -33,8 +33,8 @@ from torchwire.metrics import Metrics
 from torchwire.repository import ensure_demo_repository
 from torchwire.repository.repository import ModelRepository
 from torchwire.repository.sources import Scanner
-from torchwire.server.observe import Observer
-from torchwire.server.seed import SeedServicer
+from torchwire.server.common.observe import Observer
+from torchwire.server.rpc.seed import SeedServicer
 
 
 class _Context:

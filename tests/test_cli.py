@@ -203,7 +203,7 @@ def _scrape(url: str) -> str:
 
 def test_the_server_process_runs_with_its_gil_switch_interval() -> None:
     from torchwire.config import ServerSettings
-    from torchwire.server.lifecycle import run_in_loop
+    from torchwire.server.process.lifecycle import run_in_loop
 
     before = sys.getswitchinterval()
 
@@ -265,7 +265,7 @@ def test_serving_torchscript_models_does_not_import_torch_dynamo(
     code = (
         "import sys, asyncio\n"
         "from torchwire.config import ServerSettings\n"
-        "from torchwire.server.app import Server\n"
+        "from torchwire.server.process.app import Server\n"
         "async def main():\n"
         f"    server = Server(ServerSettings(repository={str(tmp_path)!r}, port=0, http_port=0,\n"
         "                                   metrics_port=0, host='127.0.0.1'))\n"

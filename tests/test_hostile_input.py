@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from support import Busy, Scale, ServerThread, wait_until, write_model
-from torchwire.server import plane
+from torchwire.server.plane import inference as plane
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def test_no_status_is_sent_after_the_deadline_ended_the_call() -> None:
     import asyncio
 
     from torchwire.errors import DeadlineExceededError
-    from torchwire.server.status import abort_with
+    from torchwire.server.common.status import abort_with
 
     class PastDeadline:  # the two methods of grpc.aio.ServicerContext that abort_with uses
         aborted = False
@@ -306,7 +306,7 @@ def test_finding_7_cr_lf_in_a_request_id_cannot_forge_access_log_lines(
     """gRPC and aiohttp refuse CR/LF in headers, but other stacks in front may pass them on:
     the access log keeps only printable characters of a client's id, 128 at most."""
     from torchwire.metrics import Metrics
-    from torchwire.server.observe import Observer
+    from torchwire.server.common.observe import Observer
 
     observer = Observer(Metrics(process_metrics=False), access_log=True)
     forged = "abc\r\n2026-11-27 INFO torchwire.access: peer=evil code=OK"

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from support import ServerThread
 from torchwire._proto.modelservice_messages_pb2 import PredictRequest, PredictResponse
 from torchwire.errors import InvalidInputError
-from torchwire.server import seed_wire
-from torchwire.server.seed_wire import encode_response, parse_request
+from torchwire.server.codecs import seed_wire
+from torchwire.server.codecs.seed_wire import encode_response, parse_request
 
 floats32 = st.floats(width=32, allow_nan=False)
 text = st.text(max_size=20)

@@ -23,7 +23,7 @@ from torch import nn
 from support import Scale, ServerThread, wait_until, write_model
 from torchwire._proto import modelservice_messages_pb2 as pb
 from torchwire.compat import grpc_aio
-from torchwire.server import drain
+from torchwire.server.rpc import drain
 
 CALLS = 8
 

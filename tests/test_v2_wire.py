@@ -13,8 +13,8 @@ from tritonclient.grpc import service_pb2 as pb
 
 from support import ServerThread
 from torchwire.errors import InvalidInputError
-from torchwire.server.v2_codec import SPLIT_BYTES, parse_infer, stream_answer
-from torchwire.server.wire import WireError, split_field
+from torchwire.server.codecs.v2_codec import SPLIT_BYTES, parse_infer, stream_answer
+from torchwire.server.codecs.wire import WireError, split_field
 
 RAW = 7  # ModelInferRequest.raw_input_contents
 text = st.text(max_size=12)

@@ -358,7 +358,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         return asyncio.run(Supervisor(settings).run())
     # torchwire.server imports torch: only for the command that needs it
     from torchwire.server import Server
-    from torchwire.server.lifecycle import run_in_loop, serve_until_stopped
+    from torchwire.server.process.lifecycle import run_in_loop, serve_until_stopped
 
     return run_in_loop(settings, lambda: serve_until_stopped(Server(settings)))
 

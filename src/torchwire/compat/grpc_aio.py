@@ -1,4 +1,4 @@
-"""grpc.aio's private accept loop, as grpcio 1.81 has it (``server/drain.py`` asks the core for
+"""grpc.aio's private accept loop, as grpcio 1.81 has it (``server/rpc/drain.py`` asks the core for
 many calls at once while the server stops, so that none is left to be cancelled).
 
 grpcio 1.85 changed ``_handle_rpc`` (``method_name, method_resolver, ...``) and

@@ -24,8 +24,8 @@ from torchwire.fleet.supervisor import WORKER_SPEC_ENV
 from torchwire.logs import configure_logging
 from torchwire.native import cap_malloc_arenas
 from torchwire.server import Server
-from torchwire.server.control import WorkerRole
-from torchwire.server.lifecycle import run_in_loop, serve_until_stopped
+from torchwire.server.plane.control import WorkerRole
+from torchwire.server.process.lifecycle import run_in_loop, serve_until_stopped
 
 log = logging.getLogger("torchwire.fleet")
 

@@ -27,8 +27,8 @@ from torchwire.errors import (
     TorchwireError,
     report_bug,
 )
-from torchwire.server import kserve
 from torchwire.server.http.codec import HEADER_LENGTH, decode, encode, parse_body
+from torchwire.server.plane import kserve
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

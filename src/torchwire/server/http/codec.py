@@ -20,7 +20,12 @@ import orjson
 from torchwire.errors import InvalidInputError
 from torchwire.runtime import LoadedModel
 from torchwire.runtime.model import Arrays
-from torchwire.server.v2_codec import WireTensor, decode_tensors, requested_outputs, wire_bytes
+from torchwire.server.codecs.v2_codec import (
+    WireTensor,
+    decode_tensors,
+    requested_outputs,
+    wire_bytes,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

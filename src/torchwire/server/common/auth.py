@@ -23,7 +23,7 @@ import grpc
 
 from torchwire.config import ServerSettings
 from torchwire.errors import ConfigError, PermissionDeniedError, UnauthenticatedError
-from torchwire.server.status import status_code
+from torchwire.server.common.status import status_code
 
 log = logging.getLogger(__name__)
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")

@@ -18,7 +18,7 @@ import grpc
 from torchwire.errors import TorchwireError
 from torchwire.metrics import Metrics
 from torchwire.runtime import Batcher
-from torchwire.server.status import status_code
+from torchwire.server.common.status import status_code
 
 access_log = logging.getLogger("torchwire.access")
 REQUEST_ID_MAX = 128

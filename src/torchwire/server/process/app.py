@@ -32,19 +32,20 @@ from torchwire.repository import (
     ensure_demo_repository,
     snapshot,
 )
-from torchwire.server import kserve, native_front
-from torchwire.server.auth import Access, TokenInterceptor
-from torchwire.server.connections import connection_limits
-from torchwire.server.control import WorkerRole
-from torchwire.server.drain import Drain
-from torchwire.server.health import Health
+from torchwire.server.common.auth import Access, TokenInterceptor
+from torchwire.server.common.health import Health
+from torchwire.server.common.observe import Observer
+from torchwire.server.common.tls import TlsFiles
 from torchwire.server.http import HttpApi, HttpFrontend
-from torchwire.server.observe import Observer
-from torchwire.server.reflection import reflection_pool
-from torchwire.server.seed import SEED_SERVICE, SeedServicer
-from torchwire.server.tls import TlsFiles
-from torchwire.server.v2 import V2_SERVICE, V2Servicer
-from torchwire.server.watchdog import MIB, MemoryWatchdog
+from torchwire.server.plane import kserve
+from torchwire.server.plane.control import WorkerRole
+from torchwire.server.process.watchdog import MIB, MemoryWatchdog
+from torchwire.server.rpc import native as native_front
+from torchwire.server.rpc.connections import connection_limits
+from torchwire.server.rpc.drain import Drain
+from torchwire.server.rpc.reflection import reflection_pool
+from torchwire.server.rpc.seed import SEED_SERVICE, SeedServicer
+from torchwire.server.rpc.v2 import V2_SERVICE, V2Servicer
 
 log = logging.getLogger(__name__)
 

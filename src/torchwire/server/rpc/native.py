@@ -29,11 +29,11 @@ from torchwire.config import ServerSettings
 from torchwire.errors import TorchwireError, UnavailableError, report_bug
 from torchwire.runtime import Batcher, ThreadLoad, Ticket
 from torchwire.runtime.model import Arrays
-from torchwire.server.auth import Access
-from torchwire.server.observe import Call, Observer
-from torchwire.server.plane import DataPlane, SeedInference, V2Inference
-from torchwire.server.status import status_code
-from torchwire.server.v2_codec import parse_infer
+from torchwire.server.codecs.v2_codec import parse_infer
+from torchwire.server.common.auth import Access
+from torchwire.server.common.observe import Call, Observer
+from torchwire.server.common.status import status_code
+from torchwire.server.plane.inference import DataPlane, SeedInference, V2Inference
 
 pygrpc_native: Any
 try:

@@ -14,11 +14,11 @@ from torchwire import __version__
 from torchwire.errors import InvalidInputError
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher
-from torchwire.server.auth import Access
-from torchwire.server.control import ModelControl
-from torchwire.server.health import Health
-from torchwire.server.observe import Observer
-from torchwire.server.plane import DataPlane, require_model_name
+from torchwire.server.common.auth import Access
+from torchwire.server.common.health import Health
+from torchwire.server.common.observe import Observer
+from torchwire.server.plane.control import ModelControl
+from torchwire.server.plane.inference import DataPlane, require_model_name
 
 PLATFORMS = {
     "torchscript": "pytorch_libtorch",

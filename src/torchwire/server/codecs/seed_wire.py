@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from torchwire._proto.modelservice_messages_pb2 import PredictRequest
 from torchwire.errors import InvalidInputError
-from torchwire.server.wire import WireError, delimited, encode_varint, skip, tag
+from torchwire.server.codecs.wire import WireError, delimited, encode_varint, skip, tag
 
 FLOAT32_LE = np.dtype("<f4")
 

@@ -16,8 +16,8 @@ from torchwire.errors import ITEM_SHAPE_METADATA, InvalidInputError
 from torchwire.runtime import LoadedModel
 from torchwire.runtime.dtypes import numpy_dtype
 from torchwire.runtime.model import Arrays
-from torchwire.server import seed_wire
-from torchwire.server.seed_wire import FLOAT32_LE, SeedRequest
+from torchwire.server.codecs import seed_wire
+from torchwire.server.codecs.seed_wire import FLOAT32_LE, SeedRequest
 
 
 def decode_request(request: SeedRequest, model: LoadedModel) -> tuple[Arrays, int]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from torchwire.config import ServerSettings
 from torchwire.errors import ABANDONED_CALLS, DEVICE_FAILED, START_FAILED, ConfigError
-from torchwire.server.app import Server
+from torchwire.server.process.app import Server
 
 log = logging.getLogger("torchwire")
 

@@ -19,16 +19,16 @@ from torchwire.errors import DeadlineExceededError, ModelNotFoundError
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher, Done, Ticket
 from torchwire.runtime.model import Arrays
-from torchwire.server.observe import Call
-from torchwire.server.seed_codec import decode_request, encode_response
-from torchwire.server.seed_wire import parse_request
-from torchwire.server.v2_codec import (
+from torchwire.server.codecs.seed_codec import decode_request, encode_response
+from torchwire.server.codecs.seed_wire import parse_request
+from torchwire.server.codecs.v2_codec import (
     Encoded,
     InferRequest,
     decode_infer,
     encode_infer,
     requested_outputs,
 )
+from torchwire.server.common.observe import Call
 
 
 def require_model_name(name: str) -> None:

@@ -22,16 +22,16 @@ from tritonclient.grpc import service_pb2_grpc
 from torchwire.errors import InvalidInputError, TorchwireError, report_bug
 from torchwire.runtime import Batcher
 from torchwire.runtime.model import Arrays
-from torchwire.server import kserve
-from torchwire.server.observe import Call
-from torchwire.server.plane import V2Inference
-from torchwire.server.seed import STREAM_WINDOW, call_deadline
-from torchwire.server.status import abort_with, unary_errors
-from torchwire.server.v2_codec import (
+from torchwire.server.codecs.v2_codec import (
     InferRequest,
     parse_infer,
     stream_answer,
 )
+from torchwire.server.common.observe import Call
+from torchwire.server.common.status import abort_with, unary_errors
+from torchwire.server.plane import kserve
+from torchwire.server.plane.inference import V2Inference
+from torchwire.server.rpc.seed import STREAM_WINDOW, call_deadline
 
 log = logging.getLogger(__name__)
 V2_SERVICE = "inference.GRPCInferenceService"

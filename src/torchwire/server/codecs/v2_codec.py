@@ -25,7 +25,7 @@ from torchwire.errors import InvalidInputError
 from torchwire.runtime import LoadedModel
 from torchwire.runtime.dtypes import SUPPORTED, numpy_dtype
 from torchwire.runtime.model import Arrays, shape_matches
-from torchwire.server.wire import WireError, field_prefix, split_field
+from torchwire.server.codecs.wire import WireError, field_prefix, split_field
 
 MAX_ELEMENTS = 2**31
 """More elements than a gRPC message (2 GiB at most) can carry, whatever the datatype."""

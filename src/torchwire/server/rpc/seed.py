@@ -17,9 +17,9 @@ import grpc
 
 from torchwire.errors import TorchwireError
 from torchwire.runtime.model import Arrays
-from torchwire.server.observe import Call, Observer
-from torchwire.server.plane import DataPlane, SeedInference
-from torchwire.server.status import abort_with, stream_errors, unary_errors
+from torchwire.server.common.observe import Call, Observer
+from torchwire.server.common.status import abort_with, stream_errors, unary_errors
+from torchwire.server.plane.inference import DataPlane, SeedInference
 
 # How many requests of one stream may be queued or computing before the stream stops reading:
 # flow control, so one fast writer cannot fill the model's queue alone.
