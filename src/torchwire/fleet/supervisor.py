@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -40,13 +39,20 @@ from torchwire.errors import (
     ConfigError,
     TorchwireError,
 )
+from torchwire.fleet.contract import (
+    Action,
+    Apply,
+    Change,
+    Ready,
+    WorkerSpec,
+    from_message,
+    to_message,
+)
 from torchwire.fleet.link import Link, Message
 from torchwire.fleet.metrics import FleetMetrics
 
 log = logging.getLogger("torchwire.fleet")
 
-WORKER_SPEC_ENV = "TORCHWIRE_WORKER_SPEC"
-"""How a worker gets its orders: a JSON object (``WorkerSpec`` in ``torchwire.fleet.worker``)."""
 MAX_START_FAILURES = 5
 """A slot whose worker fails to start this many times in a row stops the server."""
 STABLE_RUN_S = 30.0
@@ -226,18 +232,14 @@ class Supervisor:
             update={"port": self.port, "http_port": self.http_port or 0, "metrics_enabled": False}
         )
         unloaded = frozenset(self._unloaded)
-        spec = {
-            "index": index,
-            "link_fd": child_end.fileno(),
-            "unloaded": sorted(unloaded),
-            "cores": max(1, available_cores() // self.count),
-            "settings": settings.model_dump(mode="json"),
-        }
-        env = {
-            **os.environ,
-            WORKER_SPEC_ENV: json.dumps(spec),
-            "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir,
-        }
+        spec = WorkerSpec(
+            index=index,
+            link_fd=child_end.fileno(),
+            unloaded=unloaded,
+            cores=max(1, available_cores() // self.count),
+            settings=settings,
+        )
+        env = {**os.environ, **spec.to_env(), "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -276,14 +278,14 @@ class Supervisor:
     # -- what workers say --------------------------------------------------------------------
 
     async def _on_message(self, worker: Worker, message: Message) -> Message | None:
-        op = message.get("op")
-        if op == "ready":
+        said = from_message(message)
+        if isinstance(said, Ready):
             await self._ready(worker)
             return None
-        if op in ("load", "unload"):
-            await self._apply_everywhere(worker, op, str(message["model"]))
+        if isinstance(said, Change):
+            await self._apply_everywhere(worker, said.action, said.model)
             return {}
-        raise TorchwireError(f"unknown link message {op!r}", "INVALID_ARGUMENT")
+        raise TorchwireError(f"a worker does not send {message!r}", "INVALID_ARGUMENT")
 
     async def _ready(self, worker: Worker) -> None:
         """A worker serves: first give it the loads and unloads it missed while it started."""
@@ -291,21 +293,24 @@ class Supervisor:
             assert worker.link is not None
             if worker.link.closed.is_set() or worker.process.returncode is not None:
                 return  # it died meanwhile
-            missed = [("unload", n) for n in self._unloaded - worker.unloaded_at_start] + [
-                ("load", n) for n in worker.unloaded_at_start - self._unloaded
+            missed = [Apply("unload", n) for n in self._unloaded - worker.unloaded_at_start] + [
+                Apply("load", n) for n in worker.unloaded_at_start - self._unloaded
             ]
-            for op, name in missed:
+            for change in missed:
                 try:
-                    await worker.link.request({"op": "apply", "action": op, "model": name})
+                    await worker.link.request(to_message(change))
                 except TorchwireError as exc:
-                    log.warning("%s: catching up on %s %s: %s", worker.describe(), op, name, exc)
+                    log.warning(
+                        "%s: catching up on %s %s: %s",
+                        worker.describe(), change.action, change.model, exc,
+                    )  # fmt: skip
             worker.ready_at = time.monotonic()
             self.metrics.ready.inc()
         log.info("%s serving", worker.describe())
         if len([w for w in self._workers.values() if w.ready_at is not None]) == self.count:
             self._all_ready.set()
 
-    async def _apply_everywhere(self, origin: Worker, op: str, name: str) -> None:
+    async def _apply_everywhere(self, origin: Worker, op: Action, name: str) -> None:
         """Load or unload ``name`` on every serving worker; raise what failed, naming where."""
         async with self._control:
             targets = [w for w in self._workers.values() if w.ready_at is not None or w is origin]
@@ -331,10 +336,10 @@ class Supervisor:
             failed[0][1].code,
         )
 
-    async def _apply(self, worker: Worker, op: str, name: str) -> TorchwireError | None:
+    async def _apply(self, worker: Worker, op: Action, name: str) -> TorchwireError | None:
         assert worker.link is not None
         try:
-            await worker.link.request({"op": "apply", "action": op, "model": name})
+            await worker.link.request(to_message(Apply(op, name)))
         except TorchwireError as exc:
             return exc
         return None

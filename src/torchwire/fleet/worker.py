@@ -1,55 +1,30 @@
 """One worker of ``torchwire serve --workers N``: a whole server on the shared port.
 
 The supervisor runs ``python -m torchwire.fleet.worker`` with its orders in the environment
-(``TORCHWIRE_WORKER_SPEC``) and one end of a socket pair, the link. Over the link the worker says
-when it serves, hands over the model loads and unloads that clients ask of it (the supervisor
-applies them on every worker), and applies those the supervisor sends. When the link closes
-(the supervisor is gone, even by SIGKILL) the worker shuts down as on SIGTERM.
+(``fleet.contract.WorkerSpec``) and one end of a socket pair, the link. Over the link the
+worker says when it serves, hands over the model loads and unloads that clients ask of it (the
+supervisor applies them on every worker), and applies those the supervisor sends (the messages:
+``fleet.contract``). When the link closes (the supervisor is gone, even by SIGKILL) the worker
+shuts down as on SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import signal
 import socket
-from dataclasses import dataclass
 
-from torchwire.config import ServerSettings
 from torchwire.errors import TorchwireError, UnavailableError
+from torchwire.fleet.contract import Apply, Change, Ready, WorkerSpec, from_message, to_message
 from torchwire.fleet.link import Link, Message
-from torchwire.fleet.supervisor import WORKER_SPEC_ENV
 from torchwire.logs import configure_logging
 from torchwire.native import cap_malloc_arenas
 from torchwire.server import Server
-from torchwire.server.plane.control import WorkerRole
 from torchwire.server.process.lifecycle import run_in_loop, serve_until_stopped
+from torchwire.server.process.role import WorkerRole
 
 log = logging.getLogger("torchwire.fleet")
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What the supervisor tells a worker it starts."""
-
-    index: int
-    link_fd: int
-    unloaded: frozenset[str]
-    cores: int
-    settings: ServerSettings
-
-    @classmethod
-    def from_env(cls) -> WorkerSpec:
-        spec = json.loads(os.environ.pop(WORKER_SPEC_ENV))
-        return cls(
-            index=int(spec["index"]),
-            link_fd=int(spec["link_fd"]),
-            unloaded=frozenset(spec["unloaded"]),
-            cores=int(spec["cores"]),
-            settings=ServerSettings.model_validate(spec["settings"]),
-        )
 
 
 class FleetControl:
@@ -59,10 +34,10 @@ class FleetControl:
         self._link = link
 
     async def load_model(self, name: str) -> None:
-        await self._link.request({"op": "load", "model": name})
+        await self._link.request(to_message(Change("load", name)))
 
     async def unload(self, name: str) -> None:
-        await self._link.request({"op": "unload", "model": name})
+        await self._link.request(to_message(Change("unload", name)))
 
 
 async def serve_as_worker(spec: WorkerSpec) -> int:
@@ -70,15 +45,15 @@ async def serve_as_worker(spec: WorkerSpec) -> int:
     server: Server | None = None
 
     async def on_message(message: Message) -> Message | None:
-        if message.get("op") != "apply":
-            raise TorchwireError(f"unknown link message {message.get('op')!r}", "INVALID_ARGUMENT")
+        said = from_message(message)
+        if not isinstance(said, Apply):
+            raise TorchwireError(f"the supervisor does not send {message!r}", "INVALID_ARGUMENT")
         if server is None or server.repository is None:
             raise UnavailableError(f"worker {spec.index} is still starting")
-        name = str(message["model"])
-        if message["action"] == "load":
-            await server.repository.load_model(name)
+        if said.action == "load":
+            await server.repository.load_model(said.model)
         else:
-            await server.repository.unload(name)
+            await server.repository.unload(said.model)
         return {}
 
     link = await Link.open(socket.socket(fileno=spec.link_fd), on_message)
@@ -97,7 +72,7 @@ async def serve_as_worker(spec: WorkerSpec) -> int:
 
     async def ready() -> None:
         try:
-            await link.notify({"op": "ready"})
+            await link.notify(to_message(Ready()))
         except UnavailableError:  # the supervisor went away while this worker started
             stop.set()
 

@@ -38,7 +38,7 @@ from torchwire.server.common.observe import Observer
 from torchwire.server.common.tls import TlsFiles
 from torchwire.server.http import HttpApi, HttpFrontend
 from torchwire.server.plane import kserve
-from torchwire.server.plane.control import WorkerRole
+from torchwire.server.process.role import LoneServer, Role
 from torchwire.server.process.watchdog import MIB, MemoryWatchdog
 from torchwire.server.rpc import native as native_front
 from torchwire.server.rpc.connections import connection_limits
@@ -70,19 +70,19 @@ class Server:
 
     Args:
         settings: how to run; ``port = 0`` binds a free port (see ``port`` after ``start``).
-        worker: set when this server is one of several workers on one port (``--workers``):
-            it shares the port, its metrics go to the supervisor's page, and model loads and
-            unloads asked for by clients go through the supervisor to every worker.
+        role: a lone server (default), or one worker of several on one port (``--workers``:
+            ``WorkerRole``), which shares the port, whose metrics go to the supervisor's page,
+            and whose model loads and unloads go through the supervisor to every worker.
     """
 
-    def __init__(self, settings: ServerSettings, worker: WorkerRole | None = None) -> None:
+    def __init__(self, settings: ServerSettings, role: Role | None = None) -> None:
         self.settings = settings
-        self.worker = worker
+        self.role: Role = role or LoneServer()
         self.port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
         self.repository: ModelRepository | None = None
-        self.metrics = Metrics(process_metrics=worker is None)
+        self.metrics = Metrics(process_metrics=self.role.process_metrics)
         self.observer = Observer(self.metrics, access_log=settings.access_log)
         self.health = Health([SEED_SERVICE, V2_SERVICE])
         self.watchdog = MemoryWatchdog(
@@ -127,8 +127,8 @@ class Server:
             self.settings.torch_threads,
             self.metrics,
             on_model_change=self.health.model,
-            unloaded=self.worker.unloaded if self.worker else (),
-            cores=self.worker.cores if self.worker else 0,
+            unloaded=self.role.unloaded,
+            cores=self.role.cores,
             on_device_failure=self._device_failed,
         )
         self.repository = repository
@@ -136,13 +136,13 @@ class Server:
         if self.settings.watchdog_interval_s > 0:
             await self.watchdog.check()  # the first reading decides before SERVING is reported
             self._spawn(self.watchdog.run())
-        if self.worker is None:  # a lone server answers probes (NOT_SERVING) while it loads
+        if self.role.serves_while_loading:  # probes get NOT_SERVING while it loads
             await self._serve(repository)
         # Stamps from before the load: a file changed while the models load is picked up.
         baseline = await snapshot(scanner) if self.settings.watch != "off" else None
         try:
             await repository.load()
-            if self.worker is not None:  # a worker takes connections only once it can answer
+            if not self.role.serves_while_loading:  # connections only once it can answer
                 await self._serve(repository)
         except BaseException:
             await self.stop(grace_s=0)
@@ -168,7 +168,7 @@ class Server:
 
     async def _serve(self, repository: ModelRepository) -> None:
         """Take calls: gRPC, and HTTP unless ``--http-port 0``."""
-        control = self.worker.control if self.worker else repository
+        control = self.role.control(repository)
         backend = kserve.Backend(repository, self.observer, self.health, self.access, control)
         native = self.settings.grpc_frontend == "native"
         why = native_front.unavailable_because(self.settings) if native else None
@@ -191,7 +191,7 @@ class Server:
             self.http_port = await self._http.start(
                 self.settings.host,
                 self.settings.http_bind_port(),
-                reuse_port=self.worker is not None,
+                reuse_port=self.role.shares_port,
                 ssl_context=self.tls.http_context(),
             )
 
@@ -203,7 +203,7 @@ class Server:
         self._grpc = self._build_grpc(backend, f"unix:{fallback}")
         await self._grpc.start()
         self._native = native_front.NativeFront(
-            self.settings, backend.plane, self.observer, self.access, self.worker is not None
+            self.settings, backend.plane, self.observer, self.access, self.role.shares_port
         )
         address = f"{self.settings.host}:{self.settings.port}"
         try:
@@ -221,7 +221,7 @@ class Server:
                 ("grpc.max_send_message_length", self.settings.max_message_bytes),
                 # One process per port unless --workers asks for sharing: a second server on a
                 # busy port must fail, not silently split the traffic.
-                ("grpc.so_reuseport", int(self.worker is not None)),
+                ("grpc.so_reuseport", int(self.role.shares_port)),
                 # Let clients keep connections alive with pings (every 10 s at most).
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -331,13 +331,9 @@ class Server:
         where = f"{self.settings.host}:{self.port} (gRPC{tls}, {front} front end)"
         if self.http_port:
             where += f", {self.settings.host}:{self.http_port} (HTTP{tls})"
-        if self.worker is not None:  # the supervisor says "serving" once every worker is ready
-            log.info("worker %d (pid %d) ready on %s", self.worker.index, os.getpid(), where)
-            if self.worker.index != 0:
-                return
-            lines = [f"worker {self.worker.index} models:"]
-        else:
-            lines = [f"torchwire serving on {where}"]
+        lines = self.role.banner(where)
+        if lines is None:
+            return
         for name, served in sorted(self.repository.models.items()):
             batcher = served.versions[served.default_version]
             model = batcher.model

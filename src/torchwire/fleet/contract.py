@@ -1,0 +1,111 @@
+"""The contract between the supervisor of ``torchwire serve --workers N`` and its workers, in one
+place: the orders a worker starts with (``WorkerSpec``, carried in the environment) and the
+messages on the link between them (``Ready``, ``Change``, ``Apply``). Both sides build and read
+them here; neither spells a key of the other's."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Literal
+
+from torchwire.config import ServerSettings
+from torchwire.errors import TorchwireError
+from torchwire.fleet.link import Message
+
+WORKER_SPEC_ENV = "TORCHWIRE_WORKER_SPEC"
+"""The environment variable that carries a worker's ``WorkerSpec`` (JSON)."""
+
+Action = Literal["load", "unload"]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the supervisor tells a worker it starts.
+
+    Attributes:
+        index: the worker's number, 0 to N-1 (a restarted worker keeps its number).
+        link_fd: the worker's end of the socket pair to the supervisor.
+        unloaded: models unloaded through the API before this worker started: not loaded.
+        cores: the cores this worker's models share (its share of the machine).
+        settings: the server's settings, with the shared ports filled in.
+    """
+
+    index: int
+    link_fd: int
+    unloaded: frozenset[str]
+    cores: int
+    settings: ServerSettings
+
+    def to_env(self) -> dict[str, str]:
+        spec = {
+            "index": self.index,
+            "link_fd": self.link_fd,
+            "unloaded": sorted(self.unloaded),
+            "cores": self.cores,
+            "settings": self.settings.model_dump(mode="json"),
+        }
+        return {WORKER_SPEC_ENV: json.dumps(spec)}
+
+    @classmethod
+    def from_env(cls, environ: MutableMapping[str, str] | None = None) -> WorkerSpec:
+        """Read (and take out of the environment) the spec the supervisor gave."""
+        environ = os.environ if environ is None else environ
+        spec = json.loads(environ.pop(WORKER_SPEC_ENV))
+        return cls(
+            index=int(spec["index"]),
+            link_fd=int(spec["link_fd"]),
+            unloaded=frozenset(spec["unloaded"]),
+            cores=int(spec["cores"]),
+            settings=ServerSettings.model_validate(spec["settings"]),
+        )
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker to supervisor: it serves (it gets the changes it missed, then traffic counts)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """Worker to supervisor: a client asked this worker to load or unload a model; the
+    supervisor applies it on every worker before the client gets its answer."""
+
+    action: Action
+    model: str
+
+
+@dataclass(frozen=True)
+class Apply:
+    """Supervisor to worker: load or unload a model in this worker's repository."""
+
+    action: Action
+    model: str
+
+
+LinkMessage = Ready | Change | Apply
+
+
+def to_message(message: LinkMessage) -> Message:
+    """``message`` as it travels on the link."""
+    if isinstance(message, Ready):
+        return {"op": "ready"}
+    if isinstance(message, Change):
+        return {"op": message.action, "model": message.model}
+    return {"op": "apply", "action": message.action, "model": message.model}
+
+
+def from_message(message: Mapping[str, object]) -> LinkMessage:
+    """A message read from the link; ``INVALID_ARGUMENT`` for one this contract does not hold."""
+    op = message.get("op")
+    model = message.get("model")
+    if op == "ready":
+        return Ready()
+    if op in ("load", "unload") and isinstance(model, str):
+        return Change("load" if op == "load" else "unload", model)
+    action = message.get("action")
+    if op == "apply" and action in ("load", "unload") and isinstance(model, str):
+        return Apply("load" if action == "load" else "unload", model)
+    raise TorchwireError(f"unknown link message {dict(message)!r}", "INVALID_ARGUMENT")
