@@ -23,6 +23,8 @@ import grpc
 import psutil
 from common import free_port
 
+from torchwire.compat import grpc_aio
+
 METHOD = "/Probe/Echo"
 
 
@@ -40,12 +42,13 @@ async def serve(port: int, kind: str) -> None:
     await server.start()
     tasks: list[asyncio.Task[None]] = []
     if kind == "drop":
-        core = server._server  # type: ignore[attr-defined]  (cygrpc.AioServer)
+        core = grpc_aio.accept_loop(server)
+        assert core is not None, "this grpcio's accept loop is not the one compat knows"
 
         async def take_and_drop() -> None:
             while True:
                 try:
-                    await core._request_call()  # the call is released with its state
+                    await grpc_aio.request_call(core)  # the call is released with its state
                 except Exception:
                     return
 

@@ -40,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from torch import nn
 
+from torchwire.compat.torch_internals import jit_executor_settings, set_jit_executor
 from torchwire.config import load_model_config
 from torchwire.repository import ensure_demo_repository
 from torchwire.runtime.model import LoadedModel
@@ -104,8 +105,8 @@ def in_process(demo: Path, device: str, precision: str, batches: list[int], seco
 JIT_SETTINGS: dict[str, Callable[[], None]] = {
     "default": lambda: None,
     "fusion strategy DYNAMIC 20": lambda: torch.jit.set_fusion_strategy([("DYNAMIC", 20)]),
-    "fuser off": lambda: torch._C._jit_set_texpr_fuser_enabled(False),
-    "no executor optimisation": lambda: torch._C._set_graph_executor_optimize(False),
+    "fuser off": lambda: set_jit_executor(False, jit_executor_settings()[1]),
+    "no executor optimisation": lambda: set_jit_executor(jit_executor_settings()[0], False),
 }
 """TorchScript settings that may spare a GPU model the cost of batch sizes that change."""
 
@@ -121,10 +122,7 @@ def jit_settings(demo: Path, device: str, seconds: float, settle: int = 200) -> 
     x = x.pin_memory() if device.startswith("cuda") else x
     for name, apply in JIT_SETTINGS.items():
         strategy = torch.jit.set_fusion_strategy([("STATIC", 2), ("DYNAMIC", 10)])  # defaults
-        fuser, optimize = (
-            torch._C._jit_texpr_fuser_enabled(),
-            torch._C._get_graph_executor_optimize(),
-        )
+        fuser, optimize = jit_executor_settings()
         apply()
         try:
             module = torch.jit.load(str(demo / "resnet18" / "1" / "model.pt")).eval().to(device)
@@ -149,8 +147,7 @@ def jit_settings(demo: Path, device: str, seconds: float, settle: int = 200) -> 
             found[name] = {"failed": repr(exc)}
         finally:
             torch.jit.set_fusion_strategy(strategy)
-            torch._C._jit_set_texpr_fuser_enabled(fuser)
-            torch._C._set_graph_executor_optimize(optimize)
+            set_jit_executor(fuser, optimize)
     return found
 
 

@@ -31,6 +31,31 @@ def test_grpc_aio_accept_loop_is_the_one_compat_knows() -> None:
     asyncio.run(main())
 
 
+def test_grpc_channelz_counts_a_servers_calls() -> None:
+    import json
+
+    async def main() -> list[dict[str, object]]:
+        server = grpc.aio.server()
+        server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            return list(json.loads(grpc_aio.channelz_servers()).get("server", []))
+        finally:
+            await server.stop(None)
+
+    assert any("data" in found for found in asyncio.run(main()))
+
+
+def test_torch_jit_executor_settings_can_be_read_and_set_back() -> None:
+    fuser, optimize = torch_internals.jit_executor_settings()
+    try:
+        torch_internals.set_jit_executor(not fuser, not optimize)
+        assert torch_internals.jit_executor_settings() == (not fuser, not optimize)
+    finally:
+        torch_internals.set_jit_executor(fuser, optimize)
+    assert torch_internals.jit_executor_settings() == (fuser, optimize)
+
+
 def test_aiohttp_runner_takes_a_shutdown_timeout_after_construction() -> None:
     runner = web.AppRunner(web.Application())
     assert aiohttp_runner.set_shutdown_timeout(runner, 3.5)

@@ -17,7 +17,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from grpc._cython import cygrpc
 from torch import nn
 
 from support import Scale, ServerThread, wait_until, write_model
@@ -30,7 +29,7 @@ CALLS = 8
 
 def _channelz_servers() -> dict[str, dict[str, str]]:
     """gRPC core's servers in this process (channelz), by id: their call counters."""
-    servers = json.loads(cygrpc.channelz_get_servers(0)).get("server", [])
+    servers = json.loads(grpc_aio.channelz_servers()).get("server", [])
     return {server["ref"]["serverId"]: server["data"] for server in servers}
 
 

@@ -54,3 +54,10 @@ def serve(
     coroutine that serves it, to be run as a task."""
     coroutine = cygrpc._handle_rpc(list(handlers), tuple(interceptors), rpc_state, loop, False)
     return cygrpc._schedule_rpc_coro(coroutine, rpc_state, loop)  # type: ignore[no-any-return]
+
+
+def channelz_servers() -> str:
+    """gRPC core's servers in this process as channelz JSON (their call counters): what the
+    stop tests count calls by (the grpcio-channelz service exposes the same over gRPC)."""
+    found = cygrpc.channelz_get_servers(0)
+    return found.decode() if isinstance(found, bytes) else str(found)

@@ -72,3 +72,15 @@ def quiet_readonly_arrays() -> None:
     received bytes, which torch only reads (``torch.cat``). Called when the first model loads,
     not at import: importing torchwire leaves the process's warning filters alone."""
     warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+
+
+def jit_executor_settings() -> tuple[bool, bool]:
+    """TorchScript's tensor-expression fuser and graph executor optimisation: on or off (the
+    GPU benchmark measures the model with each turned off)."""
+    return bool(torch._C._jit_texpr_fuser_enabled()), bool(torch._C._get_graph_executor_optimize())
+
+
+def set_jit_executor(fuser: bool, optimize: bool) -> None:
+    """Set what ``jit_executor_settings`` reads."""
+    torch._C._jit_set_texpr_fuser_enabled(fuser)
+    torch._C._set_graph_executor_optimize(optimize)
