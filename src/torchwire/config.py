@@ -123,6 +123,9 @@ class ServerSettings(_Strict):
     """PEM private key of the server certificate."""
     tls_client_ca: Path | None = None
     """PEM of the CAs that sign client certificates; when set, clients must present one (mTLS)."""
+    allow_client_shm: bool = False
+    """KServe V2 system shared memory: clients on this machine may register regions of
+    /dev/shm (files owned by this server's user) and pass tensors through them."""
     watch: Literal["auto", "poll", "off"] = "auto"
     """Reload changed models: file events with polling behind them (auto), polling only, or off."""
     watch_interval_s: float = Field(1.0, gt=0)
@@ -177,6 +180,15 @@ class ServerSettings(_Strict):
     (free on the device plus its allocator's unused cache); 0: GPU memory never trips it."""
 
     _parse_input_shape = field_validator("input_shape", mode="before")(_parse_shape)
+
+    @model_validator(mode="after")
+    def _one_process_for_shm(self) -> ServerSettings:
+        if self.allow_client_shm and self.worker_count() != 1:
+            raise ValueError(
+                "--allow-client-shm serves with one process: shared memory regions are "
+                "registered with the process a client reaches, and --workers spreads its calls"
+            )
+        return self
 
     def http_bind_port(self) -> int:
         """The port to bind for HTTP: ``http_port``, 0 (any free one) for auto."""

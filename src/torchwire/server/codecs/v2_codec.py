@@ -26,6 +26,7 @@ from torchwire.runtime import LoadedModel
 from torchwire.runtime.dtypes import SUPPORTED, numpy_dtype
 from torchwire.runtime.model import Arrays, shape_matches
 from torchwire.server.codecs.wire import WireError, field_prefix, split_field
+from torchwire.server.common.shm import Regions
 
 MAX_ELEMENTS = 2**31
 """More elements than a gRPC message (2 GiB at most) can carry, whatever the datatype."""
@@ -284,15 +285,76 @@ def parse_infer(data: bytes) -> InferRequest:
     return InferRequest(message, message.raw_input_contents)
 
 
-def decode_infer(request: InferRequest, model: LoadedModel) -> tuple[Arrays, int]:
-    """A gRPC ``ModelInferRequest``'s tensors (see ``decode_tensors``)."""
-    raw, inputs = request.raw, request.message.inputs
-    if raw and len(raw) != len(inputs):
+SHM_REGION = "shared_memory_region"
+SHM_BYTE_SIZE = "shared_memory_byte_size"
+SHM_OFFSET = "shared_memory_offset"
+
+
+@dataclass(frozen=True, slots=True)
+class ShmTarget:
+    """Where a tensor's bytes are in a registered shared memory region."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
+def _parameter(value: Any) -> Any:
+    """A parameter's value: gRPC's ``InferParameter`` (its one set field) or a JSON value."""
+    if hasattr(value, "WhichOneof"):
+        chosen = value.WhichOneof("parameter_choice")
+        return None if chosen is None else getattr(value, chosen)
+    return value
+
+
+def shm_target(parameters: Any, where: str) -> ShmTarget | None:
+    """The shared memory a tensor's parameters name (gRPC or REST), or None."""
+    if SHM_REGION not in parameters:
+        return None
+    region = _parameter(parameters[SHM_REGION])
+    size = _parameter(parameters[SHM_BYTE_SIZE]) if SHM_BYTE_SIZE in parameters else None
+    offset = _parameter(parameters[SHM_OFFSET]) if SHM_OFFSET in parameters else 0
+    if not isinstance(region, str) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in (size, offset)
+    ):
         raise InvalidInputError(
-            f"raw_input_contents holds {len(raw)} buffers for {len(inputs)} inputs"
+            f"{where}: {SHM_REGION} must be a string and {SHM_BYTE_SIZE} (with "
+            f"{SHM_OFFSET}) integers"
         )
+    assert isinstance(size, int) and isinstance(offset, int)
+    return ShmTarget(region, size, offset)
+
+
+def shm_view(regions: Regions | None, target: ShmTarget, where: str) -> memoryview:
+    """The bytes ``target`` names, or why they cannot be had."""
+    if regions is None or not regions.allowed:
+        raise InvalidInputError(
+            f"{where} names shared memory region {target.region!r}, but system shared memory "
+            "is off on this server (--allow-client-shm)"
+        )
+    return regions.view(target.region, target.offset, target.byte_size, where)
+
+
+def decode_infer(
+    request: InferRequest, model: LoadedModel, regions: Regions | None = None
+) -> tuple[Arrays, int]:
+    """A gRPC ``ModelInferRequest``'s tensors (see ``decode_tensors``), those in shared memory
+    read from their region (read-only: the model may not write into the client's memory)."""
+    raw, inputs = request.raw, request.message.inputs
+    targets = [shm_target(t.parameters, f"input '{t.name}'") for t in inputs]
+    plain = sum(target is None for target in targets)
+    if raw and len(raw) != plain:
+        raise InvalidInputError(
+            f"raw_input_contents holds {len(raw)} buffers for {plain} inputs not in shared memory"
+        )
+    raw_left = iter(raw)
     tensors = []
-    for i, tensor in enumerate(inputs):
+    for tensor, target in zip(inputs, targets, strict=True):
+        if target is not None:
+            data = shm_view(regions, target, f"input '{tensor.name}'").toreadonly()
+            shape = tuple(int(d) for d in tensor.shape)
+            tensors.append(WireTensor(tensor.name, tensor.datatype, shape, data, None))
+            continue
         values = None
         if raw and tensor.HasField("contents"):
             raise InvalidInputError(
@@ -311,7 +373,7 @@ def decode_infer(request: InferRequest, model: LoadedModel) -> tuple[Arrays, int
                 tensor.name,
                 tensor.datatype,
                 tuple(int(d) for d in tensor.shape),
-                raw[i] if raw else None,
+                next(raw_left) if raw else None,
                 values,
             )
         )
@@ -336,6 +398,24 @@ Encoded = list[bytes | memoryview]
 """A serialized message as parts (bytes, or flat byte views), joined once where it is sent."""
 
 
+def write_shm(
+    regions: Regions | None, target: ShmTarget, data: memoryview, where: str
+) -> dict[str, Any]:
+    """Write an output's bytes into the region ``target`` names; return the parameters that
+    say where they are."""
+    view = shm_view(regions, target, where)
+    if len(data) > len(view):
+        raise InvalidInputError(
+            f"{where} takes {len(data)} bytes; its shared memory ({target.region!r} at "
+            f"{target.offset}) gives {len(view)}"
+        )
+    view[: len(data)] = data
+    found: dict[str, Any] = {SHM_REGION: target.region, SHM_BYTE_SIZE: len(data)}
+    if target.offset:
+        found[SHM_OFFSET] = target.offset
+    return found
+
+
 def encode_infer(
     request: pb.ModelInferRequest,
     model: LoadedModel,
@@ -343,15 +423,31 @@ def encode_infer(
     version: int,
     outputs: Arrays,
     selected: list[int],
+    regions: Regions | None = None,
 ) -> Encoded:
     """A serialized ``ModelInferResponse``. Protobuf writes the small part; each output's bytes
-    follow as ``raw_output_contents`` straight from its array (protobuf would copy them twice)."""
+    follow as ``raw_output_contents`` straight from its array (protobuf would copy them twice),
+    or go into the shared memory its request names (an empty entry then keeps the others at
+    their index, as tritonclient reads them)."""
     response = pb.ModelInferResponse(model_name=name, model_version=str(version), id=request.id)
-    buffers = []
+    targets = {o.name: shm_target(o.parameters, f"output '{o.name}'") for o in request.outputs}
+    plain = any(targets.get(model.outputs[i].name) is None for i in selected)
+    buffers: list[memoryview] = []
     for index in selected:
         spec, array = model.outputs[index], outputs[index]
-        response.outputs.add(name=spec.name, datatype=spec.dtype, shape=list(array.shape))
-        buffers.append(wire_bytes(array, spec.dtype))
+        output = response.outputs.add(name=spec.name, datatype=spec.dtype, shape=list(array.shape))
+        data = wire_bytes(array, spec.dtype)
+        target = targets.get(spec.name)
+        if target is None:
+            buffers.append(data)
+            continue
+        written = write_shm(regions, target, data, f"output '{spec.name}'")
+        output.parameters[SHM_REGION].string_param = written[SHM_REGION]
+        output.parameters[SHM_BYTE_SIZE].int64_param = written[SHM_BYTE_SIZE]
+        if SHM_OFFSET in written:
+            output.parameters[SHM_OFFSET].int64_param = written[SHM_OFFSET]
+        if plain:
+            buffers.append(memoryview(b""))
     parts: Encoded = [response.SerializeToString()]
     for buffer in buffers:
         parts += [field_prefix(RAW_OUTPUT_CONTENTS, len(buffer)), buffer]

@@ -24,6 +24,7 @@ from torchwire.errors import (
     HTTP_STATUS,
     RETRY_AFTER_METADATA,
     ConfigError,
+    InvalidInputError,
     TorchwireError,
     report_bug,
 )
@@ -120,7 +121,35 @@ class HttpApi:
             web.post("/v2/repository/index", self.repository_index),
             web.post("/v2/repository/models/{model}/load", self.load),
             web.post("/v2/repository/models/{model}/unload", self.unload),
+            web.get("/v2/systemsharedmemory/status", self.shm_status),
+            web.get("/v2/systemsharedmemory/region/{region}/status", self.shm_status),
+            web.post("/v2/systemsharedmemory/region/{region}/register", self.shm_register),
+            web.post("/v2/systemsharedmemory/region/{region}/unregister", self.shm_unregister),
+            web.post("/v2/systemsharedmemory/unregister", self.shm_unregister),
         ]
+
+    # -- system shared memory ------------------------------------------------------------------
+
+    async def shm_status(self, request: web.Request) -> web.Response:
+        return _json(self._backend.regions.status(request.match_info.get("region", "")))
+
+    async def shm_register(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        key, offset, size = body.get("key"), body.get("offset", 0), body.get("byte_size")
+        if not isinstance(key, str) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (offset, size)
+        ):
+            raise InvalidInputError(
+                'register takes {"key": string, "offset": integer, "byte_size": integer}'
+            )
+        assert isinstance(offset, int) and isinstance(size, int)
+        self._backend.regions.register(request.match_info["region"], key, offset, size)
+        return _json({})
+
+    async def shm_unregister(self, request: web.Request) -> web.Response:
+        await self._body(request)
+        self._backend.regions.unregister(request.match_info.get("region", ""))
+        return _json({})
 
     # -- server and model state ------------------------------------------------------------
 
@@ -190,15 +219,16 @@ class HttpApi:
             batcher = self._plane.target(info["model"], info.get("version", ""), call, None)
             body = await request.read()
             header, binary = parse_body(body, request.headers.get(HEADER_LENGTH))
-            decoded = decode(header, binary, batcher.model)
+            decoded = decode(header, binary, batcher.model, self._backend.regions)
             call.items = decoded.items
             deadline = None
             if decoded.timeout_us is not None:
                 deadline = time.monotonic() + decoded.timeout_us / 1e6
             outputs = await batcher.submit(decoded.arrays, decoded.items, deadline)
             answer, header_length = encode(
-                decoded, batcher.model, batcher.name, batcher.version, outputs
-            )
+                decoded, batcher.model, batcher.name, batcher.version, outputs,
+                self._backend.regions,
+            )  # fmt: skip
         if header_length is None:
             return web.Response(body=answer, content_type="application/json")
         return web.Response(

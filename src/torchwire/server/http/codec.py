@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import reprlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,11 +21,16 @@ from torchwire.errors import InvalidInputError
 from torchwire.runtime import LoadedModel
 from torchwire.runtime.model import Arrays
 from torchwire.server.codecs.v2_codec import (
+    ShmTarget,
     WireTensor,
     decode_tensors,
     requested_outputs,
+    shm_target,
+    shm_view,
     wire_bytes,
+    write_shm,
 )
+from torchwire.server.common.shm import Regions
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -40,6 +45,7 @@ class HttpInfer:
     selected: list[int]
     binary: list[bool]  # per selected output
     timeout_us: int | None
+    shm: list[ShmTarget | None] = field(default_factory=list)  # per selected output
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -94,14 +100,17 @@ def _loads(data: bytes) -> Any:
         return json.loads(data)
 
 
-def decode(header: dict[str, Any], binary: memoryview, model: LoadedModel) -> HttpInfer:
-    """A request's tensors for ``model``, and what it asks back.
+def decode(
+    header: dict[str, Any], binary: memoryview, model: LoadedModel, regions: Regions | None = None
+) -> HttpInfer:
+    """A request's tensors for ``model`` (those in shared memory read from their region), and
+    what it asks back.
 
     Raises:
         InvalidInputError: saying which field is wrong and what was expected.
     """
-    arrays, items = decode_tensors(_inputs(header, binary), model)
-    selected, binary_outputs = _outputs(header, model)
+    arrays, items = decode_tensors(_inputs(header, binary, regions), model)
+    selected, binary_outputs, shm = _outputs(header, model)
     parameters = _parameters(header, "the request")
     timeout = parameters.get("timeout")
     if timeout is not None and (not isinstance(timeout, int) or timeout <= 0):
@@ -114,10 +123,13 @@ def decode(header: dict[str, Any], binary: memoryview, model: LoadedModel) -> Ht
         selected=selected,
         binary=binary_outputs,
         timeout_us=timeout,
+        shm=shm,
     )
 
 
-def _inputs(header: dict[str, Any], binary: memoryview) -> list[WireTensor]:
+def _inputs(
+    header: dict[str, Any], binary: memoryview, regions: Regions | None
+) -> list[WireTensor]:
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInputError("the request needs 'inputs': a non-empty list of tensors")
@@ -131,8 +143,13 @@ def _inputs(header: dict[str, Any], binary: memoryview) -> list[WireTensor]:
         if not isinstance(datatype, str):
             raise InvalidInputError(f"{where} needs a 'datatype' string, e.g. \"FP32\"")
         shape = _shape(tensor.get("shape"), where)
-        size = _parameters(tensor, where).get("binary_data_size")
-        if size is not None:
+        parameters = _parameters(tensor, where)
+        target = shm_target(parameters, where)
+        size = parameters.get("binary_data_size")
+        if target is not None:
+            view = shm_view(regions, target, where).toreadonly()
+            tensors.append(WireTensor(name, datatype, shape, raw=view))
+        elif size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise InvalidInputError(
                     f"{where}: binary_data_size {size!r} does not fit the {len(binary) - offset}"
@@ -152,23 +169,29 @@ def _inputs(header: dict[str, Any], binary: memoryview) -> list[WireTensor]:
     return tensors
 
 
-def _outputs(header: dict[str, Any], model: LoadedModel) -> tuple[list[int], list[bool]]:
-    """The outputs to send (indexes) and whether each goes as binary data."""
+def _outputs(
+    header: dict[str, Any], model: LoadedModel
+) -> tuple[list[int], list[bool], list[ShmTarget | None]]:
+    """The outputs to send (indexes), whether each goes as binary data, and the shared memory
+    each goes into instead, if any."""
     binary_all = _parameters(header, "the request").get("binary_data_output") is True
     outputs = header.get("outputs", [])
     if not isinstance(outputs, list):
         raise InvalidInputError("'outputs' must be a list of {\"name\": ...} objects")
-    wanted, binary = [], {}
+    wanted, binary, shm = [], {}, {}
     for index, value in enumerate(outputs):
         output = _object(value, f"outputs[{index}]")
         name = output.get("name")
         if not isinstance(name, str):
             raise InvalidInputError(f"outputs[{index}] needs a 'name' string")
         wanted.append(name)
-        flag = _parameters(output, f"output '{name}'").get("binary_data")
+        parameters = _parameters(output, f"output '{name}'")
+        flag = parameters.get("binary_data")
         binary[name] = binary_all if flag is None else flag is True
+        shm[name] = shm_target(parameters, f"output '{name}'")
     selected = requested_outputs(wanted, model)
-    return selected, [binary.get(model.outputs[i].name, binary_all) for i in selected]
+    names = [model.outputs[i].name for i in selected]
+    return selected, [binary.get(n, binary_all) for n in names], [shm.get(n) for n in names]
 
 
 def _strings(array: np.ndarray[Any, Any], name: str) -> list[str]:
@@ -183,18 +206,27 @@ def _strings(array: np.ndarray[Any, Any], name: str) -> list[str]:
 
 
 def encode(
-    request: HttpInfer, model: LoadedModel, name: str, version: int, outputs: Arrays
+    request: HttpInfer,
+    model: LoadedModel,
+    name: str,
+    version: int,
+    outputs: Arrays,
+    regions: Regions | None = None,
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary data follows it."""
     described, blobs = [], []
-    for index, binary in zip(request.selected, request.binary, strict=True):
+    targets = request.shm or [None] * len(request.selected)
+    for index, binary, target in zip(request.selected, request.binary, targets, strict=True):
         spec, array = model.outputs[index], outputs[index]
         entry: dict[str, Any] = {
             "name": spec.name,
             "datatype": spec.dtype,
             "shape": list(array.shape),
         }
-        if binary:
+        if target is not None:
+            data = wire_bytes(array, spec.dtype)
+            entry["parameters"] = write_shm(regions, target, data, f"output '{spec.name}'")
+        elif binary:
             blob = wire_bytes(array, spec.dtype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

@@ -29,6 +29,7 @@ from torchwire.server.codecs.v2_codec import (
     requested_outputs,
 )
 from torchwire.server.common.observe import Call
+from torchwire.server.common.shm import Regions
 
 
 def require_model_name(name: str) -> None:
@@ -72,19 +73,28 @@ class V2Inference(_Admitted):
 
     message: pb.ModelInferRequest = field(default_factory=pb.ModelInferRequest)
     selected: list[int] = field(default_factory=list)
+    regions: Regions | None = None
 
     def encode(self, outputs: Arrays) -> Encoded:
         batcher = self.batcher
         return encode_infer(
-            self.message, batcher.model, batcher.name, batcher.version, outputs, self.selected
+            self.message,
+            batcher.model,
+            batcher.name,
+            batcher.version,
+            outputs,
+            self.selected,
+            self.regions,
         )
 
 
 class DataPlane:
     """Find, admit, decode and queue requests of every API on the repository's batchers."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, regions: Regions | None = None) -> None:
         self.repository = repository
+        self.regions = regions or Regions(allowed=False)
+        """Shared memory regions clients registered (``--allow-client-shm``)."""
 
     def seed(self, data: bytes, call: Call, deadline: float | None) -> SeedInference:
         """A serialized ``PredictRequest``; ``metadata["model"]``/``["version"]`` pick the
@@ -100,9 +110,9 @@ class DataPlane:
         message = request.message
         require_model_name(message.model_name)
         batcher = self._admit(message.model_name, message.model_version or None, call, deadline)
-        arrays, call.items = decode_infer(request, batcher.model)
+        arrays, call.items = decode_infer(request, batcher.model, self.regions)
         selected = requested_outputs([o.name for o in message.outputs], batcher.model)
-        return V2Inference(call, batcher, arrays, deadline, message, selected)
+        return V2Inference(call, batcher, arrays, deadline, message, selected, self.regions)
 
     def target(self, name: str, version: str, call: Call, deadline: float | None) -> Batcher:
         """The admitted model version of a request whose transport decodes it itself (REST:

@@ -17,6 +17,7 @@ from torchwire.runtime import Batcher
 from torchwire.server.common.auth import Access
 from torchwire.server.common.health import Health
 from torchwire.server.common.observe import Observer
+from torchwire.server.common.shm import Regions
 from torchwire.server.plane.control import ModelControl
 from torchwire.server.plane.inference import DataPlane, require_model_name
 
@@ -47,6 +48,7 @@ class Backend:
         access: tokens and repository control rules.
         control: who applies a load/unload a client asks for (the repository itself, or for a
             worker of several, its supervisor).
+        regions: the shared memory regions clients register (``--allow-client-shm``).
     """
 
     repository: ModelRepository
@@ -54,11 +56,12 @@ class Backend:
     health: Health
     access: Access
     control: ModelControl
+    regions: Regions = field(default_factory=lambda: Regions(allowed=False))
     plane: DataPlane = field(init=False)
     """Inference on the repository, for every transport."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "plane", DataPlane(self.repository))
+        object.__setattr__(self, "plane", DataPlane(self.repository, self.regions))
 
 
 def check_model_name(name: str) -> str:

@@ -35,6 +35,7 @@ from torchwire.repository import (
 from torchwire.server.common.auth import Access, TokenInterceptor
 from torchwire.server.common.health import Health
 from torchwire.server.common.observe import Observer
+from torchwire.server.common.shm import Regions
 from torchwire.server.common.tls import TlsFiles
 from torchwire.server.http import HttpApi, HttpFrontend
 from torchwire.server.plane import kserve
@@ -105,6 +106,7 @@ class Server:
         self._http: HttpFrontend | None = None
         denied = self.metrics.denied
         self.access = Access(settings, lambda api, reason: denied.labels(api, reason).inc())
+        self.regions = Regions(allowed=settings.allow_client_shm)
         self._metrics_http: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.device_failed = asyncio.Event()
@@ -169,7 +171,9 @@ class Server:
     async def _serve(self, repository: ModelRepository) -> None:
         """Take calls: gRPC, and HTTP unless ``--http-port 0``."""
         control = self.role.control(repository)
-        backend = kserve.Backend(repository, self.observer, self.health, self.access, control)
+        backend = kserve.Backend(
+            repository, self.observer, self.health, self.access, control, self.regions
+        )
         native = self.settings.grpc_frontend == "native"
         why = native_front.unavailable_because(self.settings) if native else None
         if native and why is None:
@@ -317,6 +321,7 @@ class Server:
         clean = True
         if self.repository is not None:
             clean = await self.repository.close(THREAD_STOP_S)
+        self.regions.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

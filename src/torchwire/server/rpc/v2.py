@@ -2,7 +2,8 @@
 
 The messages and the service are those ``tritonclient`` ships (``tritonclient.grpc.service_pb2``),
 so Triton's own clients work unchanged. Protocol adapter only: the same repository, batchers and
-error table as the seed API. Shared-memory, trace and log-settings RPCs answer UNIMPLEMENTED.
+error table as the seed API. System shared memory with ``--allow-client-shm``; CUDA shared memory,
+trace and log-settings RPCs answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -156,6 +157,31 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         self._check_control(context)
         await self._backend.control.unload(kserve.check_model_name(request.model_name))
         return pb.RepositoryModelUnloadResponse()
+
+    # -- system shared memory ------------------------------------------------------------------
+
+    @unary_errors
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._backend.regions.register(
+            request.name, request.key, int(request.offset), int(request.byte_size)
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @unary_errors
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._backend.regions.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @unary_errors
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        regions = {r["name"]: r for r in self._backend.regions.status(request.name)}
+        return ParseDict({"regions": regions}, pb.SystemSharedMemoryStatusResponse())
 
     # -- inference -------------------------------------------------------------------------------
 
