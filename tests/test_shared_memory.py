@@ -27,7 +27,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, frontend: str) -> Iterator[
     root = tmp_path_factory.mktemp("shm-repo")
     write_model(root / "scale", Scale(3.0), [4])
     with ServerThread(
-        repository=root, http_port="auto", allow_client_shm=True, grpc_frontend=frontend
+        repository=root,
+        http_port="auto",
+        allow_client_shm=True,
+        model_control="open",
+        grpc_frontend=frontend,
     ) as server:
         yield server
 
@@ -114,6 +118,7 @@ def test_what_a_region_may_be_is_checked(
     finally:
         link.unlink()
         other.unlink()
+    assert "INVALID_ARGUMENT" in refused("a", given._shm_key + "\n", 16)
     client.register_system_shared_memory("twice", given._shm_key, X.nbytes)
     assert "registered already" in refused("twice", given._shm_key, X.nbytes)
     # A request naming more of a region than it holds.
@@ -129,7 +134,15 @@ def test_what_a_region_may_be_is_checked(
 def test_shared_memory_is_off_unless_asked(tmp_path: Path, regions: tuple[Any, Any]) -> None:
     given, _ = regions
     write_model(tmp_path / "scale", Scale(3.0), [4])
-    with ServerThread(repository=tmp_path) as server:
+    with ServerThread(repository=tmp_path, allow_client_shm=True) as server:
+        # Registering is a control call: --model-control off (the default) refuses it.
+        client = triton_grpc.InferenceServerClient(server.target)
+        with pytest.raises(InferenceServerException) as control:
+            client.register_system_shared_memory("in", given._shm_key, X.nbytes)
+        assert control.value.status() == "StatusCode.PERMISSION_DENIED"
+        assert "--model-control" in control.value.message()
+        client.close()
+    with ServerThread(repository=tmp_path, model_control="open") as server:
         client = triton_grpc.InferenceServerClient(server.target)
         with pytest.raises(InferenceServerException) as off:
             client.register_system_shared_memory("in", given._shm_key, X.nbytes)
@@ -147,3 +160,20 @@ def test_shared_memory_is_off_unless_asked(tmp_path: Path, regions: tuple[Any, A
 
         load_settings({"allow_client_shm": True, "workers": 2})
     assert ServerSettings(allow_client_shm=True).allow_client_shm
+
+
+def test_a_region_whose_file_shrinks_is_an_error_not_a_crash(server: ServerThread) -> None:
+    key = f"/tw-shrink-{os.getpid()}"
+    region = shm.create_shared_memory_region("shrinks", key, X.nbytes)
+    shm.set_shared_memory_region(region, [X])
+    client = triton_grpc.InferenceServerClient(server.target)
+    client.register_system_shared_memory("shrinks", key, X.nbytes)
+    os.truncate(Path("/dev/shm") / key.lstrip("/"), 0)  # a mapped file would now SIGBUS
+    x = triton_grpc.InferInput("x", [2, 4], "FP32")
+    x.set_shared_memory("shrinks", X.nbytes)
+    with pytest.raises(InferenceServerException) as shrank:
+        client.infer("scale", [x])
+    assert "file shrank" in shrank.value.message()
+    client.unregister_system_shared_memory("shrinks")
+    client.close()
+    shm.destroy_shared_memory_region(region)

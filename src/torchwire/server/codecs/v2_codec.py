@@ -325,21 +325,37 @@ def shm_target(parameters: Any, where: str) -> ShmTarget | None:
     return ShmTarget(region, size, offset)
 
 
-def shm_view(regions: Regions | None, target: ShmTarget, where: str) -> memoryview:
-    """The bytes ``target`` names, or why they cannot be had."""
+def _regions_on(regions: Regions | None, target: ShmTarget, where: str) -> Regions:
     if regions is None or not regions.allowed:
         raise InvalidInputError(
             f"{where} names shared memory region {target.region!r}, but system shared memory "
             "is off on this server (--allow-client-shm)"
         )
-    return regions.view(target.region, target.offset, target.byte_size, where)
+    return regions
+
+
+def shm_read(regions: Regions | None, target: ShmTarget, where: str) -> np.ndarray[Any, Any]:
+    """The bytes ``target`` names (a copy: the client may change its memory meanwhile), or why
+    they cannot be had."""
+    found = _regions_on(regions, target, where)
+    return found.read(target.region, target.offset, target.byte_size, where)
+
+
+def check_shm_outputs(regions: Regions | None, targets: Sequence[ShmTarget | None]) -> None:
+    """Before the model runs: every output region named exists and holds what is named."""
+    for target in targets:
+        if target is not None:
+            where = f"the output in {target.region!r}"
+            _regions_on(regions, target, where).check(
+                target.region, target.offset, target.byte_size, where
+            )
 
 
 def decode_infer(
     request: InferRequest, model: LoadedModel, regions: Regions | None = None
 ) -> tuple[Arrays, int]:
     """A gRPC ``ModelInferRequest``'s tensors (see ``decode_tensors``), those in shared memory
-    read from their region (read-only: the model may not write into the client's memory)."""
+    read from their region; the output regions it names are checked too."""
     raw, inputs = request.raw, request.message.inputs
     targets = [shm_target(t.parameters, f"input '{t.name}'") for t in inputs]
     plain = sum(target is None for target in targets)
@@ -347,11 +363,14 @@ def decode_infer(
         raise InvalidInputError(
             f"raw_input_contents holds {len(raw)} buffers for {plain} inputs not in shared memory"
         )
+    check_shm_outputs(
+        regions, [shm_target(o.parameters, f"output '{o.name}'") for o in request.message.outputs]
+    )
     raw_left = iter(raw)
     tensors = []
     for tensor, target in zip(inputs, targets, strict=True):
         if target is not None:
-            data = shm_view(regions, target, f"input '{tensor.name}'").toreadonly()
+            data = shm_read(regions, target, f"input '{tensor.name}'").data
             shape = tuple(int(d) for d in tensor.shape)
             tensors.append(WireTensor(tensor.name, tensor.datatype, shape, data, None))
             continue
@@ -403,13 +422,9 @@ def write_shm(
 ) -> dict[str, Any]:
     """Write an output's bytes into the region ``target`` names; return the parameters that
     say where they are."""
-    view = shm_view(regions, target, where)
-    if len(data) > len(view):
-        raise InvalidInputError(
-            f"{where} takes {len(data)} bytes; its shared memory ({target.region!r} at "
-            f"{target.offset}) gives {len(view)}"
-        )
-    view[: len(data)] = data
+    _regions_on(regions, target, where).write(
+        target.region, target.offset, target.byte_size, data, where
+    )
     found: dict[str, Any] = {SHM_REGION: target.region, SHM_BYTE_SIZE: len(data)}
     if target.offset:
         found[SHM_OFFSET] = target.offset

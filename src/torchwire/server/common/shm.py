@@ -9,38 +9,69 @@ offset and size inside the file. What a request names must lie inside its region
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import os
 import re
 import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from torchwire.errors import InvalidInputError, PermissionDeniedError, TorchwireError
 
 SHM_DIR = Path("/dev/shm")
-_KEY = re.compile(r"^/?([A-Za-z0-9][A-Za-z0-9._-]{0,254})$")
+_KEY = re.compile(r"/?([A-Za-z0-9][A-Za-z0-9._-]{0,254})")
 MAX_REGIONS = 1024
 
 
 @dataclass(eq=False)
 class Region:
+    """A registered region: the file, kept open, read and written with pread/pwrite (not mapped:
+    a mapped file that shrinks, or a full /dev/shm, would kill the process with SIGBUS)."""
+
     name: str
     key: str
     offset: int
     byte_size: int
-    mapped: mmap.mmap
-    view: memoryview = field(init=False)
+    fd: int
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the fd is not closed mid-read
+    closed: bool = False
 
-    def __post_init__(self) -> None:
-        self.view = memoryview(self.mapped)[self.offset : self.offset + self.byte_size]
+    def read(self, offset: int, size: int, where: str) -> np.ndarray[Any, Any]:
+        """``size`` bytes at ``offset`` of the region, copied into a new array."""
+        data = np.empty(size, dtype=np.uint8)
+        with self.lock:
+            if self.closed:
+                raise InvalidInputError(f"{where}: shared memory region {self.name!r} is gone")
+            got = os.preadv(self.fd, [data.data], self.offset + offset)
+        if got != size:
+            raise InvalidInputError(
+                f"{where}: region {self.name!r} holds {got} of the {size} bytes asked for "
+                "(its file shrank)"
+            )
+        return data
+
+    def write(self, offset: int, data: memoryview, where: str) -> None:
+        with self.lock:
+            if self.closed:
+                raise InvalidInputError(f"{where}: shared memory region {self.name!r} is gone")
+            if os.fstat(self.fd).st_size < self.offset + offset + len(data):
+                raise InvalidInputError(f"{where}: region {self.name!r}'s file shrank")
+            try:
+                os.pwrite(self.fd, data, self.offset + offset)
+            except OSError as exc:  # ENOSPC: /dev/shm is full
+                raise TorchwireError(
+                    f"{where}: cannot write into region {self.name!r}: {exc.strerror}",
+                    code="RESOURCE_EXHAUSTED",
+                ) from None
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError):  # a request still reads it: closed once it lets go
-            self.view.release()
-            self.mapped.close()
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                os.close(self.fd)
 
 
 class Regions:
@@ -63,7 +94,7 @@ class Regions:
         self._check_allowed()
         if not name:
             raise InvalidInputError("a shared memory region needs a name")
-        found = _KEY.match(key)
+        found = _KEY.fullmatch(key)
         if found is None or found.group(1) in (".", ".."):
             raise InvalidInputError(
                 f"shared memory key {key!r} must name a file directly in {self._directory} "
@@ -95,20 +126,20 @@ class Regions:
                     f"region {name!r}: offset {offset} + byte_size {byte_size} is beyond the "
                     f"{info.st_size} bytes of {key!r}"
                 )
-            mapped = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        region = Region(name, key, offset, byte_size, fd)
         with self._lock:
-            if name in self._regions:
-                mapped.close()
-                raise InvalidInputError(f"shared memory region {name!r} is registered already")
-            if len(self._regions) >= MAX_REGIONS:
-                mapped.close()
+            if name in self._regions or len(self._regions) >= MAX_REGIONS:
+                region.close()
+                if name in self._regions:
+                    raise InvalidInputError(f"shared memory region {name!r} is registered already")
                 raise TorchwireError(
                     f"{MAX_REGIONS} shared memory regions are registered: unregister some",
                     code="RESOURCE_EXHAUSTED",
                 )
-            self._regions[name] = Region(name, key, offset, byte_size, mapped)
+            self._regions[name] = region
 
     def unregister(self, name: str = "") -> None:
         """Forget ``name``, or every region when it is empty (unknown names are no error, as
@@ -131,9 +162,8 @@ class Regions:
             for r in regions
         ]
 
-    def view(self, name: str, offset: int, byte_size: int, where: str) -> memoryview:
-        """``byte_size`` bytes at ``offset`` of region ``name`` (for ``where``, an input or
-        output named in errors)."""
+    def _find(self, name: str, offset: int, byte_size: int, where: str) -> Region:
+        """The region ``name``, with ``byte_size`` bytes at ``offset`` inside it."""
         with self._lock:
             region = self._regions.get(name)
         if region is None:
@@ -144,7 +174,26 @@ class Regions:
                 f"{where}: offset {offset} + byte_size {byte_size} is beyond region {name!r} "
                 f"({region.byte_size} bytes)"
             )
-        return region.view[offset : offset + byte_size]
+        return region
+
+    def check(self, name: str, offset: int, byte_size: int, where: str) -> None:
+        """Raise unless ``byte_size`` bytes at ``offset`` of region ``name`` can be had (before a
+        model computes what goes there)."""
+        self._find(name, offset, byte_size, where)
+
+    def read(self, name: str, offset: int, byte_size: int, where: str) -> np.ndarray[Any, Any]:
+        """``byte_size`` bytes at ``offset`` of region ``name`` (``where``: the input named in
+        errors), as a new array of bytes."""
+        return self._find(name, offset, byte_size, where).read(offset, byte_size, where)
+
+    def write(self, name: str, offset: int, byte_size: int, data: memoryview, where: str) -> None:
+        """``data`` into region ``name`` at ``offset``; it must fit in ``byte_size``."""
+        if len(data) > byte_size:
+            raise InvalidInputError(
+                f"{where} takes {len(data)} bytes; its shared memory ({name!r} at {offset}) "
+                f"gives {byte_size}"
+            )
+        self._find(name, offset, byte_size, where).write(offset, data, where)
 
     def close(self) -> None:
         with self._lock:

@@ -131,9 +131,11 @@ class HttpApi:
     # -- system shared memory ------------------------------------------------------------------
 
     async def shm_status(self, request: web.Request) -> web.Response:
+        self._check_control(request)  # a region is the server user's memory: control's rights
         return _json(self._backend.regions.status(request.match_info.get("region", "")))
 
     async def shm_register(self, request: web.Request) -> web.Response:
+        self._check_control(request)
         body = await self._body(request)
         key, offset, size = body.get("key"), body.get("offset", 0), body.get("byte_size")
         if not isinstance(key, str) or not all(
@@ -147,6 +149,7 @@ class HttpApi:
         return _json({})
 
     async def shm_unregister(self, request: web.Request) -> web.Response:
+        self._check_control(request)
         await self._body(request)
         self._backend.regions.unregister(request.match_info.get("region", ""))
         return _json({})

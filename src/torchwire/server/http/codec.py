@@ -23,10 +23,11 @@ from torchwire.runtime.model import Arrays
 from torchwire.server.codecs.v2_codec import (
     ShmTarget,
     WireTensor,
+    check_shm_outputs,
     decode_tensors,
     requested_outputs,
+    shm_read,
     shm_target,
-    shm_view,
     wire_bytes,
     write_shm,
 )
@@ -111,6 +112,7 @@ def decode(
     """
     arrays, items = decode_tensors(_inputs(header, binary, regions), model)
     selected, binary_outputs, shm = _outputs(header, model)
+    check_shm_outputs(regions, shm)
     parameters = _parameters(header, "the request")
     timeout = parameters.get("timeout")
     if timeout is not None and (not isinstance(timeout, int) or timeout <= 0):
@@ -147,8 +149,8 @@ def _inputs(
         target = shm_target(parameters, where)
         size = parameters.get("binary_data_size")
         if target is not None:
-            view = shm_view(regions, target, where).toreadonly()
-            tensors.append(WireTensor(name, datatype, shape, raw=view))
+            data = shm_read(regions, target, where).data
+            tensors.append(WireTensor(name, datatype, shape, raw=data))
         elif size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise InvalidInputError(

@@ -164,6 +164,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._check_control(context)  # a region is the server user's memory: control's rights
         self._backend.regions.register(
             request.name, request.key, int(request.offset), int(request.byte_size)
         )
@@ -173,6 +174,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._check_control(context)
         self._backend.regions.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
@@ -180,6 +182,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryStatusResponse:
+        self._check_control(context)
         regions = {r["name"]: r for r in self._backend.regions.status(request.name)}
         return ParseDict({"regions": regions}, pb.SystemSharedMemoryStatusResponse())
 
