@@ -109,7 +109,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     found: dict[str, list[float]] = {"inline": [], "shm": []}
-    with torchwire(repository(), 1, "recsys", extra=["--allow-client-shm", "true"]) as (
+    with torchwire(
+        repository(), 1, "recsys", extra=["--allow-client-shm", "true", "--model-control", "open"]
+    ) as (
         target,
         process,
     ):

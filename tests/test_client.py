@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import torchwire
-from support import CliServer, ServerThread, free_port, in_process
+from support import CliServer, ServerThread, free_port, in_process, wait_until
 from torchwire import TLS, AsyncClient, Client
 from torchwire._proto import modelservice_messages_pb2 as pb
 from torchwire.client._channel import HEDGE_BURST, HEDGE_RATIO, hedge_channels
@@ -283,7 +283,21 @@ def stalled(test_repo: Path) -> Iterator[CliServer]:
 
 
 def _stall(server: CliServer) -> None:
-    os.kill(server.process.pid, signal.SIGSTOP)
+    """Stop the server, and return once every thread of it has stopped: a thread still running
+    when SIGSTOP is sent can answer a call or two first (seen under load)."""
+    pid = server.process.pid
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue  # a thread that ended meanwhile
+        return bool(states) and all(state in ("T", "t") for state in states)
+
+    wait_until(stopped, "every thread of the stalled server to stop")
 
 
 def test_a_hedged_call_is_answered_by_the_other_server_while_one_is_stalled(
