@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -341,7 +341,19 @@ def shm_read(regions: Regions | None, target: ShmTarget, where: str) -> np.ndarr
     return found.read(target.region, target.offset, target.byte_size, where)
 
 
-def check_shm_outputs(regions: Regions | None, targets: Sequence[ShmTarget | None]) -> None:
+def output_targets(
+    outputs: Sequence[pb.ModelInferRequest.InferRequestedOutputTensor],
+) -> dict[str, ShmTarget]:
+    """The requested outputs that go into shared memory, by name (read once per request)."""
+    return {
+        o.name: target
+        for o in outputs
+        if SHM_REGION in o.parameters
+        and (target := shm_target(o.parameters, f"output '{o.name}'")) is not None
+    }
+
+
+def check_shm_outputs(regions: Regions | None, targets: Iterable[ShmTarget | None]) -> None:
     """Before the model runs: every output region named exists and holds what is named."""
     for target in targets:
         if target is not None:
@@ -355,7 +367,7 @@ def decode_infer(
     request: InferRequest, model: LoadedModel, regions: Regions | None = None
 ) -> tuple[Arrays, int]:
     """A gRPC ``ModelInferRequest``'s tensors (see ``decode_tensors``), those in shared memory
-    read from their region; the output regions it names are checked too."""
+    read from their region."""
     raw, inputs = request.raw, request.message.inputs
     targets = [shm_target(t.parameters, f"input '{t.name}'") for t in inputs]
     plain = sum(target is None for target in targets)
@@ -363,9 +375,6 @@ def decode_infer(
         raise InvalidInputError(
             f"raw_input_contents holds {len(raw)} buffers for {plain} inputs not in shared memory"
         )
-    check_shm_outputs(
-        regions, [shm_target(o.parameters, f"output '{o.name}'") for o in request.message.outputs]
-    )
     raw_left = iter(raw)
     tensors = []
     for tensor, target in zip(inputs, targets, strict=True):
@@ -439,13 +448,14 @@ def encode_infer(
     outputs: Arrays,
     selected: list[int],
     regions: Regions | None = None,
+    targets: Mapping[str, ShmTarget] | None = None,
 ) -> Encoded:
     """A serialized ``ModelInferResponse``. Protobuf writes the small part; each output's bytes
     follow as ``raw_output_contents`` straight from its array (protobuf would copy them twice),
     or go into the shared memory its request names (an empty entry then keeps the others at
-    their index, as tritonclient reads them)."""
+    their index, as tritonclient reads them); ``targets``: ``output_targets`` of the request."""
     response = pb.ModelInferResponse(model_name=name, model_version=str(version), id=request.id)
-    targets = {o.name: shm_target(o.parameters, f"output '{o.name}'") for o in request.outputs}
+    targets = targets or {}
     plain = any(targets.get(model.outputs[i].name) is None for i in selected)
     buffers: list[memoryview] = []
     for index in selected:

@@ -24,8 +24,11 @@ from torchwire.server.codecs.seed_wire import parse_request
 from torchwire.server.codecs.v2_codec import (
     Encoded,
     InferRequest,
+    ShmTarget,
+    check_shm_outputs,
     decode_infer,
     encode_infer,
+    output_targets,
     requested_outputs,
 )
 from torchwire.server.common.observe import Call
@@ -74,6 +77,7 @@ class V2Inference(_Admitted):
     message: pb.ModelInferRequest = field(default_factory=pb.ModelInferRequest)
     selected: list[int] = field(default_factory=list)
     regions: Regions | None = None
+    targets: dict[str, ShmTarget] = field(default_factory=dict)  # outputs into shared memory
 
     def encode(self, outputs: Arrays) -> Encoded:
         batcher = self.batcher
@@ -85,6 +89,7 @@ class V2Inference(_Admitted):
             outputs,
             self.selected,
             self.regions,
+            self.targets,
         )
 
 
@@ -110,9 +115,13 @@ class DataPlane:
         message = request.message
         require_model_name(message.model_name)
         batcher = self._admit(message.model_name, message.model_version or None, call, deadline)
+        targets = output_targets(message.outputs)
+        check_shm_outputs(self.regions, targets.values())  # before the model runs
         arrays, call.items = decode_infer(request, batcher.model, self.regions)
         selected = requested_outputs([o.name for o in message.outputs], batcher.model)
-        return V2Inference(call, batcher, arrays, deadline, message, selected, self.regions)
+        return V2Inference(
+            call, batcher, arrays, deadline, message, selected, self.regions, targets
+        )
 
     def target(self, name: str, version: str, call: Call, deadline: float | None) -> Batcher:
         """The admitted model version of a request whose transport decodes it itself (REST:
