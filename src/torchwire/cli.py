@@ -352,7 +352,10 @@ def _serve_command(args: argparse.Namespace) -> int:
         return START_FAILED
     configure_logging(settings.log_level, settings.log_format)
     cap_malloc_arenas(settings.malloc_arenas)  # before any thread of ours starts
-    if settings.worker_count() > 1:  # child processes under a supervisor, which loads no torch
+    from torchwire.fleet.plan import engine_devices
+
+    # Child processes under a supervisor, which loads no torch: workers, or an engine apart.
+    if settings.worker_count() > 1 or engine_devices(settings):
         from torchwire.fleet import Supervisor
 
         return asyncio.run(Supervisor(settings).run())

@@ -139,6 +139,11 @@ class ServerSettings(_Strict):
     serving Predict and ModelInfer itself and passing every other method to grpc.aio behind it)
     or aio (grpc.aio alone). native falls back to aio, saying why, where it cannot serve the
     configuration (TLS, --max-connection-age-s, --max-connections, --connection-idle-s)."""
+    engine: Literal["auto", "on", "off"] = "auto"
+    """One engine process per device holding each model once, fed by every worker through
+    shared memory: on, off, or auto (models on a GPU under --workers get one, CPU models do
+    not). A model's ``[instances] engine`` wins over this. ``on`` with one worker still runs
+    the engine apart, so that inference never waits for the front end's GIL."""
     grpc_io_threads: int = Field(2, ge=1, le=64)
     """Threads of the native front end's HTTP/2 runtime (per process)."""
     connection_idle_s: float = Field(300.0, ge=0)
@@ -189,6 +194,14 @@ class ServerSettings(_Strict):
                 "registered with the process a client reaches, and --workers spreads its calls"
             )
         return self
+
+    def engine_wanted(self, model: ModelConfig) -> bool:
+        """Whether ``model`` is served by an engine process: its ``[instances] engine`` if
+        set, else ``--engine``; auto means a GPU model under several workers."""
+        choice = model.instances.engine if model.instances.engine != "auto" else self.engine
+        if choice == "auto":
+            return self.worker_count() > 1 and model.instances.device.startswith("cuda")
+        return choice == "on"
 
     def http_bind_port(self) -> int:
         """The port to bind for HTTP: ``http_port``, 0 (any free one) for auto."""
@@ -257,6 +270,9 @@ class InstancesConfig(_Strict):
     """``cpu``, ``cuda`` or ``cuda:N``."""
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     """fp16/bf16 run under ``torch.autocast``."""
+    engine: Literal["auto", "on", "off"] = "auto"
+    """Serve this model from the device's engine process (one copy for all workers), from
+    every worker (off), or as ``--engine`` says (auto)."""
 
 
 class CompileConfig(_Strict):

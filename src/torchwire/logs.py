@@ -33,7 +33,7 @@ class JsonFormatter(logging.Formatter):
 class _Worker(logging.Filter):
     """Marks every record with the worker that logged it (``--workers``)."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int | str) -> None:
         super().__init__()
         self.index = index
 
@@ -42,14 +42,21 @@ class _Worker(logging.Filter):
         return True
 
 
-def configure_logging(level: str, fmt: LogFormat = "text", worker: int | None = None) -> None:
+def configure_logging(level: str, fmt: LogFormat = "text", worker: int | str | None = None) -> None:
     """Send torchwire's logs (and everyone else's) to stderr at ``level``; a worker's lines say
-    which worker wrote them (``[worker 1]``, or ``"worker": 1`` in JSON)."""
+    which worker wrote them (``[worker 1]``, or ``"worker": 1`` in JSON; an engine's
+    ``[engine cpu]``)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        tag = "" if worker is None else f"[worker {worker}] "
+        tag = (
+            ""
+            if worker is None
+            else f"[worker {worker}] "
+            if isinstance(worker, int)
+            else f"[{worker}] "
+        )
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
         )

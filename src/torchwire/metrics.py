@@ -44,12 +44,16 @@ class ModelMetrics:
     queue_full: Counter
     too_late: Counter
     """Refused at admission: the queue ahead would outlast the call's deadline."""
+    engine_batch_size: Histogram | None = None
+    """In an engine process: its batch sizes, all models together."""
 
 
 class Metrics:
     """Every metric torchwire exports, registered in one registry."""
 
-    def __init__(self, process_metrics: bool = True) -> None:
+    def __init__(self, process_metrics: bool = True, engine: str = "") -> None:
+        self.engine = engine
+        """The device whose engine this process is ("" in a server or worker)."""
         self.registry = CollectorRegistry(auto_describe=True)
         if process_metrics:
             for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
@@ -108,6 +112,29 @@ class Metrics:
             ["model"],
             registry=registry,
             multiprocess_mode="livesum",
+        )
+        self.engine_requests = Gauge(
+            "torchwire_engine_requests",
+            "Requests inside an engine process (queued, computing or being answered), by the "
+            "engine's device.",
+            ["engine"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.engine_batch_size = Histogram(
+            "torchwire_engine_batch_size",
+            "Items per model call in an engine process, all its models, by the engine's device.",
+            ["engine"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.engine_crossing = Histogram(
+            "torchwire_engine_crossing_seconds",
+            "Time a request spent crossing between a worker and its engine, both ways (the "
+            "engine's own time taken out), by the engine's device.",
+            ["engine"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.model_loads = Counter(
             "torchwire_model_loads",
@@ -180,6 +207,7 @@ class Metrics:
             self.batch_size.labels(model),
             self.rejected.labels(model, "queue_full"),
             self.rejected.labels(model, "deadline"),
+            self.engine_batch_size.labels(self.engine) if self.engine else None,
         )
 
 

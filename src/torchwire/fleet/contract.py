@@ -1,5 +1,6 @@
-"""The contract between the supervisor of ``torchwire serve --workers N`` and its workers, in one
-place: the orders a worker starts with (``WorkerSpec``, carried in the environment) and the
+"""The contract between the supervisor of ``torchwire serve --workers N`` and its workers and
+engines, in one place: the orders a worker or engine starts with (``WorkerSpec``,
+``EngineSpec``, carried in the environment) and the
 messages on the link between them (``Ready``, ``Change``, ``Apply``). Both sides build and read
 them here; neither spells a key of the other's."""
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from torchwire.config import ServerSettings
@@ -17,6 +18,8 @@ from torchwire.fleet.link import Message
 
 WORKER_SPEC_ENV = "TORCHWIRE_WORKER_SPEC"
 """The environment variable that carries a worker's ``WorkerSpec`` (JSON)."""
+ENGINE_SPEC_ENV = "TORCHWIRE_ENGINE_SPEC"
+"""The environment variable that carries an engine's ``EngineSpec`` (JSON)."""
 
 Action = Literal["load", "unload"]
 
@@ -31,6 +34,8 @@ class WorkerSpec:
         unloaded: models unloaded through the API before this worker started: not loaded.
         cores: the cores this worker's models share (its share of the machine).
         settings: the server's settings, with the shared ports filled in.
+        engines: the engines' sockets by device (``cpu``, ``cuda:0``): the models an engine
+            takes are held there, not in the worker.
     """
 
     index: int
@@ -38,6 +43,7 @@ class WorkerSpec:
     unloaded: frozenset[str]
     cores: int
     settings: ServerSettings
+    engines: dict[str, str] = field(default_factory=dict)
 
     def to_env(self) -> dict[str, str]:
         spec = {
@@ -46,6 +52,7 @@ class WorkerSpec:
             "unloaded": sorted(self.unloaded),
             "cores": self.cores,
             "settings": self.settings.model_dump(mode="json"),
+            "engines": self.engines,
         }
         return {WORKER_SPEC_ENV: json.dumps(spec)}
 
@@ -59,6 +66,44 @@ class WorkerSpec:
             link_fd=int(spec["link_fd"]),
             unloaded=frozenset(spec["unloaded"]),
             cores=int(spec["cores"]),
+            settings=ServerSettings.model_validate(spec["settings"]),
+            engines=dict(spec["engines"]),
+        )
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the supervisor tells an engine it starts.
+
+    Attributes:
+        device: the device whose models it holds (``cpu``, ``cuda:0``).
+        socket: the Unix socket it listens on for workers.
+        link_fd: its end of the socket pair to the supervisor (it says ``Ready`` there).
+        settings: the server's settings.
+    """
+
+    device: str
+    socket: str
+    link_fd: int
+    settings: ServerSettings
+
+    def to_env(self) -> dict[str, str]:
+        spec = {
+            "device": self.device,
+            "socket": self.socket,
+            "link_fd": self.link_fd,
+            "settings": self.settings.model_dump(mode="json"),
+        }
+        return {ENGINE_SPEC_ENV: json.dumps(spec)}
+
+    @classmethod
+    def from_env(cls, environ: MutableMapping[str, str] | None = None) -> EngineSpec:
+        environ = os.environ if environ is None else environ
+        spec = json.loads(environ.pop(ENGINE_SPEC_ENV))
+        return cls(
+            device=str(spec["device"]),
+            socket=str(spec["socket"]),
+            link_fd=int(spec["link_fd"]),
             settings=ServerSettings.model_validate(spec["settings"]),
         )
 

@@ -25,7 +25,7 @@ from torchwire.metrics import serve_metrics
 class _WorkerProcesses(Collector):
     """CPU seconds and resident memory of each live worker, read at scrape time."""
 
-    def __init__(self, pids: Callable[[], dict[int, int]]) -> None:
+    def __init__(self, pids: Callable[[], dict[str, int]]) -> None:
         self._pids = pids
 
     def collect(self) -> Iterator[Metric]:
@@ -45,8 +45,8 @@ class _WorkerProcesses(Collector):
                 times, memory = process.cpu_times(), process.memory_info()
             except psutil.Error:
                 continue  # it just exited
-            cpu.add_metric([str(index)], times.user + times.system)
-            rss.add_metric([str(index)], memory.rss)
+            cpu.add_metric([index], times.user + times.system)
+            rss.add_metric([index], memory.rss)
         yield cpu
         yield rss
 
@@ -59,7 +59,7 @@ class FleetMetrics:
         pids: the live workers, index to PID, when asked.
     """
 
-    def __init__(self, directory: str, pids: Callable[[], dict[int, int]]) -> None:
+    def __init__(self, directory: str, pids: Callable[[], dict[str, int]]) -> None:
         self.directory = directory
         self.registry = CollectorRegistry()
         MultiProcessCollector(self.registry, path=directory)  # type: ignore[no-untyped-call]
@@ -92,10 +92,10 @@ class FleetMetrics:
         bound: int = self._http.server_port
         return bound
 
-    def worker_started(self, index: int, pid: int) -> None:
+    def worker_started(self, index: int | str, pid: int) -> None:
         self.info.labels(str(index), str(pid)).set(1)
 
-    def worker_exited(self, index: int, pid: int) -> None:
+    def worker_exited(self, index: int | str, pid: int) -> None:
         """Forget the dead worker's live gauges (its counts stay in the totals)."""
         self.info.remove(str(index), str(pid))
         mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]

@@ -43,6 +43,7 @@ from torchwire.fleet.contract import (
     Action,
     Apply,
     Change,
+    EngineSpec,
     Ready,
     WorkerSpec,
     from_message,
@@ -50,6 +51,7 @@ from torchwire.fleet.contract import (
 )
 from torchwire.fleet.link import Link, Message
 from torchwire.fleet.metrics import FleetMetrics
+from torchwire.fleet.plan import engine_devices
 
 log = logging.getLogger("torchwire.fleet")
 
@@ -86,6 +88,24 @@ class Worker:
         return None if self.ready_at is None else time.monotonic() - self.ready_at
 
 
+@dataclass(eq=False)
+class Engine:
+    """One engine process (``torchwire.fleet.engine``) and the supervisor's view of it."""
+
+    device: str
+    process: asyncio.subprocess.Process
+    link: Link | None = None
+    ready_at: float | None = None
+
+    @property
+    def label(self) -> str:
+        """Its name in the metrics' ``worker`` label."""
+        return f"engine-{self.device}"
+
+    def describe(self) -> str:
+        return f"engine of {self.device} (pid {self.process.pid})"
+
+
 def exit_cause(code: int) -> str:
     """``exited with code 3 (a model call hung)`` or ``killed by SIGKILL``."""
     if code < 0:
@@ -112,13 +132,27 @@ class Supervisor:
         self._exit_code = 0
         self._clean = True
         self._metrics_dir = tempfile.mkdtemp(prefix="torchwire-metrics-")
-        self.metrics = FleetMetrics(self._metrics_dir, self.pids)
+        self.metrics = FleetMetrics(self._metrics_dir, self._processes)
         self._port_holders: list[socket.socket] = []
         self.http_port: int | None = None
+        self.engine_devices = engine_devices(settings)
+        """The devices whose models an engine holds for all workers (``--engine``)."""
+        self._engines: dict[str, Engine] = {}
+        self._engines_ready = asyncio.Event()
+        self._engine_stop = asyncio.Event()  # set once the workers have stopped
+        self._engine_dir = ""
+        self._engine_sockets: dict[str, str] = {}
 
     def pids(self) -> dict[int, int]:
         """The live workers: number to PID."""
         return {i: w.pid for i, w in self._workers.items() if w.process.returncode is None}
+
+    def _processes(self) -> dict[str, int]:
+        """The live workers and engines, by their ``worker`` label, for the metrics."""
+        engines = {
+            e.label: e.process.pid for e in self._engines.values() if e.process.returncode is None
+        }
+        return {str(i): pid for i, pid in self.pids().items()} | engines
 
     async def run(self) -> int:
         """Start the workers, serve until told to stop, stop them; return the exit code."""
@@ -139,6 +173,7 @@ class Supervisor:
             log.error("%s", exc)
             self._cleanup()
             return START_FAILED
+        engines = await self._start_engines()
         slots = [asyncio.create_task(self._keep(index)) for index in range(self.count)]
         ready = asyncio.create_task(self._all_ready.wait())
         stopping = asyncio.create_task(self._stopping.wait())
@@ -148,6 +183,7 @@ class Supervisor:
         await stopping
         ready.cancel()
         await self._stop_workers(slots)
+        await self._stop_engines(engines)  # after the workers: their last calls need them
         self._cleanup()
         log.info("stopped")
         return self._exit_code or (0 if self._clean else 1)
@@ -238,6 +274,7 @@ class Supervisor:
             unloaded=unloaded,
             cores=max(1, available_cores() // self.count),
             settings=settings,
+            engines=self._engine_sockets,
         )
         env = {**os.environ, **spec.to_env(), "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
         try:
@@ -274,6 +311,119 @@ class Supervisor:
             await worker.link.close()
         if self._stopping.is_set():
             log.info("%s %s", worker.describe(), exit_cause(code))
+
+    # -- engines -----------------------------------------------------------------------------
+
+    async def _start_engines(self) -> list[asyncio.Task[None]]:
+        """Start an engine per device that needs one and wait until each serves (workers load
+        their models from them)."""
+        if not self.engine_devices:
+            return []
+        self._engine_dir = tempfile.mkdtemp(prefix="torchwire-engine-")  # this user's alone
+        self._engine_sockets = {
+            device: os.path.join(self._engine_dir, f"{device.replace(':', '-')}.sock")
+            for device in self.engine_devices
+        }
+        slots = [asyncio.create_task(self._keep_engine(d)) for d in self.engine_devices]
+        ready = asyncio.create_task(self._engines_ready.wait())
+        stopping = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopping.cancel()
+        return slots
+
+    async def _keep_engine(self, device: str) -> None:
+        """Keep the engine of ``device`` running until the workers have stopped."""
+        start_failures = streak = 0
+        while not self._engine_stop.is_set():
+            try:
+                engine = await self._spawn_engine(device)
+            except OSError as exc:
+                log.error("cannot start the engine of %s: %s: stopping the server", device, exc)
+                self._exit_code = 1
+                self._stopping.set()
+                return
+            code = await engine.process.wait()
+            served_s = None if engine.ready_at is None else time.monotonic() - engine.ready_at
+            self.metrics.worker_exited(engine.label, engine.process.pid)
+            if engine.link is not None:
+                await engine.link.close()
+            if self._engine_stop.is_set():
+                log.info("%s %s", engine.describe(), exit_cause(code))
+                if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+                    self._clean = False
+                return
+            if served_s is None:
+                start_failures += 1
+                if start_failures >= MAX_START_FAILURES or code == START_FAILED:
+                    log.error(
+                        "%s failed to start %d time(s) in a row (last %s): stopping the server",
+                        engine.describe(), start_failures, exit_cause(code),
+                    )  # fmt: skip
+                    self._exit_code = START_FAILED if code == START_FAILED else 1
+                    self._stopping.set()
+                    return
+            else:
+                start_failures = 0
+            streak = 0 if served_s is not None and served_s >= STABLE_RUN_S else streak + 1
+            pause = 0.0 if streak <= 1 else min(MAX_PAUSE_S, 0.5 * 2 ** (streak - 2))
+            log.warning(
+                "%s %s; its workers answer UNAVAILABLE for its models until it is back; "
+                "starting it again in %.1f s", engine.describe(), exit_cause(code), pause,
+            )  # fmt: skip
+            self.metrics.restarts.labels(engine.label).inc()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._engine_stop.wait(), pause)
+
+    async def _spawn_engine(self, device: str) -> Engine:
+        parent_end, child_end = socket.socketpair()
+        settings = self.settings.model_copy(update={"metrics_enabled": False})
+        spec = EngineSpec(device, self._engine_sockets[device], child_end.fileno(), settings)
+        env = {**os.environ, **spec.to_env(), "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "torchwire.fleet.engine", env=env,
+                pass_fds=[child_end.fileno()], start_new_session=True,
+            )  # fmt: skip
+        except OSError:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        engine = Engine(device, process)
+        self._engines[device] = engine
+
+        async def on_message(message: Message) -> Message | None:
+            if not isinstance(from_message(message), Ready):
+                raise TorchwireError(f"an engine does not send {message!r}", "INVALID_ARGUMENT")
+            engine.ready_at = time.monotonic()
+            log.info("%s serving", engine.describe())
+            if all(e.ready_at is not None for e in self._engines.values()):
+                self._engines_ready.set()
+            return None
+
+        engine.link = await Link.open(parent_end, on_message)
+        self.metrics.worker_started(engine.label, process.pid)
+        log.info("%s started", engine.describe())
+        return engine
+
+    async def _stop_engines(self, slots: list[asyncio.Task[None]]) -> None:
+        if not slots:
+            return
+        self._engine_stop.set()
+        for engine in self._engines.values():
+            if engine.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    engine.process.send_signal(signal.SIGTERM)
+        budget = self.settings.grace_period_s + STOP_MARGIN_S
+        _, late = await asyncio.wait(slots, timeout=budget)
+        if late:
+            log.error("engines still running %.0f s after SIGTERM: killing them", budget)
+            self._clean = False
+            for engine in self._engines.values():
+                with contextlib.suppress(ProcessLookupError):
+                    engine.process.kill()
+            await asyncio.gather(*late, return_exceptions=True)
 
     # -- what workers say --------------------------------------------------------------------
 
@@ -380,14 +530,19 @@ class Supervisor:
         for holder in self._port_holders:
             holder.close()
         shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        if self._engine_dir:
+            shutil.rmtree(self._engine_dir, ignore_errors=True)
 
     def _log_banner(self) -> None:
         tls = " over TLS" if self.settings.tls_cert else ""
         workers = ", ".join(f"{i}: pid {pid}" for i, pid in sorted(self.pids().items()))
+        engines = "".join(
+            f"; engine of {e.device}: pid {e.process.pid}" for e in self._engines.values()
+        )
         http = f", {self.settings.host}:{self.http_port} (HTTP{tls})" if self.http_port else ""
         lines = [
             f"torchwire serving on {self.settings.host}:{self.port} (gRPC{tls}){http} with "
-            f"{self.count} workers (supervisor pid {os.getpid()}; workers {workers})"
+            f"{self.count} workers (supervisor pid {os.getpid()}; workers {workers}{engines})"
         ]
         if self.metrics_port is not None:
             lines.append(

@@ -17,6 +17,7 @@ import socket
 
 from torchwire.errors import TorchwireError, UnavailableError
 from torchwire.fleet.contract import Apply, Change, Ready, WorkerSpec, from_message, to_message
+from torchwire.fleet.engine_client import Engines
 from torchwire.fleet.link import Link, Message
 from torchwire.logs import configure_logging
 from torchwire.native import cap_malloc_arenas
@@ -57,9 +58,9 @@ async def serve_as_worker(spec: WorkerSpec) -> int:
         return {}
 
     link = await Link.open(socket.socket(fileno=spec.link_fd), on_message)
-    server = Server(
-        spec.settings, WorkerRole(spec.index, FleetControl(link), spec.unloaded, spec.cores)
-    )
+    engines = Engines(spec.settings, spec.engines, spec.index) if spec.engines else None
+    role = WorkerRole(spec.index, FleetControl(link), spec.unloaded, spec.cores, offload=engines)
+    server = Server(spec.settings, role)
     stop = asyncio.Event()
 
     async def supervisor_gone() -> None:
@@ -80,6 +81,8 @@ async def serve_as_worker(spec: WorkerSpec) -> int:
         return await serve_until_stopped(server, stop, ready)
     finally:
         watch.cancel()
+        if engines is not None:
+            await engines.close()
         await link.close()
 
 

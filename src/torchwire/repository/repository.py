@@ -17,7 +17,9 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from torchwire.config import ModelConfig
 from torchwire.errors import ConfigError, DeviceFailedError, ModelNotFoundError, UnavailableError
 from torchwire.metrics import Metrics
 from torchwire.repository.sources import ModelSource, Scanner, Stamp
@@ -28,6 +30,54 @@ log = logging.getLogger(__name__)
 
 LoadKey = tuple[Stamp | None, Stamp | None]
 ModelListener = Callable[[str, bool], Awaitable[None]]
+
+
+class Offload(Protocol):
+    """Where model versions load instead of in this process (an engine, ``--engine``)."""
+
+    def takes(self, config: ModelConfig) -> bool:
+        """Whether a model of this config loads there."""
+        ...
+
+    async def load(self, source: ModelSource, version: int, metrics: Metrics) -> Batcher:
+        """Load the version there; the batcher returned queues its requests there."""
+        ...
+
+
+def load_batcher(
+    source: ModelSource,
+    version: int,
+    torch_threads: int,
+    cores: int,
+    metrics: Metrics,
+    on_device_failure: Callable[[DeviceFailedError], None] | None = None,
+) -> Batcher:
+    """Load, warm up, time and wrap one version (blocking: call it from a thread)."""
+    started = time.monotonic()
+    model = LoadedModel.load(source.files[version], source.config)
+    try:
+        model.warm_up()
+        cost = measure(model, torch_threads, cores)
+    except BaseException:  # what it holds (memory, a Python model's modules) goes now
+        model.release()
+        raise
+    batcher = Batcher(
+        model, source.name, version, cost, metrics.for_model(source.name),
+        on_device_failure=on_device_failure,
+    )  # fmt: skip
+    log.info(
+        "loaded %s version %d from %s in %.2f s: %d intra-op thread(s) (%s), %s",
+        source.name,
+        version,
+        source.files[version],
+        time.monotonic() - started,
+        cost.threads,
+        cost.why,
+        f"batches of <= {batcher.inline_items} items inline"
+        if batcher.inline_items
+        else "no batch inline",
+    )
+    return batcher
 
 
 @dataclass
@@ -67,6 +117,7 @@ class ModelRepository:
             (name, False) when it stops being served.
         unloaded: models to leave unloaded, as if ``unload`` had been called (a worker that
             starts after a client unloaded them on the others).
+        offload: loads the models it takes elsewhere (an engine process) instead of here.
     """
 
     def __init__(
@@ -79,8 +130,10 @@ class ModelRepository:
         unloaded: Iterable[str] = (),
         cores: int = 0,
         on_device_failure: Callable[[DeviceFailedError], None] | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self.scanner = scanner
+        self.offload = offload
         self.default_model = default_model or ""
         self._torch_threads, self._cores = torch_threads, cores
         self.metrics = metrics or Metrics(process_metrics=False)
@@ -136,41 +189,19 @@ class ModelRepository:
                     )
                     await self._remove(name)
 
-    def _load_version(self, source: ModelSource, version: int) -> Batcher:
-        """Load, warm up and wrap one version (blocking: call it from a thread)."""
-        started = time.monotonic()
-        model = LoadedModel.load(source.files[version], source.config)
-        try:
-            model.warm_up()
-            cost = measure(model, self._torch_threads, self._cores)
-        except BaseException:  # what it holds (memory, a Python model's modules) goes now
-            model.release()
-            raise
-        batcher = Batcher(
-            model, source.name, version, cost, self.metrics.for_model(source.name),
-            on_device_failure=self.on_device_failure,
-        )  # fmt: skip
-        log.info(
-            "loaded %s version %d from %s in %.2f s: %d intra-op thread(s) (%s), %s",
-            source.name,
-            version,
-            source.files[version],
-            time.monotonic() - started,
-            cost.threads,
-            cost.why,
-            f"batches of <= {batcher.inline_items} items inline"
-            if batcher.inline_items
-            else "no batch inline",
-        )
-        return batcher
-
     async def _load(
         self, source: ModelSource, version: int, served: ServedModel | None = None
     ) -> Batcher:
         """Load and validate one version off the loop, counting the outcome; start it."""
         outcomes = self.metrics.model_loads
         try:
-            batcher = await asyncio.to_thread(self._load_version, source, version)
+            if self.offload is not None and self.offload.takes(source.config):
+                batcher = await self.offload.load(source, version, self.metrics)
+            else:
+                batcher = await asyncio.to_thread(
+                    load_batcher, source, version, self._torch_threads, self._cores,
+                    self.metrics, self.on_device_failure,
+                )  # fmt: skip
             batcher.start(asyncio.get_running_loop())
             if served is not None:
                 self._check_signature(served, batcher, source)

@@ -189,6 +189,8 @@ class Batcher:
         self.name = name
         self.version = version
         self.label = f"{name}:{version}"
+        self.host = ""
+        """The process computing it when not this one (an engine), for the banner."""
         self._metrics = metrics
         self._on_device_failure = on_device_failure
         batching = model.config.batching
@@ -326,7 +328,7 @@ class Batcher:
                 elif queued:
                     self._cond.notify()
         if error is not None:
-            _deliver_here([(ticket, error)], self._loop)
+            deliver_here([(ticket, error)], self._loop)
 
     def dispatch(self, load: ThreadLoad) -> None:
         """After ``enqueue``: run what is queued on the calling thread, whose ``load`` it is, if
@@ -536,10 +538,10 @@ class Batcher:
                 return  # the loop is closed: nobody is left to answer
 
     def _deliver(self, outcomes: list[_Outcome], loop: asyncio.AbstractEventLoop | None) -> bool:
-        """Answer a computed batch (``_deliver_here``); the rows of a model that ``finishes``
+        """Answer a computed batch (``deliver_here``); the rows of a model that ``finishes``
         go through a step thread first."""
         if not self.model.finishes:
-            return _deliver_here(outcomes, loop)
+            return deliver_here(outcomes, loop)
         now: list[_Outcome] = []
         for ticket, outcome in outcomes:
             if isinstance(outcome, TorchwireError) or ticket.cancelled():
@@ -548,7 +550,7 @@ class Batcher:
             with self._cond:
                 self._finishing += ticket.items
             step_pool().submit(self._finish, ticket, outcome, self._loop)
-        return _deliver_here(now, loop) if now else True
+        return deliver_here(now, loop) if now else True
 
     def _finish(self, ticket: Ticket, rows: Arrays, loop: asyncio.AbstractEventLoop | None) -> None:
         """On a step thread: one request's rows through ``model.finish``, then answered."""
@@ -563,7 +565,7 @@ class Batcher:
             with self._cond:
                 self._finishing -= ticket.items
                 self._cond.notify_all()
-        _deliver_here([(ticket, outcome)], loop)
+        deliver_here([(ticket, outcome)], loop)
 
     def _process(self, batch: list[Ticket]) -> list[_Outcome]:
         """Compute a batch taken from the queue (``_computing`` counts it); count the outcomes."""
@@ -717,6 +719,8 @@ class Batcher:
         if succeeded and self._metrics is not None:
             self._metrics.compute_duration.observe(compute)
             self._metrics.batch_size.observe(items)
+            if self._metrics.engine_batch_size is not None:
+                self._metrics.engine_batch_size.observe(items)
             for wait in waits:
                 self._metrics.queue_duration.observe(wait)
 
@@ -737,7 +741,7 @@ def _retry_after(wait_ms: int) -> dict[str, str]:
     return {RETRY_AFTER_METADATA: str(wait_ms), RETRY_PUSHBACK_METADATA: str(wait_ms)}
 
 
-def _deliver_here(outcomes: list[_Outcome], loop: asyncio.AbstractEventLoop | None) -> bool:
+def deliver_here(outcomes: list[_Outcome], loop: asyncio.AbstractEventLoop | None) -> bool:
     """On the thread that computed them: hand each outcome to its ``done`` now, and the ones
     awaited by a future to ``loop`` (None: this is the loop's thread). False if the loop is
     closed."""

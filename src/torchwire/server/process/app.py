@@ -132,6 +132,7 @@ class Server:
             unloaded=self.role.unloaded,
             cores=self.role.cores,
             on_device_failure=self._device_failed,
+            offload=self.role.offload,
         )
         self.repository = repository
         self._start_metrics()
@@ -344,8 +345,9 @@ class Server:
             model = batcher.model
             default = "  (default)" if name == self.repository.default_model else ""
             inline = f"  inline<={batcher.inline_items}" if batcher.inline_items else ""
+            host = f" in the {batcher.host}" if batcher.host else ""
             lines.append(
-                f"  {name} v{sorted(served.versions)} on {model.device}: {model.signature()}"
+                f"  {name} v{sorted(served.versions)} on {model.device}{host}: {model.signature()}"
                 f"  batch<={batcher.max_batch_size}  threads {batcher.instances}x"
                 f"{batcher.intra_op_threads}{inline}{default}"
             )

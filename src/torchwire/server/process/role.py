@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from torchwire.repository import ModelRepository
+from torchwire.repository.repository import Offload
 from torchwire.server.plane.control import ModelControl
 
 log = logging.getLogger("torchwire.server")
@@ -41,6 +42,11 @@ class Role(Protocol):
         """The cores this process's models share (0: all)."""
         ...
 
+    @property
+    def offload(self) -> Offload | None:
+        """Where the models an engine takes are loaded instead of here (None: nowhere)."""
+        ...
+
     def control(self, repository: ModelRepository) -> ModelControl:
         """Who applies the loads and unloads that clients ask for."""
         ...
@@ -59,6 +65,7 @@ class LoneServer:
     process_metrics: bool = True
     unloaded: frozenset[str] = frozenset()
     cores: int = 0
+    offload: Offload | None = None
 
     def control(self, repository: ModelRepository) -> ModelControl:
         return repository
@@ -78,12 +85,14 @@ class WorkerRole:
         unloaded: models unloaded through the API before this worker started.
         cores: this worker's share of the machine; what ``--torch-threads`` does not set is
             chosen within it.
+        offload: the engines, which hold the models they take for every worker.
     """
 
     index: int
     fleet: ModelControl
     unloaded: frozenset[str] = frozenset()
     cores: int = 0
+    offload: Offload | None = None
     shares_port: bool = True
     serves_while_loading: bool = False
     process_metrics: bool = False

@@ -1,0 +1,307 @@
+"""`torchwire serve --workers 2 --engine on`: two workers speak the protocols, one engine process
+holds each model once and batches the requests of both.
+
+Each test starts the real command and talks to it over separate connections (the kernel spreads
+connections over the workers; the access log says which worker answered).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton
+import tritonclient.http as triton_http
+from prometheus_client.parser import text_string_to_metric_families
+
+from support import CliServer, Scale, connection, wait_until, write_model
+from torchwire.config import ServerSettings
+from torchwire.fleet.arena import Arena
+from torchwire.fleet.plan import engine_devices
+
+ANSWERED = r"\[worker (\d+)\] torchwire\.access: .*code=OK.*request_id={request_id}"
+ENGINE_PID = re.compile(r"engine of cpu: pid (\d+)")
+
+GATED_CONFIG = """\
+format = "python"
+[[inputs]]
+name = "x"
+dtype = "FP32"
+shape = [2]
+[[outputs]]
+name = "y"
+dtype = "FP32"
+shape = [2]
+[batching]
+max_batch_size = 64
+inline_max_ms = 0  # the holder blocks an inference thread, not the thread reading requests
+"""
+GATED_MODEL = """\
+class Model:
+    def predict(self, inputs):
+        x = inputs["x"]
+        if float(x[0, 0]) < 0:  # the request that holds the model until the test opens the gate
+            with open({gate!r}) as gate:
+                gate.read()
+        return {{"y": x * 2}}
+"""
+
+
+def serve(cli_servers: list[CliServer], *args: str) -> CliServer:
+    server = CliServer(
+        "--port", "0", "--workers", "2", "--engine", "on", "--access-log", "true", *args
+    )
+    cli_servers.append(server)
+    return server
+
+
+def predict(
+    target: str, seed: SimpleNamespace, inputs: list[float], request_id: str, model: str = "scale"
+) -> list[float]:
+    with connection(target) as channel:
+        stub = seed.grpc.ModelServiceStub(channel)
+        request = seed.pb2.PredictRequest(inputs=inputs, metadata={"model": model})
+        answer = stub.Predict(request, timeout=30, metadata=[("x-request-id", request_id)])
+        return list(answer.outputs)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def test_two_workers_share_one_engine_that_holds_each_model_once(
+    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+) -> None:
+    write_model(tmp_path / "scale", Scale(2.0), [4])
+    server = serve(cli_servers, "--repository", str(tmp_path), "--http-port", "auto")
+    target = server.wait_ready()
+    assert "scale v[1] on cpu in the engine of cpu" in server.output
+    assert len(re.findall(r"\[engine cpu\] .*loaded scale version 1", server.output)) == 1
+    assert not re.search(r"\[worker \d\] .*loaded scale", server.output)
+
+    for i in range(40):  # each on a new connection: the kernel picks the worker
+        assert predict(target, seed, [i, 1, 2, 3], f"r{i}") == [2.0 * i, 2.0, 4.0, 6.0]
+    answered = server.wait_for(ANSWERED.format(request_id=r"r\d+"), count=40)
+    assert {match.group(1) for match in answered} == {"0", "1"}, "one worker answered everything"
+
+    # Triton's clients, unchanged, over both protocols.
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    grpc_client = triton.InferenceServerClient(target)
+    tensor = triton.InferInput("x", [2, 4], "FP32")
+    tensor.set_data_from_numpy(x)
+    assert np.array_equal(grpc_client.infer("scale", [tensor]).as_numpy("output"), x * 2)
+    http_port = re.search(r"127\.0\.0\.1:(\d+) \(HTTP\)", server.output)
+    assert http_port is not None
+    http_client = triton_http.InferenceServerClient(f"127.0.0.1:{http_port.group(1)}")
+    tensor = triton_http.InferInput("x", [2, 4], "FP32")
+    tensor.set_data_from_numpy(x)
+    assert np.array_equal(http_client.infer("scale", [tensor]).as_numpy("output"), x * 2)
+
+    url = server.metrics_url()
+    assert metric(url, "torchwire_requests_total", model="scale") == 42
+    assert metric(url, "torchwire_engine_crossing_seconds_count", engine="cpu") == 42
+    assert metric(url, "torchwire_engine_batch_size_count", engine="cpu") >= 1
+    assert metric(url, "torchwire_engine_batch_size_sum", engine="cpu") == 40 + 2 + 2
+    assert metric(url, "torchwire_engine_requests", engine="cpu") == 0
+    assert server.stop() == 0
+
+
+def test_requests_from_both_workers_are_batched_together_in_the_engine(
+    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+) -> None:
+    model = tmp_path / "repo" / "gated"
+    (model / "1").mkdir(parents=True)
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    (model / "config.toml").write_text(GATED_CONFIG)
+    (model / "1" / "model.py").write_text(GATED_MODEL.format(gate=str(gate)))
+    server = serve(cli_servers, "--repository", str(tmp_path / "repo"))
+    target = server.wait_ready()
+    url = server.metrics_url()
+
+    with ThreadPoolExecutor(17) as pool:
+        holder = pool.submit(predict, target, seed, [-1, 0], "holder", "gated")
+        wait_until(lambda: metric(url, "torchwire_engine_requests") == 1, "the holder computes")
+        calls = [pool.submit(predict, target, seed, [i, i], f"q{i}", "gated") for i in range(16)]
+        wait_until(lambda: metric(url, "torchwire_engine_requests") == 17, "16 queued behind it")
+        with open(gate, "w") as opening:
+            opening.write("go")
+        assert holder.result(timeout=30) == [-2.0, 0.0]
+        assert [call.result(timeout=30) for call in calls] == [[2.0 * i] * 2 for i in range(16)]
+    answered = server.wait_for(ANSWERED.format(request_id=r"q\d+"), count=16)
+    assert {match.group(1) for match in answered} == {"0", "1"}, "one worker sent them all"
+    # Two model calls: the holder alone, then the 16 of both workers in one batch.
+    assert metric(url, "torchwire_engine_batch_size_count", engine="cpu") == 2
+    assert metric(url, "torchwire_engine_batch_size_bucket", engine="cpu", le="8.0") == 1
+    assert metric(url, "torchwire_engine_batch_size_bucket", engine="cpu", le="16.0") == 2
+    assert server.stop() == 0
+
+
+def test_a_killed_engine_answers_unavailable_until_its_successor_serves_then_all_is_normal(
+    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+) -> None:
+    write_model(tmp_path / "scale", Scale(2.0), [2])
+    server = serve(cli_servers, "--repository", str(tmp_path))
+    target = server.wait_ready()
+    match = ENGINE_PID.search(server.output)
+    assert match is not None
+    codes: list[grpc.StatusCode] = []
+    wrong: list[tuple[float, list[float]]] = []
+    stop = threading.Event()
+
+    def load(thread: int) -> None:
+        for i in range(100_000):
+            if stop.is_set():
+                return
+            value = float(thread * 100_000 + i)
+            try:
+                answer = predict(target, seed, [value, 1.0], f"l{thread}-{i}")
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                continue
+            codes.append(grpc.StatusCode.OK)
+            if answer != [2 * value, 2.0]:
+                wrong.append((value, answer))
+
+    threads = [threading.Thread(target=load, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(codes) >= 50, "calls answered before the kill")
+        os.kill(int(match.group(1)), signal.SIGKILL)
+        server.wait_for(r"engine of cpu \(pid \d+\) killed by SIGKILL; .* starting it again")
+        server.wait_for(r"reconnected to the engine of cpu .* holds 1 of this", count=2)
+        before = len(codes)
+        wait_until(lambda: len(codes) >= before + 50, "calls answered after the restart")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not wrong
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
+    assert codes[-20:] == [grpc.StatusCode.OK] * 20
+    assert metric(server.metrics_url(), "torchwire_worker_restarts_total", worker="engine-cpu") == 1
+    assert server.stop() == 0
+
+
+def test_a_killed_worker_loses_only_its_own_calls_the_other_serves_from_the_engine(
+    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+) -> None:
+    write_model(tmp_path / "scale", Scale(2.0), [2])
+    server = serve(cli_servers, "--repository", str(tmp_path))
+    target = server.wait_ready()
+    worker = re.search(r"workers 0: pid (\d+)", server.output)
+    assert worker is not None
+    os.kill(int(worker.group(1)), signal.SIGKILL)
+    server.wait_for(r"worker 0 \(pid \d+\) killed by SIGKILL")
+    # Meanwhile worker 1 answers every new connection, from the engine.
+    for i in range(10):
+        assert predict(target, seed, [i, 1], f"w{i}") == [2.0 * i, 2.0]
+    server.wait_for(r"worker 0 \(pid \d+\) serving", count=2)
+    for i in range(20):
+        assert predict(target, seed, [i, 1], f"after{i}") == [2.0 * i, 2.0]
+    # The model stayed loaded in the engine: the restarted worker found it held.
+    assert len(re.findall(r"\[engine cpu\] .*loaded scale version 1", server.output)) == 1
+    assert server.stop() == 0
+
+
+def test_a_model_key_overrides_the_flag_and_a_reload_swaps_in_the_engine(
+    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+) -> None:
+    write_model(tmp_path / "scale", Scale(2.0), [2])
+    write_model(tmp_path / "local", Scale(3.0), [2], extra='[instances]\nengine = "off"\n')
+    server = serve(cli_servers, "--repository", str(tmp_path), "--watch", "off")
+    target = server.wait_ready()
+    assert len(re.findall(r"\[worker \d\] .*loaded local version 1", server.output)) == 2
+    assert not re.search(r"\[engine cpu\] .*loaded local", server.output)
+    assert predict(target, seed, [1, 2], "local", model="local") == [3.0, 6.0]
+
+    staged = tmp_path / "scale" / "1" / "model.pt.tmp"
+    torch.jit.script(Scale(5.0)).save(str(staged))
+    staged.rename(tmp_path / "scale" / "1" / "model.pt")
+    server.process.send_signal(signal.SIGHUP)  # every worker rescans now
+    server.wait_for(r"\[worker \d\] .*scale version 1: swapped in the new file", count=2)
+    server.wait_for(r"\[engine cpu\] .*scale:1: no worker holds it")  # the old one, once
+    assert len(re.findall(r"\[engine cpu\] .*loaded scale version 1", server.output)) == 2
+    assert {tuple(predict(target, seed, [1, 2], f"new{i}")) for i in range(16)} == {(5.0, 10.0)}
+    assert server.stop() == 0
+
+
+def test_engines_are_planned_from_the_configs(tmp_path: Path) -> None:
+    write_model(tmp_path / "cpu", Scale(2.0), [2])
+    write_model(tmp_path / "gpu", Scale(2.0), [2], extra='[instances]\ndevice = "cuda"\n')
+    write_model(tmp_path / "pinned", Scale(2.0), [2], extra='[instances]\nengine = "on"\n')
+
+    def plan(**flags: object) -> list[str]:
+        return engine_devices(ServerSettings(repository=tmp_path, **flags))  # type: ignore[arg-type]
+
+    assert plan(workers=2) == ["cpu", "cuda:0"]  # auto: the GPU model; the pinned CPU one
+    assert plan(workers=1) == ["cpu"]  # one process: a GPU model needs none, unless asked
+    assert plan(workers=2, engine="off") == ["cpu"]  # the model's key wins
+    assert plan(workers=2, engine="on") == ["cpu", "cuda:0"]
+    (tmp_path / "pinned" / "config.toml").unlink()
+    assert plan(workers=1) == []
+    assert engine_devices(ServerSettings(engine="on")) == ["cpu"]  # the demo's models
+
+
+def test_the_arena_ring_reuses_freed_slots_in_order_and_says_when_full() -> None:
+    arena = Arena.create(1024)
+    try:
+        a, b, c = arena.allocate(300), arena.allocate(300), arena.allocate(300)
+        assert (a, b, c) == (0, 320, 640)
+        assert arena.allocate(200) is None  # 960 + 256 > 1024, and slot 0 is still taken
+        arena.free(b)  # out of order: held until the slot before it is freed
+        assert arena.allocate(200) is None
+        arena.free(a)  # now 0..640 are free: the ring wraps
+        assert arena.allocate(500) == 0
+        assert arena.allocate(200) is None  # between 512 and 640 only 128 are free
+        data = np.arange(10, dtype=np.float32)
+        arena.write(data, 0)
+        assert np.array_equal(arena.view(data.dtype, (10,), 0), data)
+        arena.free(c)
+        arena.free(0)
+        assert arena.in_use() == 0
+        assert arena.allocate(1024) == 0  # empty: from the start again
+        assert arena.allocate(2048) is None
+    finally:
+        arena.close()
+
+
+@pytest.mark.parametrize("dtype", ["FP32", "INT64"])
+def test_inputs_and_answers_cross_through_the_arena_without_mixing(
+    cli_servers: list[CliServer], tmp_path: Path, dtype: str
+) -> None:
+    write_model(tmp_path / "scale", Scale(2.0), [3], dtype=dtype)
+    server = serve(cli_servers, "--repository", str(tmp_path))
+    target = server.wait_ready()
+    numpy = np.float32 if dtype == "FP32" else np.int64
+
+    def call(i: int) -> None:
+        client = triton.InferenceServerClient(target)
+        x = np.full((1 + i % 5, 3), i, dtype=numpy)
+        tensor = triton.InferInput("x", list(x.shape), dtype)
+        tensor.set_data_from_numpy(x)
+        answer = client.infer("scale", [tensor]).as_numpy("output")
+        assert np.array_equal(answer, x * 2), (i, answer)
+        client.close()
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(call, range(200)))
+    assert server.stop() == 0
