@@ -15,6 +15,9 @@
 # Then one device call from the project root, carrying .whl:   bash benchmarks/gpu.sh
 # Arguments go to gpu.py: e.g. --stages jit --batch-seconds 2 (TorchScript settings at changing
 # batch sizes only, about a minute), or --diagnose (what bounds one process).
+# ENGINE=1 bash benchmarks/gpu.sh runs benchmarks/engine.py --device cuda alone instead (about 3
+# minutes): resnet18 from one process, from --engine on with 1, 2, 4, 8 workers (one copy of the
+# model on the GPU: the GPU memory in use is in the table) and from 4 whole-server workers.
 # SCALEOUT_ARGS (e.g. "--sweep-workers 0") go to scaleout.py. Results go to $OUT (the device
 # tool brings them back), else benchmarks/results/.
 set -uo pipefail
@@ -27,6 +30,12 @@ export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH
 python3 -c "import torchwire.server.process.app, tritonclient.grpc, pygrpc_native" || { echo "missing wheels: see the header"; exit 1; }
 out=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+if [[ "${ENGINE:-0}" == 1 ]]; then
+  timeout 280 python3 benchmarks/engine.py --device cuda --parts images --seconds 6 --rounds 1 \
+      --callers 64 --out "$out"
+  echo "engine.py exit $?"
+  exit 0
+fi
 timeout 300 python3 benchmarks/gpu.py --profile --out "$out" "$@"; echo "gpu.py exit $?"
 if [[ "${FORMATS:-0}" == 1 ]]; then  # recsys TorchScript vs AOTInductor, vision, on the GPU
   timeout 150 python3 benchmarks/formats.py --device cuda --seconds 2 --out "$out"

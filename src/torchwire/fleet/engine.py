@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -108,6 +109,10 @@ class EngineHost:
             self._device_failed(exc)
             raise
         batcher.start(asyncio.get_running_loop())
+        # As a server does after its loads: the model's long-lived objects out of the collector's
+        # walks, which would stall every thread of this process under load.
+        gc.collect()
+        gc.freeze()
         held = _Held(next(self._handles), key, batcher)
         self._held[key] = held
         self.by_handle[held.handle] = held
