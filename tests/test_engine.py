@@ -187,17 +187,21 @@ def test_a_killed_engine_answers_unavailable_until_its_successor_serves_then_all
         wait_until(lambda: len(codes) >= 50, "calls answered before the kill")
         os.kill(int(match.group(1)), signal.SIGKILL)
         server.wait_for(r"engine of cpu \(pid \d+\) killed by SIGKILL; .* starting it again")
-        server.wait_for(r"reconnected to the engine of cpu .* holds 1 of this", count=2)
-        before = len(codes)
-        wait_until(lambda: len(codes) >= before + 50, "calls answered after the restart")
+        # Its successor is killed as soon as it serves: while the workers reconnect to it.
+        successor = server.wait_for(r"engine of cpu \(pid (\d+)\) serving", count=2)[1]
+        os.kill(int(successor.group(1)), signal.SIGKILL)
+        server.wait_for(r"engine of cpu \(pid \d+\) killed by SIGKILL; .* starting it", count=2)
+        server.wait_for(r"engine of cpu \(pid \d+\) serving", count=3)
+        ok = [grpc.StatusCode.OK] * 20
+        wait_until(lambda: codes[-20:] == ok, "20 calls in a row answered after the restarts", 60)
     finally:
         stop.set()
         for thread in threads:
             thread.join()
     assert not wrong
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
-    assert codes[-20:] == [grpc.StatusCode.OK] * 20
-    assert metric(server.metrics_url(), "torchwire_worker_restarts_total", worker="engine-cpu") == 1
+    assert re.search(r"reconnected to the engine of cpu \(pid \d+\): it holds 1 of", server.output)
+    assert metric(server.metrics_url(), "torchwire_worker_restarts_total", worker="engine-cpu") == 2
     assert server.stop() == 0
 
 

@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from torchwire.config import ModelConfig
-from torchwire.errors import DEVICE_FAILED, DeviceFailedError, TorchwireError, report_bug
+from torchwire.errors import (
+    DEVICE_FAILED,
+    DeviceFailedError,
+    TorchwireError,
+    UnavailableError,
+    report_bug,
+)
 from torchwire.fleet.arena import Arena
 from torchwire.fleet.contract import EngineSpec, Ready, to_message
 from torchwire.fleet.engine_wire import Channel, Message, aligned, get_tensor, put_tensor
@@ -77,6 +83,8 @@ class EngineHost:
         self.by_handle: dict[int, _Held] = {}
         self._loading: dict[HoldKey, asyncio.Future[_Held]] = {}
         self._retiring: set[asyncio.Task[bool]] = set()
+        self._ended: set[int] = set()  # sessions whose worker left
+        self._frozen = False
         self.device_failed = asyncio.Event()
 
     async def hold(
@@ -91,6 +99,10 @@ class EngineHost:
                 self._loading[key] = loading
                 loading.add_done_callback(lambda _: self._loading.pop(key, None))
             held = await asyncio.shield(loading)
+        if session in self._ended:  # it left while this loaded: hold nothing for it
+            if not +held.holders and held.orphaned is None:
+                self._orphan(held)
+            raise UnavailableError("the worker that asked for this model left")
         if held.orphaned is not None:
             held.orphaned.cancel()
             held.orphaned = None
@@ -109,10 +121,13 @@ class EngineHost:
             self._device_failed(exc)
             raise
         batcher.start(asyncio.get_running_loop())
-        # As a server does after its loads: the model's long-lived objects out of the collector's
-        # walks, which would stall every thread of this process under load.
-        gc.collect()
-        gc.freeze()
+        if not self._frozen:
+            # As a server does after its loads: torch's and the first model's long-lived objects
+            # out of the collector's walks, which would stall every thread here under load. Once:
+            # what later versions leave behind when retired must stay collectable.
+            self._frozen = True
+            gc.collect()
+            gc.freeze()
         held = _Held(next(self._handles), key, batcher)
         self._held[key] = held
         self.by_handle[held.handle] = held
@@ -133,11 +148,13 @@ class EngineHost:
 
     def session_ended(self, session: int) -> None:
         """A worker's connection dropped: what only it held is retired after a while."""
+        self._ended.add(session)
         for held in list(self.by_handle.values()):
             if held.holders.pop(session, 0) and not +held.holders:
-                held.orphaned = asyncio.get_running_loop().call_later(
-                    KEEP_UNHELD_S, self._retire, held
-                )
+                self._orphan(held)
+
+    def _orphan(self, held: _Held) -> None:
+        held.orphaned = asyncio.get_running_loop().call_later(KEEP_UNHELD_S, self._retire, held)
 
     def _retire(self, held: _Held) -> None:
         if self.by_handle.pop(held.handle, None) is None:
@@ -159,8 +176,14 @@ class Session:
     """One worker's connection: a thread reading its descriptors and queueing them."""
 
     def __init__(
-        self, ident: int, sock: socket.socket, host: EngineHost, loop: asyncio.AbstractEventLoop
+        self,
+        ident: int,
+        sock: socket.socket,
+        host: EngineHost,
+        loop: asyncio.AbstractEventLoop,
+        sessions: set[Session],
     ) -> None:
+        self._sessions = sessions
         self.ident = ident
         self.channel = Channel(sock)
         self.host = host
@@ -202,6 +225,9 @@ class Session:
             report_bug(log, f"engine session of worker {self.worker} failed", exc)
         finally:
             self.channel.close()
+            if self.arena is not None:  # unmapped once the last request's arrays are gone
+                self.arena.close()
+            self._sessions.discard(self)
             with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self.host.session_ended, self.ident)
 
@@ -264,12 +290,15 @@ class Session:
             return
         arena, end = self.arena, at + room
         tensors = []
-        for array in outcome:
-            size = aligned(array.nbytes)
-            fits = at >= 0 and at + size <= end
-            tensors.append(put_tensor(arena if fits else None, array, at if fits else -1))
-            if fits:
-                at += size
+        try:
+            for array in outcome:
+                size = aligned(array.nbytes)
+                fits = at >= 0 and at + size <= end
+                tensors.append(put_tensor(arena if fits else None, array, at if fits else -1))
+                if fits:
+                    at += size
+        except ValueError:  # the arena is unmapped: the worker left, nobody waits for this
+            return
         queued = batcher.queued_items
         self._send(("ok", rid, tensors, time.perf_counter() - received, queued))
 
@@ -291,7 +320,7 @@ async def serve_engine(spec: EngineSpec) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(spec.socket)
     listener.listen(256)
-    sessions: list[Session] = []
+    sessions: set[Session] = set()
 
     def accept() -> None:
         for ident in itertools.count(1):
@@ -299,8 +328,8 @@ async def serve_engine(spec: EngineSpec) -> int:
                 sock, _ = listener.accept()
             except OSError:
                 return  # closed: the engine stops
-            session = Session(ident, sock, host, loop)
-            sessions.append(session)
+            session = Session(ident, sock, host, loop, sessions)
+            sessions.add(session)
             session.thread.start()
 
     threading.Thread(target=accept, name="torchwire-engine-accept", daemon=True).start()
@@ -321,7 +350,7 @@ async def serve_engine(spec: EngineSpec) -> int:
     if host.device_failed.is_set():
         return DEVICE_FAILED
     log.info("engine of %s stopping", spec.device)
-    for session in sessions:
+    for session in list(sessions):
         session.channel.close()
     await host.close(settings.grace_period_s)
     await link.close()

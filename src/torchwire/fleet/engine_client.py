@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from torchwire.errors import (
     TorchwireError,
     UnavailableError,
     error_for_status,
+    report_bug,
 )
 from torchwire.fleet.arena import Arena
 from torchwire.fleet.engine_wire import Channel, Message, aligned, get_tensor, put_tensor
@@ -70,6 +71,16 @@ def _restarting(device: str) -> UnavailableError:
     )
 
 
+@dataclass(eq=False)
+class _Connection:
+    """One connection to an engine: its socket, its arena, the requests waiting on it."""
+
+    channel: Channel
+    arena: Arena
+    waiting: dict[int, _Waiting] = field(default_factory=dict)
+    lost: bool = False
+
+
 @dataclass(slots=True)
 class _Waiting:
     batcher: RemoteBatcher
@@ -86,16 +97,19 @@ class EngineClient:
         self.path = path
         self.worker = worker
         self._crossing = metrics.engine_crossing.labels(device)
-        self._channel: Channel | None = None
-        self._arena: Arena | None = None
+        self._connection: _Connection | None = None
         self._ids = itertools.count(1)
-        self._waiting: dict[int, _Waiting] = {}
         self._asked: dict[int, asyncio.Future[Message]] = {}
+        self._reconnecting: asyncio.Task[None] | None = None
         self._batchers: set[RemoteBatcher] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self.connected = False
         self.pid = 0
+
+    @property
+    def connected(self) -> bool:
+        connection = self._connection
+        return connection is not None and not connection.lost
 
     async def start(self) -> None:
         """Connect, waiting up to ``CONNECT_TIMEOUT_S`` for the engine's socket."""
@@ -128,10 +142,10 @@ class EngineClient:
             channel.close()
             arena.close()
             raise
-        self._channel, self._arena = channel, arena
-        self.connected = True
+        connection = _Connection(channel, arena)
+        self._connection = connection
         threading.Thread(
-            target=self._read, args=(channel, arena), name=f"torchwire-engine-{self.device}",
+            target=self._read, args=(connection,), name=f"torchwire-engine-{self.device}",
             daemon=True,
         ).start()  # fmt: skip
 
@@ -161,11 +175,11 @@ class EngineClient:
         return reply
 
     def _send(self, message: Message) -> None:
-        channel = self._channel
-        if channel is None or not self.connected:
+        connection = self._connection
+        if connection is None or connection.lost:
             raise _restarting(self.device)
         try:
-            channel.send(message)
+            connection.channel.send(message)
         except OSError:
             raise _restarting(self.device) from None
 
@@ -176,41 +190,53 @@ class EngineClient:
 
     def infer(self, batcher: RemoteBatcher, ticket: Ticket) -> None:
         """Send one request (from any thread); its outcome goes to the ticket, from the reader
-        thread. Raises ``UnavailableError`` when the engine is gone."""
-        arena = self._arena
-        if arena is None or not self.connected:
+        thread. Raises ``UnavailableError`` when the engine is gone (then nothing else answers
+        the ticket)."""
+        connection = self._connection
+        if connection is None or connection.lost:
             raise _restarting(self.device)
-        arrays, items = ticket.arrays, ticket.items
+        arena, arrays, items = connection.arena, ticket.arrays, ticket.items
         sizes = [aligned(a.nbytes) for a in arrays]
         answer = batcher.answer_bytes(items)
         slot = None
         if not any(a.dtype.hasobject for a in arrays):
             slot = arena.allocate(sum(sizes) + max(answer, 0))
-        inputs, at = [], slot if slot is not None else -1
-        for array, size in zip(arrays, sizes, strict=True):
-            inputs.append(put_tensor(arena if slot is not None else None, array, at))
-            at = at + size if slot is not None else -1
+        try:
+            inputs, at = [], slot if slot is not None else -1
+            for array, size in zip(arrays, sizes, strict=True):
+                inputs.append(put_tensor(arena if slot is not None else None, array, at))
+                at = at + size if slot is not None else -1
+        except ValueError:  # the arena was unmapped under us: the engine is gone
+            if slot is not None:
+                arena.free(slot)
+            if connection.lost:
+                raise _restarting(self.device) from None
+            raise
         rid = next(self._ids)
-        self._waiting[rid] = _Waiting(batcher, ticket, slot, time.perf_counter())
+        connection.waiting[rid] = _Waiting(batcher, ticket, slot, time.perf_counter())
         message = ("infer", rid, batcher.handle, items, ticket.deadline, inputs,
                    at if slot is not None and answer > 0 else -1, max(answer, 0))  # fmt: skip
         try:
-            self._send(message)
-        except UnavailableError:
-            if self._waiting.pop(rid, None) is not None and slot is not None:
+            connection.channel.send(message)
+        except BaseException as exc:
+            if connection.waiting.pop(rid, None) is None:
+                return  # the connection was lost meanwhile, and that answered it
+            if slot is not None:
                 arena.free(slot)
+            if isinstance(exc, OSError):
+                raise _restarting(self.device) from None
             raise
 
-    def _read(self, channel: Channel, arena: Arena) -> None:
+    def _read(self, connection: _Connection) -> None:
         """The reader thread: hand each answer to its request."""
         loop = self._loop
         assert loop is not None
         try:
             while True:
-                for message in channel.receive():
+                for message in connection.channel.receive():
                     kind = message[0]
                     if kind == "ok" or kind == "err":
-                        self._answered(message, arena, loop)
+                        self._answered(message, connection, loop)
                     elif kind == "hello":
                         self.pid = message[1]
                     else:  # loaded / failed: a load's answer
@@ -218,26 +244,35 @@ class EngineClient:
         except (EOFError, OSError) as exc:
             if not self._closed:
                 log.warning("lost the engine of %s: %s", self.device, exc)
+        except Exception as exc:  # a bug of ours: start again on a new connection
+            report_bug(log, f"reading the engine of {self.device}", exc)
         finally:
-            self._lost(channel, arena, loop)
+            self._lost(connection, loop)
 
-    def _answered(self, message: Message, arena: Arena, loop: asyncio.AbstractEventLoop) -> None:
-        waiting = self._waiting.pop(message[1], None)
+    def _answered(
+        self, message: Message, connection: _Connection, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        waiting = connection.waiting.pop(message[1], None)
         if waiting is None:
             return
         outcome: Arrays | TorchwireError
-        if message[0] == "ok":
-            _, _, tensors, engine_s, queued = message
-            # Copied out at once: the slot goes back to the ring now, whatever keeps the answer.
-            outcome = [np.array(get_tensor(arena, t)) for t in tensors]
-            waiting.batcher.engine_queued = queued
-            self._crossing.observe(max(0.0, time.perf_counter() - waiting.sent - engine_s))
-        else:
-            _, _, code, text, metadata = message
-            outcome = error_for_status(code, text)
-            outcome.metadata = metadata
-        if waiting.slot is not None:
-            arena.free(waiting.slot)
+        try:
+            if message[0] == "ok":
+                _, _, tensors, engine_s, queued = message
+                # Copied out at once: the slot goes back to the ring now, whatever keeps the
+                # answer.
+                outcome = [np.array(get_tensor(connection.arena, t)) for t in tensors]
+                waiting.batcher.engine_queued = queued
+                self._crossing.observe(max(0.0, time.perf_counter() - waiting.sent - engine_s))
+            else:
+                _, _, code, text, metadata = message
+                outcome = error_for_status(code, text)
+                outcome.metadata = metadata
+        except Exception as exc:
+            outcome = report_bug(log, f"reading an answer of the engine of {self.device}", exc)
+        finally:
+            if waiting.slot is not None:
+                connection.arena.free(waiting.slot)
         waiting.batcher.answered(waiting.ticket, outcome, loop)
 
     def _settle(self, message: Message) -> None:
@@ -245,17 +280,17 @@ class EngineClient:
         if answer is not None and not answer.done():
             answer.set_result(message)
 
-    def _lost(self, channel: Channel, arena: Arena, loop: asyncio.AbstractEventLoop) -> None:
+    def _lost(self, connection: _Connection, loop: asyncio.AbstractEventLoop) -> None:
         """The engine is gone: everything waiting on it is answered UNAVAILABLE; reconnect."""
-        if self._channel is not channel:
-            return
-        self.connected = False
-        channel.close()
-        for rid in list(self._waiting):
-            waiting = self._waiting.pop(rid, None)
+        connection.lost = True
+        connection.channel.close()  # before the waiting are listed: a send after this fails
+        for rid in list(connection.waiting):
+            waiting = connection.waiting.pop(rid, None)
             if waiting is not None:
                 waiting.batcher.answered(waiting.ticket, _restarting(self.device), loop)
-        arena.close()
+        connection.arena.close()
+        if self._connection is not connection:
+            return
         for batcher in list(self._batchers):
             batcher.ready = False
         with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is ending
@@ -266,37 +301,45 @@ class EngineClient:
             if not answer.done():
                 answer.set_exception(_restarting(self.device))
             self._asked.pop(rid, None)
-        if not self._closed:
-            asyncio.get_running_loop().create_task(self._reconnect())
+        if not self._closed and self._reconnecting is None:
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
-        """Connect to the engine's successor and have it hold this worker's versions again."""
-        while not self._closed:
-            try:
-                await asyncio.to_thread(self._connect)
-                break
-            except OSError:
-                await asyncio.sleep(RECONNECT_EVERY_S)
-        if self._closed:
-            return
-        held = 0
-        for batcher in list(self._batchers):
-            try:
-                batcher.rehold(await self._hold(batcher.source, batcher.version))
-                held += 1
-            except TorchwireError as exc:
-                log.error(
-                    "the new engine of %s cannot hold %s: %s", self.device, batcher.label, exc
-                )
-        log.info(
-            "reconnected to the engine of %s (pid %d): it holds %d of this worker's model "
-            "versions again", self.device, self.pid, held,
-        )  # fmt: skip
+        """Connect to the engine's successor and have it hold this worker's versions again;
+        start over if it goes away meanwhile (one of these runs at a time)."""
+        try:
+            while not self._closed:
+                try:
+                    await asyncio.to_thread(self._connect)
+                except OSError:
+                    await asyncio.sleep(RECONNECT_EVERY_S)
+                    continue
+                connection, held = self._connection, 0
+                for batcher in list(self._batchers):
+                    try:
+                        batcher.rehold(await self._hold(batcher.source, batcher.version))
+                        held += 1
+                    except TorchwireError as exc:
+                        if not self.connected:
+                            break
+                        log.error(
+                            "the new engine of %s cannot hold %s (its requests are answered "
+                            "UNAVAILABLE until it is reloaded): %s", self.device, batcher.label,
+                            exc,
+                        )  # fmt: skip
+                if connection is self._connection and self.connected:
+                    log.info(
+                        "reconnected to the engine of %s (pid %d): it holds %d of this "
+                        "worker's model versions again", self.device, self.pid, held,
+                    )  # fmt: skip
+                    return
+        finally:
+            self._reconnecting = None
 
     async def close(self) -> None:
         self._closed = True
-        if self._channel is not None:
-            self._channel.close()
+        if self._connection is not None:
+            self._connection.channel.close()
 
 
 class RemoteBatcher(Batcher):
@@ -482,7 +525,7 @@ class Engines:
             if starting is None:
                 starting = asyncio.create_task(self._open(device, metrics))
                 self._starting[device] = starting
-            client = await starting
+            client = await asyncio.shield(starting)  # one caller cancelled cancels not all
         return await client.load(source, version)
 
     async def _open(self, device: str, metrics: Metrics) -> EngineClient:

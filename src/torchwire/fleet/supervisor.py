@@ -392,13 +392,16 @@ class Supervisor:
             child_end.close()
         engine = Engine(device, process)
         self._engines[device] = engine
+        if self._engine_stop.is_set():  # started again while the engines stop: stop it too
+            process.send_signal(signal.SIGTERM)
 
         async def on_message(message: Message) -> Message | None:
             if not isinstance(from_message(message), Ready):
                 raise TorchwireError(f"an engine does not send {message!r}", "INVALID_ARGUMENT")
             engine.ready_at = time.monotonic()
             log.info("%s serving", engine.describe())
-            if all(e.ready_at is not None for e in self._engines.values()):
+            engines = [self._engines.get(device) for device in self.engine_devices]
+            if all(e is not None and e.ready_at is not None for e in engines):
                 self._engines_ready.set()
             return None
 
