@@ -108,6 +108,7 @@ def images(target: str, port: int, callers: int, seconds: float) -> dict[str, An
         "p99_ms": summary.get("p99_ms"),
         "errors": summary.get("errors", 0),
         "mean_batch": round(items / calls, 2) if calls else None,
+        "client_cpu_cores": summary["client_cpu_cores"],
     }
 
 

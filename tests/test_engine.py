@@ -120,6 +120,16 @@ def test_two_workers_share_one_engine_that_holds_each_model_once(
     assert metric(url, "torchwire_engine_batch_size_count", engine="cpu") >= 1
     assert metric(url, "torchwire_engine_batch_size_sum", engine="cpu") == 40 + 2 + 2
     assert metric(url, "torchwire_engine_requests", engine="cpu") == 0
+
+    # A stream reads ahead: its requests are in the engine together, answered in order.
+    with connection(target) as channel:
+        stub = seed.grpc.ModelServiceStub(channel)
+        requests = [
+            seed.pb2.PredictRequest(inputs=[i, 0, 0, 1], metadata={"model": "scale"})
+            for i in range(50)
+        ]
+        answers = [list(a.outputs) for a in stub.PredictStream(iter(requests), timeout=30)]
+    assert answers == [[2.0 * i, 0.0, 0.0, 2.0] for i in range(50)]
     assert server.stop() == 0
 
 

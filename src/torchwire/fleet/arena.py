@@ -5,6 +5,8 @@ The worker writes each request's inputs into a slot of it and reserves room behi
 answer; the engine reads the inputs in place (no copy) and writes the answer there. Slots are
 taken from a ring: requests to an engine finish roughly in order, so freeing the oldest slots
 lets the ring go round; one that finishes early is marked and freed when the ones before it are.
+The ring goes back to the front as soon as the front has room, so that it spans what is in
+flight rather than the whole file.
 When the ring has no room (the oldest request is slow), a request goes inline in its message.
 """
 
@@ -71,7 +73,9 @@ class Arena:
             else:
                 first, head = self._slots[0].offset, self._head
                 if head > first:  # in use: [first, head); free: [head, end) and [0, first)
-                    start = head if self.size - head >= size else (0 if first >= size else None)
+                    # The front first when it has room: the ring stays as small as what is in
+                    # flight, on pages both processes have touched already (no page faults).
+                    start = 0 if first >= size else (head if self.size - head >= size else None)
                 else:  # wrapped: in use [first, end) and [0, head); free: [head, first)
                     start = head if first - head >= size else None
             if start is None:

@@ -50,6 +50,7 @@ from torchwire.native import cap_malloc_arenas
 from torchwire.repository.repository import load_batcher
 from torchwire.repository.sources import ModelSource
 from torchwire.runtime import Batcher, ThreadLoad
+from torchwire.runtime.gpu import observe_gpus, read_gpus
 from torchwire.runtime.model import Arrays
 
 log = logging.getLogger("torchwire.engine")
@@ -339,13 +340,20 @@ async def serve_engine(spec: EngineSpec) -> int:
             f"an engine takes no orders on its link: {message!r}", "INVALID_ARGUMENT"
         )
 
+    async def report_gpus() -> None:  # the workers never touch the device: the gauges are here
+        while True:
+            observe_gpus(host.metrics, await asyncio.to_thread(read_gpus))
+            await asyncio.sleep(settings.watchdog_interval_s)
+
+    gauges = asyncio.create_task(report_gpus()) if settings.watchdog_interval_s > 0 else None
     link = await Link.open(socket.socket(fileno=spec.link_fd), on_message)
     await link.notify(to_message(Ready()))
     log.info("engine of %s (pid %d) ready on %s", spec.device, os.getpid(), spec.socket)
     waits = [asyncio.create_task(e.wait()) for e in (stop, link.closed, host.device_failed)]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for wait in waits:
-        wait.cancel()
+    for task in (*waits, gauges):
+        if task is not None:
+            task.cancel()
     listener.close()
     if host.device_failed.is_set():
         return DEVICE_FAILED

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from torchwire.metrics import Metrics
+
 
 @dataclass(frozen=True)
 class GpuReading:
@@ -62,3 +64,14 @@ def _utilization(index: int) -> float | None:
         return torch.cuda.utilization(index) / 100
     except Exception:  # no nvidia-ml-py (ModuleNotFoundError), or NVML refuses
         return None
+
+
+def observe_gpus(metrics: Metrics, readings: list[GpuReading]) -> None:
+    """Set the GPU gauges from ``readings``."""
+    for gpu in readings:
+        metrics.gpu_memory_used.labels(gpu.device).set(gpu.used_bytes)
+        metrics.gpu_memory_reserved.labels(gpu.device).set(gpu.reserved_bytes)
+        metrics.gpu_memory_total.labels(gpu.device).set(gpu.total_bytes)
+        metrics.gpu_memory_free.labels(gpu.device).set(gpu.free_bytes)
+        if gpu.utilization is not None:
+            metrics.gpu_utilization.labels(gpu.device).set(gpu.utilization)

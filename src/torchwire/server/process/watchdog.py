@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import psutil
 
 from torchwire.metrics import Metrics
-from torchwire.runtime.gpu import GpuReading, read_gpus
+from torchwire.runtime.gpu import GpuReading, observe_gpus, read_gpus
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -85,13 +85,7 @@ class MemoryWatchdog:
     def _observe(self, reading: _Reading) -> None:
         metrics = self._metrics
         metrics.memory_available.set(reading.available)
-        for gpu in reading.gpus:
-            metrics.gpu_memory_used.labels(gpu.device).set(gpu.used_bytes)
-            metrics.gpu_memory_reserved.labels(gpu.device).set(gpu.reserved_bytes)
-            metrics.gpu_memory_total.labels(gpu.device).set(gpu.total_bytes)
-            metrics.gpu_memory_free.labels(gpu.device).set(gpu.free_bytes)
-            if gpu.utilization is not None:
-                metrics.gpu_utilization.labels(gpu.device).set(gpu.utilization)
+        observe_gpus(metrics, reading.gpus)
 
     def _describe(self, reading: _Reading) -> str:
         parts = [
