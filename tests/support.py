@@ -18,12 +18,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from torchwire.config import ServerSettings
@@ -351,3 +352,26 @@ class CliServer:
         self._reader.join(10)
         assert self.process.stdout is not None
         self.process.stdout.close()
+
+
+def seed_predict(
+    target: str, seed: SimpleNamespace, inputs: list[float], request_id: str, model: str = "scale"
+) -> list[float]:
+    """One founding-API ``Predict`` on a connection of its own (the kernel picks the worker)."""
+    with connection(target) as channel:
+        stub = seed.grpc.ModelServiceStub(channel)
+        request = seed.pb2.PredictRequest(inputs=inputs, metadata={"model": model})
+        answer = stub.Predict(request, timeout=30, metadata=[("x-request-id", request_id)])
+        return list(answer.outputs)
+
+
+def metric_samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples named ``name`` on a /metrics page: (labels, value)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import threading
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,9 +21,9 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 import tritonclient.http as triton_http
-from prometheus_client.parser import text_string_to_metric_families
 
-from support import CliServer, Scale, connection, wait_until, write_model
+from support import CliServer, Scale, connection, metric_samples, wait_until, write_model
+from support import seed_predict as predict
 from torchwire.config import ServerSettings
 from torchwire.fleet.arena import Arena
 from torchwire.fleet.plan import engine_devices
@@ -65,25 +64,9 @@ def serve(cli_servers: list[CliServer], *args: str) -> CliServer:
     return server
 
 
-def predict(
-    target: str, seed: SimpleNamespace, inputs: list[float], request_id: str, model: str = "scale"
-) -> list[float]:
-    with connection(target) as channel:
-        stub = seed.grpc.ModelServiceStub(channel)
-        request = seed.pb2.PredictRequest(inputs=inputs, metadata={"model": model})
-        answer = stub.Predict(request, timeout=30, metadata=[("x-request-id", request_id)])
-        return list(answer.outputs)
-
-
 def metric(url: str, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(v for found, v in metric_samples(url, name) if labels.items() <= found.items())
 
 
 def test_two_workers_share_one_engine_that_holds_each_model_once(

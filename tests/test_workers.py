@@ -13,7 +13,6 @@ import signal
 import socket
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,10 +24,10 @@ import psutil
 import pytest
 import torch
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from support import CliServer, DeviceFault, Scale, connection, write_model
+from support import CliServer, DeviceFault, Scale, connection, metric_samples, write_model
+from support import seed_predict as predict
 
 ANSWERED_BY = r"\[worker (\d+)\] torchwire\.access: .*code={code}.*request_id={request_id}"
 
@@ -37,27 +36,6 @@ def serve(cli_servers: list[CliServer], *args: str, env: dict[str, str] | None =
     server = CliServer("--port", "0", "--workers", "2", "--access-log", "true", *args, env=env)
     cli_servers.append(server)
     return server
-
-
-def predict(
-    target: str, seed: SimpleNamespace, inputs: list[float], request_id: str, model: str = "scale"
-) -> list[float]:
-    with connection(target) as channel:
-        stub = seed.grpc.ModelServiceStub(channel)
-        request = seed.pb2.PredictRequest(inputs=inputs, metadata={"model": model})
-        answer = stub.Predict(request, timeout=30, metadata=[("x-request-id", request_id)])
-        return list(answer.outputs)
-
-
-def metric_samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return [
-        (sample.labels, sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    ]
 
 
 def model_ready_everywhere(target: str, model: str, connections: int = 24) -> set[bool]:
