@@ -21,8 +21,17 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 import tritonclient.http as triton_http
+import tritonclient.utils.shared_memory as shm
 
-from support import CliServer, Scale, connection, metric_samples, wait_until, write_model
+from support import (
+    CliServer,
+    DeviceFault,
+    Scale,
+    connection,
+    metric_samples,
+    wait_until,
+    write_model,
+)
 from support import seed_predict as predict
 from torchwire.config import ServerSettings
 from torchwire.fleet.arena import Arena
@@ -238,6 +247,57 @@ def test_a_model_key_overrides_the_flag_and_a_reload_swaps_in_the_engine(
     server.wait_for(r"\[engine cpu\] .*scale:1: no worker holds it")  # the old one, once
     assert len(re.findall(r"\[engine cpu\] .*loaded scale version 1", server.output)) == 2
     assert {tuple(predict(target, seed, [1, 2], f"new{i}")) for i in range(16)} == {(5.0, 10.0)}
+    assert server.stop() == 0
+
+
+def test_a_failed_device_restarts_the_engine_with_exit_code_4_and_the_workers_serve_on(
+    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+) -> None:
+    write_model(tmp_path / "fault", DeviceFault(), [2])
+    server = serve(cli_servers, "--repository", str(tmp_path))
+    target = server.wait_ready()
+    with pytest.raises(grpc.RpcError) as caught:
+        predict(target, seed, [-3, 2], "poison", model="fault")
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "device-side assert triggered" in str(caught.value.details())
+    server.wait_for(r"engine of cpu \(pid \d+\) exited with code 4 \(a model's device failed\)")
+    server.wait_for(r"reconnected to the engine of cpu .* holds 1 of this", count=2)
+    for i in range(20):  # each on a new connection: either worker, from the new engine
+        assert predict(target, seed, [i, 1], f"after{i}", model="fault") == [i + 1.0]
+    assert server.stop() == 0
+
+
+def test_client_shared_memory_crosses_to_the_engine_of_a_lone_worker(
+    cli_servers: list[CliServer], tmp_path: Path
+) -> None:
+    write_model(tmp_path / "scale", Scale(3.0), [4])
+    server = CliServer(
+        "--port", "0", "--engine", "on", "--allow-client-shm", "true", "--model-control",
+        "open", "--repository", str(tmp_path),
+    )  # fmt: skip
+    cli_servers.append(server)
+    target = server.wait_ready()
+    assert "with 1 workers" in server.output and "in the engine of cpu" in server.output
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    tag = f"{os.getpid()}-engine"
+    given = shm.create_shared_memory_region("in", f"/tw-in-{tag}", x.nbytes)
+    taken = shm.create_shared_memory_region("out", f"/tw-out-{tag}", x.nbytes)
+    try:
+        shm.set_shared_memory_region(given, [x])
+        client = triton.InferenceServerClient(target)
+        client.register_system_shared_memory("in", given._shm_key, x.nbytes)
+        client.register_system_shared_memory("out", taken._shm_key, x.nbytes)
+        tensor = triton.InferInput("x", [2, 4], "FP32")
+        tensor.set_shared_memory("in", x.nbytes)
+        output = triton.InferRequestedOutput("output")
+        output.set_shared_memory("out", x.nbytes)
+        client.infer("scale", [tensor], outputs=[output])
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(taken, np.float32, [2, 4]), x * 3)
+        client.unregister_system_shared_memory()
+        client.close()
+    finally:
+        shm.destroy_shared_memory_region(given)
+        shm.destroy_shared_memory_region(taken)
     assert server.stop() == 0
 
 
