@@ -7,6 +7,7 @@ connections over the workers; the access log says which worker answered).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -22,6 +23,8 @@ import torch
 import tritonclient.grpc as triton
 import tritonclient.http as triton_http
 import tritonclient.utils.shared_memory as shm
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from support import (
     CliServer,
@@ -182,6 +185,18 @@ def test_a_killed_engine_answers_unavailable_until_its_successor_serves_then_all
             if answer != [2 * value, 2.0]:
                 wrong.append((value, answer))
 
+    # One connection's worker, watched: NOT_SERVING while its engine is away.
+    statuses: list[str] = []
+    watch_channel = connection(target)
+    watch = HealthStub(watch_channel).Watch(HealthCheckRequest(service=""), timeout=120)
+
+    def watch_health() -> None:
+        with contextlib.suppress(grpc.RpcError):  # cancelled at the end
+            for change in watch:
+                statuses.append(HealthCheckResponse.ServingStatus.Name(change.status))
+
+    watcher = threading.Thread(target=watch_health)
+    watcher.start()
     threads = [threading.Thread(target=load, args=(t,)) for t in range(4)]
     for thread in threads:
         thread.start()
@@ -196,10 +211,15 @@ def test_a_killed_engine_answers_unavailable_until_its_successor_serves_then_all
         server.wait_for(r"engine of cpu \(pid \d+\) serving", count=3)
         ok = [grpc.StatusCode.OK] * 20
         wait_until(lambda: codes[-20:] == ok, "20 calls in a row answered after the restarts", 60)
+        wait_until(lambda: statuses[-1:] == ["SERVING"] and len(statuses) >= 3, "health back")
     finally:
         stop.set()
         for thread in threads:
             thread.join()
+        watch.cancel()
+        watcher.join()
+        watch_channel.close()
+    assert statuses[0] == "SERVING" and "NOT_SERVING" in statuses, statuses
     assert not wrong
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
     assert re.search(r"reconnected to the engine of cpu \(pid \d+\): it holds 1 of", server.output)

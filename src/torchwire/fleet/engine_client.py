@@ -21,7 +21,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +101,9 @@ class EngineClient:
         self._ids = itertools.count(1)
         self._asked: dict[int, asyncio.Future[Message]] = {}
         self._reconnecting: asyncio.Task[None] | None = None
+        self.on_change: Callable[[str, bool], None] | None = None
+        """Called on the event loop with (device, False) when the engine is lost and (device,
+        True) once its successor holds this worker's versions again."""
         self._batchers: set[RemoteBatcher] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -297,6 +300,8 @@ class EngineClient:
             loop.call_soon_threadsafe(self._restart_later)
 
     def _restart_later(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.device, False)
         for rid, answer in list(self._asked.items()):
             if not answer.done():
                 answer.set_exception(_restarting(self.device))
@@ -328,6 +333,8 @@ class EngineClient:
                             exc,
                         )  # fmt: skip
                 if connection is self._connection and self.connected:
+                    if self.on_change is not None:
+                        self.on_change(self.device, True)
                     log.info(
                         "reconnected to the engine of %s (pid %d): it holds %d of this "
                         "worker's model versions again", self.device, self.pid, held,
@@ -384,6 +391,10 @@ class RemoteBatcher(Batcher):
         self.handle = held[2]
         self.host = f"engine of {self._client.device} (pid {held[5]})"
         self.ready = True
+
+    @property
+    def available(self) -> bool:
+        return not self._closing and self.ready and self._client.connected
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop  # no threads: the engine's compute
@@ -501,6 +512,9 @@ class Engines:
         self._clients: dict[str, EngineClient] = {}
         self._starting: dict[str, asyncio.Task[EngineClient]] = {}
         self._warned: set[str] = set()
+        self._down: set[str] = set()
+        self.on_change: Callable[[bool], None] | None = None
+        """Called on the event loop with False when an engine is lost, True once all answer."""
 
     def takes(self, config: ModelConfig) -> bool:
         if not self._settings.engine_wanted(config):
@@ -530,12 +544,18 @@ class Engines:
 
     async def _open(self, device: str, metrics: Metrics) -> EngineClient:
         client = EngineClient(device, self._sockets[device], self._worker, metrics)
+        client.on_change = self._changed
         try:
             await client.start()
         finally:
             self._starting.pop(device, None)
         self._clients[device] = client
         return client
+
+    def _changed(self, device: str, up: bool) -> None:
+        (self._down.discard if up else self._down.add)(device)
+        if self.on_change is not None:
+            self.on_change(not self._down)
 
     async def close(self) -> None:
         for client in self._clients.values():

@@ -61,6 +61,15 @@ async def serve_as_worker(spec: WorkerSpec) -> int:
     engines = Engines(spec.settings, spec.engines, spec.index) if spec.engines else None
     role = WorkerRole(spec.index, FleetControl(link), spec.unloaded, spec.cores, offload=engines)
     server = Server(spec.settings, role)
+    if engines is not None:
+        tasks: set[asyncio.Task[None]] = set()
+
+        def engines_changed(ok: bool) -> None:
+            task = asyncio.create_task(server.health.engines(ok))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        engines.on_change = engines_changed
     stop = asyncio.Event()
 
     async def supervisor_gone() -> None:

@@ -225,6 +225,11 @@ class Batcher:
         self.stats = VersionStats()
 
     @property
+    def available(self) -> bool:
+        """Whether it takes requests now (V2 model readiness)."""
+        return not self._closing and not self.model.device_failed
+
+    @property
     def queued_items(self) -> int:
         """Items waiting in the queue now."""
         return self._queued_items

@@ -78,13 +78,15 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
 
 class Health:
-    """Decides every status from the server's state: starting, ready, memory, shutting down."""
+    """Decides every status from the server's state: starting, ready, memory, engines, shutting
+    down."""
 
     def __init__(self, services: list[str]) -> None:
         self.servicer = HealthServicer()
         self._services = services
         self._ready = False
         self._memory_ok = True
+        self._engines_ok = True
         self._shutting_down = False
 
     @property
@@ -94,7 +96,7 @@ class Health:
 
     @property
     def overall(self) -> int:
-        ok = self._ready and self._memory_ok and not self._shutting_down
+        ok = self._ready and self._memory_ok and self._engines_ok and not self._shutting_down
         return SERVING if ok else NOT_SERVING
 
     async def _update(self) -> None:
@@ -112,6 +114,12 @@ class Health:
 
     async def memory(self, ok: bool) -> None:
         self._memory_ok = ok
+        await self._update()
+
+    async def engines(self, ok: bool) -> None:
+        """Every engine this worker's models are held by answers (``--engine``): while one
+        restarts, its models cannot, and a load balancer should send calls elsewhere."""
+        self._engines_ok = ok
         await self._update()
 
     async def model(self, name: str, loaded: bool) -> None:

@@ -175,7 +175,8 @@ class HttpApi:
         return _json(kserve.model_metadata(self._backend.repository, self._batcher(request)))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        self._batcher(request)  # 404 unless loaded
+        if not self._batcher(request).available:  # 404 unless loaded
+            return error_response(503, "the model is loaded but cannot answer now; retry")
         return web.Response(status=200)
 
     async def model_config(self, request: web.Request) -> web.Response:

@@ -100,10 +100,10 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         self, request: pb.ModelReadyRequest, context: object
     ) -> pb.ModelReadyResponse:
         try:
-            self._model(request.name, request.version)
+            batcher = self._model(request.name, request.version)
         except TorchwireError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=batcher.available)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: object
