@@ -8,10 +8,8 @@ trace and log-settings RPCs answer UNIMPLEMENTED.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -20,31 +18,20 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from torchwire.errors import InvalidInputError, TorchwireError, report_bug
+from torchwire.errors import InvalidInputError, TorchwireError
 from torchwire.runtime import Batcher
-from torchwire.runtime.model import Arrays
 from torchwire.server.codecs.v2_codec import (
     InferRequest,
     parse_infer,
     stream_answer,
 )
-from torchwire.server.common.observe import Call
 from torchwire.server.common.status import abort_with, unary_errors
 from torchwire.server.plane import kserve
-from torchwire.server.plane.inference import V2Inference
-from torchwire.server.rpc.seed import STREAM_WINDOW, call_deadline
+from torchwire.server.rpc.read_ahead import read_ahead
+from torchwire.server.rpc.seed import call_deadline
 
 log = logging.getLogger(__name__)
 V2_SERVICE = "inference.GRPCInferenceService"
-
-
-@dataclass(slots=True)
-class _Queued:
-    request: InferRequest
-    call: Call
-    inference: V2Inference | None
-    answer: asyncio.Future[Arrays] | None = None
-    error: Exception | None = None
 
 
 class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -198,19 +185,25 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         self, requests: AsyncIterable[InferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         """Answers in request order; a bad request gets ``error_message``, the stream goes on."""
-        pending: asyncio.Queue[_Queued | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
-        reader = asyncio.create_task(self._read_stream(requests, context, pending))
-        queued: _Queued | None = None
-        try:
-            while (queued := await pending.get()) is not None:
+        deadline = call_deadline(context)
+        async with read_ahead(
+            requests,
+            lambda: self._backend.observer.call("v2_stream", context),
+            lambda request, call: self._backend.plane.v2(request, call, deadline),
+            stop_at_error=False,
+        ) as entries:
+            async for entry in entries:
+                if entry.broken and not isinstance(entry.error, TorchwireError):
+                    log.warning("V2 request stream broke: %s", entry.error)
+                    return
                 try:
-                    if queued.error is not None:
-                        raise queued.error
-                    assert queued.inference is not None and queued.answer is not None
-                    response = queued.inference.encode(await queued.answer)
+                    if entry.error is not None:
+                        raise entry.error
+                    assert entry.inference is not None and entry.answer is not None
+                    response = entry.inference.encode(await entry.answer)
                 except TorchwireError as exc:
-                    queued.call.finish(exc)
-                    message = queued.request.message
+                    entry.call.finish(exc)
+                    message = entry.request.message if entry.request else pb.ModelInferRequest()
                     yield pb.ModelStreamInferResponse(
                         error_message=f"[{exc.code}] {exc}",
                         infer_response=pb.ModelInferResponse(
@@ -218,57 +211,8 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
                         ),
                     ).SerializeToString()
                     continue
-                queued.call.finish()
+                entry.call.finish()
                 yield stream_answer(response)
-            await reader
-        finally:
-            reader.cancel()
-            # What was not answered (the caller cancelled, the stream broke) counts as
-            # cancelled and is dropped from its batch.
-            abandoned: list[_Queued | None] = [queued]
-            while not pending.empty():
-                abandoned.append(pending.get_nowait())
-            for entry in abandoned:
-                if entry is not None:
-                    entry.call.finish(asyncio.CancelledError())
-                    if entry.answer is not None:
-                        entry.answer.cancel()
-
-    async def _read_stream(
-        self,
-        requests: AsyncIterable[InferRequest],
-        context: grpc.aio.ServicerContext,
-        pending: asyncio.Queue[_Queued | None],
-    ) -> None:
-        """Queue each request as it arrives; a request that cannot be queued gets its error in
-        the stream, which goes on; the end (or a broken request stream) puts None."""
-        deadline = call_deadline(context)
-        try:
-            async for request in requests:
-                call = self._backend.observer.call("v2_stream", context)
-                try:
-                    inference = self._backend.plane.v2(request, call, deadline)
-                    queued = _Queued(request, call, inference, inference.submit())
-                except TorchwireError as exc:
-                    queued = _Queued(request, call, None, error=exc)
-                except Exception as exc:  # a bug: this request fails, the stream goes on
-                    error = report_bug(log, "unexpected error queueing a stream request", exc)
-                    queued = _Queued(request, call, None, error=error)
-                try:
-                    await pending.put(queued)
-                except asyncio.CancelledError:  # the stream ended while the window was full
-                    call.finish(asyncio.CancelledError())
-                    if queued.answer is not None:
-                        queued.answer.cancel()
-                    raise
-        except asyncio.CancelledError:
-            raise
-        except TorchwireError as exc:  # a malformed message: say so in the stream, then end
-            call = self._backend.observer.call("v2_stream", context)
-            await pending.put(_Queued(InferRequest(pb.ModelInferRequest()), call, None, error=exc))
-        except Exception as exc:  # the request stream itself broke: end the answers
-            log.warning("V2 request stream broke: %s", exc)
-        await pending.put(None)
 
 
 def _parser(message: Any) -> Callable[[bytes], Any]:
