@@ -50,8 +50,8 @@ from torchwire.native import cap_malloc_arenas
 from torchwire.repository.repository import load_batcher
 from torchwire.repository.sources import ModelSource
 from torchwire.runtime import Batcher, ThreadLoad
+from torchwire.runtime.arrays import Arrays
 from torchwire.runtime.gpu import observe_gpus, read_gpus
-from torchwire.runtime.model import Arrays
 
 log = logging.getLogger("torchwire.engine")
 

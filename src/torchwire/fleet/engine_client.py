@@ -44,9 +44,9 @@ from torchwire.fleet.plan import device_key
 from torchwire.metrics import Metrics
 from torchwire.repository.sources import ModelSource
 from torchwire.runtime import Batcher, Done, LoadedModel, ThreadLoad, Ticket
+from torchwire.runtime.arrays import Arrays
 from torchwire.runtime.batcher import deliver_here
 from torchwire.runtime.dtypes import numpy_dtype
-from torchwire.runtime.model import Arrays
 
 log = logging.getLogger("torchwire.engine")
 

@@ -53,8 +53,9 @@ from torchwire.errors import (
     report_bug,
 )
 from torchwire.metrics import ModelMetrics
+from torchwire.runtime.arrays import Arrays
 from torchwire.runtime.cost import CallCost
-from torchwire.runtime.model import Arrays, LoadedModel
+from torchwire.runtime.model import LoadedModel
 from torchwire.runtime.steps import step_pool
 
 log = logging.getLogger(__name__)

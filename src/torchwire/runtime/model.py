@@ -45,12 +45,12 @@ from torchwire.errors import (
     ModelOutOfMemoryError,
     exception_chain,
 )
+from torchwire.runtime.arrays import Arrays, shape_matches
 from torchwire.runtime.dtypes import DTYPE_BY_TORCH, TORCH_DTYPES, numpy_dtype
 from torchwire.runtime.exported import load_aoti, load_exported
 
 log = logging.getLogger(__name__)
 
-Arrays = list[np.ndarray[Any, Any]]
 _FLOATS = frozenset({"FP16", "BF16", "FP32", "FP64"})
 
 
@@ -90,13 +90,6 @@ class _Lane:
     # Buffers replaced by larger ones, kept until the stream is synchronised: the host allocator
     # that frees one records events on that stream, which aborts if the device failed meanwhile.
     retired: list[torch.Tensor] = field(default_factory=list)
-
-
-def shape_matches(actual: Sequence[int], expected: Sequence[int]) -> bool:
-    """Whether ``actual`` fits ``expected``, where -1 in ``expected`` matches any size."""
-    return len(actual) == len(expected) and all(
-        want in (-1, got) for got, want in zip(actual, expected, strict=True)
-    )
 
 
 def _last_line(exc: Exception) -> str:

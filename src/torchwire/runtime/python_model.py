@@ -36,14 +36,9 @@ from torchwire.errors import (
     ModelExecutionError,
     TorchwireError,
 )
+from torchwire.runtime.arrays import Arrays, shape_matches
 from torchwire.runtime.dtypes import NUMPY_DTYPES, numpy_dtype
-from torchwire.runtime.model import (
-    Arrays,
-    LoadedModel,
-    is_accelerator_error,
-    is_out_of_memory,
-    shape_matches,
-)
+from torchwire.runtime.model import LoadedModel, is_accelerator_error, is_out_of_memory
 
 log = logging.getLogger(__name__)
 

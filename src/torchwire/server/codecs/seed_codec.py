@@ -14,8 +14,8 @@ import numpy as np
 
 from torchwire.errors import ITEM_SHAPE_METADATA, InvalidInputError
 from torchwire.runtime import LoadedModel
+from torchwire.runtime.arrays import Arrays
 from torchwire.runtime.dtypes import numpy_dtype
-from torchwire.runtime.model import Arrays
 from torchwire.server.codecs import seed_wire
 from torchwire.server.codecs.seed_wire import FLOAT32_LE, SeedRequest
 

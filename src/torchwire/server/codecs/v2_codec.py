@@ -23,8 +23,8 @@ from tritonclient.grpc import service_pb2 as pb
 
 from torchwire.errors import InvalidInputError
 from torchwire.runtime import LoadedModel
+from torchwire.runtime.arrays import Arrays, shape_matches
 from torchwire.runtime.dtypes import SUPPORTED, numpy_dtype
-from torchwire.runtime.model import Arrays, shape_matches
 from torchwire.server.codecs.wire import WireError, field_prefix, split_field
 from torchwire.server.common.shm import Regions
 

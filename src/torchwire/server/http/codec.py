@@ -19,7 +19,7 @@ import orjson
 
 from torchwire.errors import InvalidInputError
 from torchwire.runtime import LoadedModel
-from torchwire.runtime.model import Arrays
+from torchwire.runtime.arrays import Arrays
 from torchwire.server.codecs.v2_codec import (
     ShmTarget,
     WireTensor,

@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2 as pb
 from torchwire.errors import DeadlineExceededError, ModelNotFoundError
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher, Done, Ticket
-from torchwire.runtime.model import Arrays
+from torchwire.runtime.arrays import Arrays
 from torchwire.server.codecs.seed_codec import decode_request, encode_response
 from torchwire.server.codecs.seed_wire import parse_request
 from torchwire.server.codecs.v2_codec import (

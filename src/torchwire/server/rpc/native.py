@@ -28,7 +28,7 @@ import grpc
 from torchwire.config import ServerSettings
 from torchwire.errors import TorchwireError, UnavailableError, report_bug
 from torchwire.runtime import Batcher, ThreadLoad, Ticket
-from torchwire.runtime.model import Arrays
+from torchwire.runtime.arrays import Arrays
 from torchwire.server.codecs.v2_codec import parse_infer
 from torchwire.server.common.auth import Access
 from torchwire.server.common.observe import Call, Observer

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from torchwire.errors import TorchwireError, report_bug
-from torchwire.runtime.model import Arrays
+from torchwire.runtime.arrays import Arrays
 from torchwire.server.common.observe import Call
 
 log = logging.getLogger(__name__)
