@@ -128,15 +128,49 @@ def test_two_workers_share_one_engine_that_holds_each_model_once(
     assert server.stop() == 0
 
 
-def test_requests_from_both_workers_are_batched_together_in_the_engine(
-    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
-) -> None:
+def gated_model(tmp_path: Path, extra: str = "") -> Path:
+    """``repo/gated``, whose call on a negative first value waits until the gate (a FIFO) is
+    written; return the gate."""
     model = tmp_path / "repo" / "gated"
     (model / "1").mkdir(parents=True)
     gate = tmp_path / "gate"
     os.mkfifo(gate)
-    (model / "config.toml").write_text(GATED_CONFIG)
+    (model / "config.toml").write_text(GATED_CONFIG + extra)
     (model / "1" / "model.py").write_text(GATED_MODEL.format(gate=str(gate)))
+    return gate
+
+
+def test_a_full_engine_queue_refuses_with_resource_exhausted_and_a_time_to_retry(
+    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+) -> None:
+    gate = gated_model(tmp_path, "max_queue = 4\n")
+    server = serve(cli_servers, "--repository", str(tmp_path / "repo"))
+    target = server.wait_ready()
+    url = server.metrics_url()
+    with ThreadPoolExecutor(6) as pool:
+        holder = pool.submit(predict, target, seed, [-1, 0], "holder", "gated")
+        wait_until(lambda: metric(url, "torchwire_engine_requests") == 1, "the holder computes")
+        queued = [pool.submit(predict, target, seed, [i, i], f"q{i}", "gated") for i in range(4)]
+        wait_until(lambda: metric(url, "torchwire_engine_requests") == 5, "4 queued behind it")
+        with pytest.raises(grpc.RpcError) as refused:
+            predict(target, seed, [9, 9], "refused", "gated")
+        with open(gate, "w") as opening:
+            opening.write("go")
+        assert holder.result(timeout=30) == [-2.0, 0.0]
+        assert [call.result(timeout=30) for call in queued] == [[2.0 * i] * 2 for i in range(4)]
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue full (4 of 4 items waiting" in str(refused.value.details())
+    trailing = dict(refused.value.trailing_metadata() or ())
+    assert int(trailing["torchwire-retry-after-ms"]) >= 1
+    rejected = metric(url, "torchwire_rejected_requests_total", model="gated", reason="queue_full")
+    assert rejected == 1
+    assert server.stop() == 0
+
+
+def test_requests_from_both_workers_are_batched_together_in_the_engine(
+    cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
+) -> None:
+    gate = gated_model(tmp_path)
     server = serve(cli_servers, "--repository", str(tmp_path / "repo"))
     target = server.wait_ready()
     url = server.metrics_url()

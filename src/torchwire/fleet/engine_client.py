@@ -41,7 +41,7 @@ from torchwire.errors import (
 from torchwire.fleet.arena import Arena
 from torchwire.fleet.engine_wire import Channel, Message, aligned, get_tensor, put_tensor
 from torchwire.fleet.plan import device_key
-from torchwire.metrics import Metrics
+from torchwire.metrics import Metrics, ModelMetrics
 from torchwire.repository.sources import ModelSource
 from torchwire.runtime import Batcher, Done, LoadedModel, ThreadLoad, Ticket
 from torchwire.runtime.arrays import Arrays
@@ -152,10 +152,10 @@ class EngineClient:
             daemon=True,
         ).start()  # fmt: skip
 
-    async def load(self, source: ModelSource, version: int) -> RemoteBatcher:
+    async def load(self, source: ModelSource, version: int, metrics: Metrics) -> RemoteBatcher:
         """Ask the engine to hold ``version`` of ``source``; the batcher that serves it here."""
         held = await self._hold(source, version)
-        batcher = RemoteBatcher(self, source, version, held)
+        batcher = RemoteBatcher(self, source, version, held, metrics.for_model(source.name))
         self._batchers.add(batcher)
         return batcher
 
@@ -354,12 +354,17 @@ class RemoteBatcher(Batcher):
     (from the engine's load), admission, and a queue that is the engine's."""
 
     def __init__(
-        self, client: EngineClient, source: ModelSource, version: int, held: Message
+        self,
+        client: EngineClient,
+        source: ModelSource,
+        version: int,
+        held: Message,
+        metrics: ModelMetrics | None = None,
     ) -> None:
         _, _, handle, outputs, cost, pid = held
         config = source.config.model_copy(update={"outputs": outputs})
         face = LoadedModel(None, config, source.files[version], torch.device(client.device))
-        super().__init__(face, source.name, version, cost)
+        super().__init__(face, source.name, version, cost, metrics)  # refusals counted here
         self.inline_items = 0
         self.source = source
         self.handle: int = handle
@@ -466,6 +471,8 @@ class RemoteBatcher(Batcher):
         """As ``Batcher.admit``, on the engine's queue as it last reported it."""
         self._check_open()
         if self.engine_queued >= self.max_queue:
+            if self._metrics is not None:
+                self._metrics.queue_full.inc()
             raise QueueFullError(
                 f"model {self.label}: the engine's queue is full ({self.engine_queued} of "
                 f"{self.max_queue} items); retry in about {self._drain_ms()} ms",
@@ -475,6 +482,8 @@ class RemoteBatcher(Batcher):
             return
         wait_s = self.engine_queued * self._per_item_s() / self.instances
         if now + wait_s > deadline:
+            if self._metrics is not None:
+                self._metrics.too_late.inc()
             wait_ms = max(1, round(wait_s * 1000))
             raise QueueFullError(
                 f"model {self.label}: about {wait_ms} ms of queued work ahead in the engine, "
@@ -540,7 +549,7 @@ class Engines:
                 starting = asyncio.create_task(self._open(device, metrics))
                 self._starting[device] = starting
             client = await asyncio.shield(starting)  # one caller cancelled cancels not all
-        return await client.load(source, version)
+        return await client.load(source, version, metrics)
 
     async def _open(self, device: str, metrics: Metrics) -> EngineClient:
         client = EngineClient(device, self._sockets[device], self._worker, metrics)
