@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,6 +14,9 @@ import numpy as np
 import pytest
 
 from support import ServerThread, in_process
+from torchwire.metrics import Metrics
+from torchwire.server.common.observe import Call, Observer
+from torchwire.server.rpc.read_ahead import read_ahead
 
 
 def test_200_requests_on_one_stream_come_back_in_order_and_correct(
@@ -149,3 +153,48 @@ def test_unary_calls_and_a_stream_sharing_a_model_each_get_their_own_rows(
             answers = streamed.result() + answers
     for x, answer in zip(inputs, answers, strict=True):
         np.testing.assert_allclose(answer, reference(x).ravel(), rtol=1e-5, atol=1e-6)
+
+
+class _Answered:
+    """An inference whose answer is ready at once: the read-ahead alone is under test."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def submit(self) -> Any:
+        answer = asyncio.get_running_loop().create_future()
+        answer.set_result([np.array([self.value])])
+        return answer
+
+
+def test_a_request_stream_that_breaks_ends_the_read_ahead_counting_no_request_never_read() -> None:
+    observer = Observer(Metrics(process_metrics=False))
+    opened: list[Call] = []
+
+    def open_call() -> Call:
+        opened.append(Call(observer, "v2_stream", lambda: ("peer", "")))
+        return opened[-1]
+
+    async def requests() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+        raise ConnectionResetError("the client's connection broke")
+
+    async def scenario() -> list[tuple[int, int | None, bool, str | None]]:
+        seen = []
+        begin = lambda request, _call: _Answered(request)  # noqa: E731
+        async with read_ahead(requests(), open_call, begin, stop_at_error=False) as entries:
+            async for entry in entries:
+                if entry.call is not None:
+                    entry.call.finish()
+                error = type(entry.error).__name__ if entry.error is not None else None
+                seen.append((entry.index, entry.request, entry.broken, error))
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen == [
+        (0, 1, False, None),
+        (1, 2, False, None),
+        (2, None, True, "ConnectionResetError"),
+    ]
+    assert len(opened) == 2  # two requests read, two counted: the break is not a request

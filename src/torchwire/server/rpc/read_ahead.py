@@ -41,11 +41,12 @@ I = TypeVar("I", bound=Inference)  # noqa: E741
 class Pending(Generic[R, I]):
     """One request of the stream, in order: queued (``inference`` and ``answer``), or refused
     before it could be (``error``). ``broken``: the request stream itself failed here (``error``
-    says how), and nothing follows."""
+    says how), and nothing follows; no request was read, so it has no ``call`` (the servicer
+    opens one if it answers the failure as a request)."""
 
     index: int
     request: R | None
-    call: Call
+    call: Call | None
     inference: I | None = None
     answer: asyncio.Future[Arrays] | None = None
     error: Exception | None = None
@@ -53,14 +54,15 @@ class Pending(Generic[R, I]):
 
     def abandon(self) -> None:
         """Counted as cancelled (if it was not counted already) and dropped from its batch."""
-        self.call.finish(asyncio.CancelledError())
+        if self.call is not None:
+            self.call.finish(asyncio.CancelledError())
         if self.answer is not None:
             self.answer.cancel()
 
 
 def _queued(entry: Pending[R, I], begin: Callable[[R, Call], I]) -> Pending[R, I]:
     """``entry`` queued, or holding why it could not be."""
-    assert entry.request is not None
+    assert entry.request is not None and entry.call is not None
     try:
         entry.inference = begin(entry.request, entry.call)
         entry.answer = entry.inference.submit()
@@ -99,7 +101,7 @@ async def read_ahead(
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the request stream itself broke (or a message was malformed)
-            await pending.put(Pending(index, None, open_call(), error=exc, broken=True))
+            await pending.put(Pending(index, None, None, error=exc, broken=True))
         await pending.put(None)
 
     reader = asyncio.create_task(read())

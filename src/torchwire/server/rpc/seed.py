@@ -13,7 +13,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 import grpc
 
 from torchwire.errors import TorchwireError
-from torchwire.server.common.observe import Observer
+from torchwire.server.common.observe import Call, Observer
 from torchwire.server.common.status import abort_with, stream_errors, unary_errors
 from torchwire.server.plane.inference import DataPlane
 from torchwire.server.rpc.read_ahead import read_ahead
@@ -59,22 +59,27 @@ class SeedServicer:
         self, requests: AsyncIterable[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         deadline = call_deadline(context)
+
+        def open_call() -> Call:
+            return self._observer.call("seed_stream", context)
+
         async with read_ahead(
             requests,
-            lambda: self._observer.call("seed_stream", context),
+            open_call,
             lambda data, call: self._plane.seed(data, call, deadline),
             stop_at_error=True,
         ) as entries:
             async for entry in entries:
                 prefix = f"request {entry.index} of the stream: "
+                call = entry.call or open_call()  # a broken request stream: counted as one
                 if entry.error is not None:  # the stream ends with the first refusal
-                    entry.call.finish(entry.error)
+                    call.finish(entry.error)
                     await abort_with(context, entry.error, prefix)
                 assert entry.inference is not None and entry.answer is not None
                 try:
                     response = entry.inference.encode(await entry.answer)
                 except TorchwireError as exc:
-                    entry.call.finish(exc)
+                    call.finish(exc)
                     await abort_with(context, exc, prefix)
-                entry.call.finish()
+                call.finish()
                 yield response

@@ -25,6 +25,7 @@ from torchwire.server.codecs.v2_codec import (
     parse_infer,
     stream_answer,
 )
+from torchwire.server.common.observe import Call
 from torchwire.server.common.status import abort_with, unary_errors
 from torchwire.server.plane import kserve
 from torchwire.server.rpc.read_ahead import read_ahead
@@ -186,9 +187,13 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
     ) -> AsyncIterator[bytes]:
         """Answers in request order; a bad request gets ``error_message``, the stream goes on."""
         deadline = call_deadline(context)
+
+        def open_call() -> Call:
+            return self._backend.observer.call("v2_stream", context)
+
         async with read_ahead(
             requests,
-            lambda: self._backend.observer.call("v2_stream", context),
+            open_call,
             lambda request, call: self._backend.plane.v2(request, call, deadline),
             stop_at_error=False,
         ) as entries:
@@ -196,13 +201,14 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
                 if entry.broken and not isinstance(entry.error, TorchwireError):
                     log.warning("V2 request stream broke: %s", entry.error)
                     return
+                call = entry.call or open_call()  # a malformed message: answered as a request
                 try:
                     if entry.error is not None:
                         raise entry.error
                     assert entry.inference is not None and entry.answer is not None
                     response = entry.inference.encode(await entry.answer)
                 except TorchwireError as exc:
-                    entry.call.finish(exc)
+                    call.finish(exc)
                     message = entry.request.message if entry.request else pb.ModelInferRequest()
                     yield pb.ModelStreamInferResponse(
                         error_message=f"[{exc.code}] {exc}",
@@ -211,7 +217,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
                         ),
                     ).SerializeToString()
                     continue
-                entry.call.finish()
+                call.finish()
                 yield stream_answer(response)
 
 
