@@ -375,3 +375,49 @@ def metric_samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
         for sample in family.samples
         if sample.name == name
     ]
+
+
+WORDS_CONFIG = """\
+format = "python"
+[[inputs]]
+name = "text"
+dtype = "BYTES"
+shape = [1]
+[[outputs]]
+name = "length"
+dtype = "INT64"
+shape = [1]
+[[outputs]]
+name = "loud"
+dtype = "BYTES"
+shape = [1]
+"""
+WORDS_MODEL = """\
+import numpy as np
+import torch
+
+
+class Model:
+    def example(self):
+        return {"text": np.array([[b"warm"]], dtype=object)}
+
+    def preprocess(self, request):
+        return {"length": np.array([[len(t)] for t in request["text"][:, 0]], dtype=np.int64)}
+
+    def predict(self, inputs):
+        return {"length": inputs["length"] * 1}
+
+    def postprocess(self, answer):
+        lengths = answer["length"][:, 0]
+        return {"loud": np.array([[b"!" * int(n)] for n in lengths], dtype=object), **answer}
+"""
+
+
+def write_words_model(directory: Path) -> Path:
+    """A Python model in its own process's terms (no test imports): BYTES ``text`` in, its
+    ``length`` (INT64, from preprocess and predict) and ``loud`` (BYTES, that many "!", from
+    postprocess) out."""
+    (directory / "1").mkdir(parents=True)
+    (directory / "config.toml").write_text(WORDS_CONFIG)
+    (directory / "1" / "model.py").write_text(WORDS_MODEL)
+    return directory

@@ -34,6 +34,7 @@ from support import (
     metric_samples,
     wait_until,
     write_model,
+    write_words_model,
 )
 from support import seed_predict as predict
 from torchwire.config import ServerSettings
@@ -355,57 +356,18 @@ def test_client_shared_memory_crosses_to_the_engine_of_a_lone_worker(
     assert server.stop() == 0
 
 
-SHOUT_CONFIG = """\
-format = "python"
-[[inputs]]
-name = "text"
-dtype = "BYTES"
-shape = [1]
-[[outputs]]
-name = "loud"
-dtype = "BYTES"
-shape = [1]
-[[outputs]]
-name = "length"
-dtype = "INT64"
-shape = [1]
-"""
-SHOUT_MODEL = """\
-import numpy as np
-import torch
-
-
-class Model:
-    def example(self):
-        return {"text": np.array([[b"warm"]], dtype=object)}
-
-    def preprocess(self, request):
-        return {"length": np.array([[len(t)] for t in request["text"][:, 0]], dtype=np.int64)}
-
-    def predict(self, inputs):
-        return {"length": inputs["length"] * 1}
-
-    def postprocess(self, answer):
-        lengths = answer["length"][:, 0]
-        return {"loud": np.array([[b"!" * int(n)] for n in lengths], dtype=object), **answer}
-"""
-
-
 def test_bytes_tensors_cross_inline_and_python_steps_run_in_the_engine(
     cli_servers: list[CliServer], tmp_path: Path
 ) -> None:
-    model = tmp_path / "shout"
-    (model / "1").mkdir(parents=True)
-    (model / "config.toml").write_text(SHOUT_CONFIG)
-    (model / "1" / "model.py").write_text(SHOUT_MODEL)
+    write_words_model(tmp_path / "words")
     server = serve(cli_servers, "--repository", str(tmp_path))
     target = server.wait_ready()
-    assert "shout v[1] on cpu in the engine of cpu" in server.output
+    assert "words v[1] on cpu in the engine of cpu" in server.output
     client = triton.InferenceServerClient(target)
     words = np.array([[b"engine"], [b"\x00\xffraw"], [b""]], dtype=object)
     tensor = triton.InferInput("text", [3, 1], "BYTES")
     tensor.set_data_from_numpy(words)
-    answer = client.infer("shout", [tensor])
+    answer = client.infer("words", [tensor])
     assert answer.as_numpy("length").ravel().tolist() == [6, 5, 0]
     assert answer.as_numpy("loud").ravel().tolist() == [b"!!!!!!", b"!!!!!", b""]
     client.close()

@@ -26,7 +26,15 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from support import CliServer, DeviceFault, Scale, connection, metric_samples, write_model
+from support import (
+    CliServer,
+    DeviceFault,
+    Scale,
+    connection,
+    metric_samples,
+    write_model,
+    write_words_model,
+)
 from support import seed_predict as predict
 
 ANSWERED_BY = r"\[worker (\d+)\] torchwire\.access: .*code={code}.*request_id={request_id}"
@@ -76,40 +84,10 @@ def test_two_workers_answer_on_one_port_and_metrics_count_each_request_once(
     assert server.stop() == 0
 
 
-WORDS_CONFIG = """\
-format = "python"
-[[inputs]]
-name = "text"
-dtype = "BYTES"
-shape = [1]
-[[outputs]]
-name = "length"
-dtype = "INT64"
-shape = [1]
-"""
-WORDS_MODEL = """\
-import numpy as np
-import torch
-
-
-class Model:
-    def example(self):
-        return {"text": np.array([[b"warm"]], dtype=object)}
-
-    def preprocess(self, request):
-        return {"length": np.array([[len(t)] for t in request["text"][:, 0]], dtype=np.int64)}
-
-    def predict(self, inputs):
-        return {"length": inputs["length"] * 1}
-"""
-
-
 def test_a_python_model_with_preprocess_serves_from_every_worker(
     cli_servers: list[CliServer], tmp_path: Path
 ) -> None:
-    (tmp_path / "words" / "1").mkdir(parents=True)
-    (tmp_path / "words" / "config.toml").write_text(WORDS_CONFIG)
-    (tmp_path / "words" / "1" / "model.py").write_text(WORDS_MODEL)
+    write_words_model(tmp_path / "words")
     server = serve(cli_servers, "--repository", str(tmp_path))
     target = server.wait_ready()
     for i in range(40):  # each on a new connection: the kernel picks the worker
