@@ -26,6 +26,11 @@ ALIGN = 64
 """Slot offsets are cache-line aligned, so that tensors made on them are too."""
 
 
+def aligned(size: int) -> int:
+    """``size`` rounded up to a multiple of ``ALIGN``: what a tensor takes in a slot."""
+    return -(-size // ALIGN) * ALIGN
+
+
 @dataclass(slots=True)
 class _Slot:
     offset: int
@@ -65,7 +70,7 @@ class Arena:
 
     def allocate(self, size: int) -> int | None:
         """The offset of a free slot of ``size`` bytes, or None when the ring has no room."""
-        size = max(ALIGN, -(-size // ALIGN) * ALIGN)
+        size = max(ALIGN, aligned(size))
         with self._lock:
             if not self._slots:
                 self._head = 0

@@ -40,9 +40,9 @@ from torchwire.errors import (
     UnavailableError,
     report_bug,
 )
-from torchwire.fleet.arena import Arena
+from torchwire.fleet.arena import Arena, aligned
 from torchwire.fleet.contract import EngineSpec, Ready, to_message
-from torchwire.fleet.engine_wire import Channel, Message, aligned, get_tensor, put_tensor
+from torchwire.fleet.engine_wire import Channel, Message, get_tensor, put_tensor
 from torchwire.fleet.link import Link
 from torchwire.logs import configure_logging
 from torchwire.metrics import Metrics

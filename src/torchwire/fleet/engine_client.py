@@ -30,22 +30,20 @@ import torch
 
 from torchwire.config import ModelConfig, ServerSettings
 from torchwire.errors import (
-    RETRY_AFTER_METADATA,
-    RETRY_PUSHBACK_METADATA,
     QueueFullError,
     TorchwireError,
     UnavailableError,
     error_for_status,
     report_bug,
 )
-from torchwire.fleet.arena import Arena
-from torchwire.fleet.engine_wire import Channel, Message, aligned, get_tensor, put_tensor
+from torchwire.fleet.arena import Arena, aligned
+from torchwire.fleet.engine_wire import Channel, Message, get_tensor, put_tensor
 from torchwire.fleet.plan import device_key
 from torchwire.metrics import Metrics, ModelMetrics
 from torchwire.repository.sources import ModelSource
 from torchwire.runtime import Batcher, Done, LoadedModel, ThreadLoad, Ticket
 from torchwire.runtime.arrays import Arrays
-from torchwire.runtime.batcher import deliver_here
+from torchwire.runtime.batcher import deliver_here, retry_after
 from torchwire.runtime.dtypes import numpy_dtype
 
 log = logging.getLogger("torchwire.engine")
@@ -64,10 +62,7 @@ RETRY_AFTER_MS = 1000
 def _restarting(device: str) -> UnavailableError:
     return UnavailableError(
         f"the engine of {device} is restarting; retry in about {RETRY_AFTER_MS} ms",
-        metadata={
-            RETRY_AFTER_METADATA: str(RETRY_AFTER_MS),
-            RETRY_PUSHBACK_METADATA: str(RETRY_AFTER_MS),
-        },
+        metadata=retry_after(RETRY_AFTER_MS),
     )
 
 
@@ -476,7 +471,7 @@ class RemoteBatcher(Batcher):
             raise QueueFullError(
                 f"model {self.label}: the engine's queue is full ({self.engine_queued} of "
                 f"{self.max_queue} items); retry in about {self._drain_ms()} ms",
-                metadata=_retry_after(self._drain_ms()),
+                metadata=retry_after(self._drain_ms()),
             )
         if deadline is None or not self.engine_queued:
             return
@@ -489,7 +484,7 @@ class RemoteBatcher(Batcher):
                 f"model {self.label}: about {wait_ms} ms of queued work ahead in the engine, "
                 f"more than the {max(0.0, (deadline - now) * 1000):.0f} ms left before the "
                 f"deadline; retry in about {wait_ms} ms",
-                metadata=_retry_after(wait_ms),
+                metadata=retry_after(wait_ms),
             )
 
     def _per_item_s(self) -> float:
@@ -505,10 +500,6 @@ class RemoteBatcher(Batcher):
         drained = await asyncio.to_thread(self._idle.wait, timeout_s)
         self._client.release(self)
         return drained
-
-
-def _retry_after(wait_ms: int) -> dict[str, str]:
-    return {RETRY_AFTER_METADATA: str(wait_ms), RETRY_PUSHBACK_METADATA: str(wait_ms)}
 
 
 class Engines:

@@ -121,8 +121,3 @@ def get_tensor(arena: Arena, tensor: Tensor) -> np.ndarray[Any, Any]:
         return array
     _, dtype, shape, offset = tensor
     return arena.view(np.dtype(dtype), shape, offset)
-
-
-def aligned(size: int) -> int:
-    """``size`` rounded up to the arena's alignment."""
-    return -(-size // 64) * 64

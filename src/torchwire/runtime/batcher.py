@@ -403,7 +403,7 @@ class Batcher:
             raise QueueFullError(
                 f"model {self.label}: about {wait_ms} ms of queued work ahead, more than the "
                 f"{left_ms:.0f} ms left before the deadline; retry in about {wait_ms} ms",
-                metadata=_retry_after(wait_ms),
+                metadata=retry_after(wait_ms),
             )
 
     def _queue_full(self, adds: str) -> QueueFullError:
@@ -417,7 +417,7 @@ class Batcher:
         return QueueFullError(
             f"model {self.label}: queue full ({self._waiting()} of {self.max_queue} items "
             f"waiting{steps_text}{adds}); retry in about {wait_ms} ms",
-            metadata=_retry_after(wait_ms),
+            metadata=retry_after(wait_ms),
         )
 
     def _may_run_inline(self, load: ThreadLoad | None) -> bool:
@@ -743,7 +743,8 @@ class Batcher:
                 stats.success_ns += elapsed
 
 
-def _retry_after(wait_ms: int) -> dict[str, str]:
+def retry_after(wait_ms: int) -> dict[str, str]:
+    """The trailing metadata telling a refused caller when to try again."""
     return {RETRY_AFTER_METADATA: str(wait_ms), RETRY_PUSHBACK_METADATA: str(wait_ms)}
 
 
