@@ -16,9 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import psutil
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
 from torchwire.bench import LoadConfig, RunResult, run_load, sweep
@@ -28,7 +30,6 @@ from torchwire.client import Client
 ROOT = Path(__file__).resolve().parents[1]
 TORCHWIRE = str(Path(sys.executable).parent / "torchwire")
 """The ``torchwire`` command of this Python's environment."""
-console = Console(stderr=True)
 console = Console(stderr=True)
 SHAPES = {"recsys": (256,), "resnet18": (3, 224, 224), "out_of_range": (3,)}  # last: gpu.py's
 
@@ -66,17 +67,31 @@ def torchwire(
 
 
 def wait_serving(target: str, model: str, process: subprocess.Popen[bytes]) -> None:
+    """Until ``model`` answers and gRPC health says SERVING: every model loaded. A server
+    answers its first models while the others still load, and those loads' CPU (warm-up,
+    timing) would count against the first run."""
     deadline = time.monotonic() + 180
     with Client(target, timeout=5, retries=0) as client:
         while True:
             try:
                 client.wait_ready(timeout=2)
                 client.predict(model, np.zeros((1, *SHAPES[model]), np.float32), timeout=60)
-                return
+                if health_serving(target):
+                    return
             except Exception:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"torchwire on {target} did not start") from None
-                time.sleep(0.5)
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"torchwire on {target} did not start")
+            time.sleep(0.2)
+
+
+def health_serving(target: str) -> bool:
+    """Whether the server's overall gRPC health (service "") is SERVING."""
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def tree_cpu_s(process: psutil.Process) -> float:

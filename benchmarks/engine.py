@@ -3,8 +3,11 @@
     .venv/bin/python benchmarks/engine.py [--seconds 8] [--device cpu|cuda] [--out DIR]
 
 1. resnet18, one image per request, closed loop (``--callers``): images/s and the mean batch of
-   one process, of ``--workers 2`` whole servers, and of ``--workers 2 --engine on``, against the
-   in-process best (the model called directly at batch 1/2/4/8/16/32/64, on every core).
+   one process, of ``--workers 2`` whole servers, and of ``--workers 2 --engine on`` (with the
+   engine's default of one inference thread per worker, and with one; one process also with
+   ``--malloc-keep-mb 0``, and the server's minor page faults per image), each round against the
+   in-process best of that round (the model called directly at batch 1/2/4/8, to 64 on a GPU:
+   by one caller on every core, and by one single-threaded caller per core).
    ``--device cuda`` (the GPU machine, via ``ENGINE=1 bash benchmarks/gpu.sh``) runs it on the GPU
    with N = 1, 2, 4, 8 engine workers, a copy of the demo's resnet18 configured for it.
 2. recsys: server CPU per answer (every process of the server) at 800 requests/s open loop, one
@@ -21,9 +24,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -35,29 +40,61 @@ from common import closed, console, free_port, load, run_with_server_cpu, torchw
 from torch import nn
 
 from torchwire.repository import ensure_demo_repository
+from torchwire.runtime.cost import DEFAULT_TORCH_THREADS
 
 MB = 1 << 20
 
 
 def in_process_best(path: Path, device: str, seconds: float) -> dict[str, Any]:
+    """The model called directly, at each batch size: on a GPU by one caller; on a CPU also by
+    one caller per core with one intra-op thread each (what ``[instances] count`` does, and on
+    2 cores the faster of the two), so that the ceiling is the best the cores can do."""
     module = torch.jit.load(str(path), map_location=device).eval()
+    shapes = [(1, 0)] + ([(os.cpu_count() or 1, 1)] if device == "cpu" else [])
+    batches = (1, 2, 4, 8, 16, 32, 64) if device == "cuda" else (1, 2, 4, 8)
     rows = {}
-    with torch.inference_mode():
-        for batch in (1, 2, 4, 8, 16, 32, 64):
-            x = torch.randn(batch, 3, 224, 224, device=device)
+    for callers, threads in shapes:
+        for batch in batches:
+            key = f"{batch}" if callers == 1 else f"{batch} x{callers}"
+            rows[key] = round(_call_rate(module, device, batch, callers, threads, seconds), 1)
+    best = max(rows, key=lambda b: rows[b])
+    return {"by_batch": rows, "best_batch": best, "best": rows[best]}
+
+
+def _call_rate(
+    module: Any, device: str, batch: int, callers: int, threads: int, seconds: float
+) -> float:
+    """Items per second of ``callers`` threads calling ``module`` on ``batch`` items (``threads``
+    intra-op threads each; 0: torch's default)."""
+    done = [0] * callers
+    start = threading.Barrier(callers + 1)
+
+    def call(index: int) -> None:
+        # This thread's own OpenMP team; set each time, as a thread takes the last value set
+        # by any thread when it starts (runtime/cost.py).
+        torch.set_num_threads(threads or DEFAULT_TORCH_THREADS)
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        with torch.inference_mode():
             for _ in range(3):
                 module(x)
             if device == "cuda":
                 torch.cuda.synchronize()
-            calls, started = 0, time.perf_counter()
-            while time.perf_counter() - started < seconds:
+            start.wait()
+            until = time.perf_counter() + seconds
+            while time.perf_counter() < until:
                 module(x)
-                calls += 1
+                done[index] += batch
             if device == "cuda":
                 torch.cuda.synchronize()
-            rows[batch] = round(calls * batch / (time.perf_counter() - started), 1)
-    best = max(rows, key=lambda b: rows[b])
-    return {"by_batch": rows, "best_batch": best, "best": rows[best]}
+
+    workers = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    started = time.perf_counter()
+    for worker in workers:
+        worker.join()
+    return sum(done) / (time.perf_counter() - started)
 
 
 def gpu_used_mb() -> float | None:
@@ -79,22 +116,36 @@ def scrape(port: int, name: str, model: str = "") -> float:
     return sum(float(v) for labels, v in pattern.findall(text) if f'model="{model}"' in labels)
 
 
-def resnet_repo(demo: Path, device: str, max_batch: int) -> Path:
+def resnet_repo(demo: Path, device: str, max_batch: int, count: int | None = None) -> Path:
+    """A copy of the demo's resnet18 on ``device`` with ``max_batch``, and ``count`` inference
+    threads where given."""
     root = Path(tempfile.mkdtemp(prefix="engine-bench-"))
     shutil.copytree(demo / "resnet18", root / "resnet18")
     config = (root / "resnet18" / "config.toml").read_text()
     config = re.sub(r"max_batch_size = \d+", f"max_batch_size = {max_batch}", config)
-    if device == "cuda":  # the demo's config has no [instances]
-        assert "[instances]" not in config
-        config += '\n[instances]\ndevice = "cuda"\n'
+    assert "[instances]" not in config  # the demo's config has none
+    config += f'\n[instances]\ndevice = "{device}"\n' + (f"count = {count}\n" if count else "")
     (root / "resnet18" / "config.toml").write_text(config)
     return root
 
 
-def images(target: str, port: int, callers: int, seconds: float) -> dict[str, Any]:
+def tree_faults(process: psutil.Process) -> int:
+    """Minor page faults so far of ``process`` and its children (``/proc/PID/stat`` field 10)."""
+    total = 0
+    for each in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{each.pid}/stat").read_text()
+            total += int(stat[stat.rindex(")") + 2 :].split()[7])
+    return total
+
+
+def images(
+    target: str, port: int, process: psutil.Process, callers: int, seconds: float
+) -> dict[str, Any]:
     before = (
         scrape(port, "torchwire_batch_size_sum", "resnet18"),
         scrape(port, "torchwire_batch_size_count", "resnet18"),
+        tree_faults(process),
     )
     summary = closed(
         load(target, "resnet18", concurrency=callers, duration_s=seconds, warmup_s=2.0,
@@ -103,8 +154,10 @@ def images(target: str, port: int, callers: int, seconds: float) -> dict[str, An
     )  # fmt: skip
     items = scrape(port, "torchwire_batch_size_sum", "resnet18") - before[0]
     calls = scrape(port, "torchwire_batch_size_count", "resnet18") - before[1]
+    faults = tree_faults(process) - before[2]
     return {
         "images_per_s": summary["qps"],
+        "faults_per_image": round(faults / items) if items else None,
         "p99_ms": summary.get("p99_ms"),
         "errors": summary.get("errors", 0),
         "mean_batch": round(items / calls, 2) if calls else None,
@@ -113,37 +166,50 @@ def images(target: str, port: int, callers: int, seconds: float) -> dict[str, An
 
 
 def part_images(args: argparse.Namespace, demo: Path) -> dict[str, Any]:
-    """Each server shape ``--rounds`` times, alternating, between two in-process ceilings (the
-    machine's noise shows in the spread; each ratio is to the higher ceiling)."""
+    """Each round: the in-process ceiling, then each server shape, in turn (the machine's noise
+    shows in the spread; each row's ratio is to its own round's ceiling and to the highest)."""
     device = args.device
     model_file = demo / "resnet18" / "1" / "model.pt"
-    console.print("resnet18 in process ...")
-    ceilings = [in_process_best(model_file, device, args.seconds / 4)]
-    repo = resnet_repo(demo, device, 64 if device == "cuda" else 4)  # 4: the demo's, best here
-    shapes = [("one process", 1, "off")]
+    max_batch = 64 if device == "cuda" else 4  # 4: the demo's, best here
+    # (name, workers, --engine, [instances] count (None: the config's, unset), more flags)
+    Shape = tuple[str, int, str, int | None, tuple[str, ...]]
+    shapes: list[Shape] = [("one process", 1, "off", None, ())]
     if device == "cuda":
-        shapes += [(f"engine, {n} workers", n, "on") for n in (1, 2, 4, 8)]
-        shapes.append(("whole servers, 4 workers", 4, "off"))
+        shapes += [(f"engine, {n} workers", n, "on", None, ()) for n in (1, 2, 4, 8)]
+        shapes.append(("whole servers, 4 workers", 4, "off", None, ()))
     else:
-        shapes += [("whole servers, 2 workers", 2, "off"), ("engine, 2 workers", 2, "on")]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in shapes}
+        cores = os.cpu_count() or 1
+        shapes += [
+            (f"one process, count {cores}", 1, "off", cores, ()),
+            (f"one process, count {cores}, --malloc-keep-mb 0", 1, "off", cores,
+             ("--malloc-keep-mb", "0")),
+            ("whole servers, 2 workers", 2, "off", None, ()),
+            ("engine, 2 workers (count unset: 2)", 2, "on", None, ()),
+            ("engine, 2 workers, count 1", 2, "on", 1, ()),
+        ]  # fmt: skip
+    repos = {count: resnet_repo(demo, device, max_batch, count) for _, _, _, count, _ in shapes}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in shapes}
+    ceilings = []
     for _ in range(args.rounds):
-        for name, workers, engine in shapes:
+        console.print("resnet18 in process ...")
+        ceiling = in_process_best(model_file, device, args.seconds / 4)
+        ceilings.append(ceiling)
+        for name, workers, engine, count, flags in shapes:
             console.print(f"resnet18, {name} ...")
             port = free_port()
-            extra = ["--engine", engine, "--metrics-port", str(port)]
-            with torchwire(repo, workers, "resnet18", extra) as (target, _):
-                row = images(target, port, args.callers, args.seconds)
+            extra = ["--engine", engine, "--metrics-port", str(port), *flags]
+            with torchwire(repos[count], workers, "resnet18", extra) as (target, process):
+                row = images(target, port, process, args.callers, args.seconds)
                 if device == "cuda":
                     row["gpu_used_mb"] = gpu_used_mb()
+            row["vs_round"] = round(row["images_per_s"] / ceiling["best"], 3)
             runs[name].append(row)
-    console.print("resnet18 in process, again ...")
-    ceilings.append(in_process_best(model_file, device, args.seconds / 4))
     best = max(c["best"] for c in ceilings)
     for rows in runs.values():
         for row in rows:
             row["vs_in_process"] = round(row["images_per_s"] / best, 3)
-    shutil.rmtree(repo, ignore_errors=True)
+    for repo in repos.values():
+        shutil.rmtree(repo, ignore_errors=True)
     return {"in_process": ceilings, "best": best, "servers": runs}
 
 
@@ -221,23 +287,27 @@ def report(results: dict[str, Any]) -> str:
     imgs = results.get("images")
     if imgs:
         lines += ["## resnet18, one image per request (images/s)", ""]
-        for when, ceiling in zip(("before", "after"), imgs["in_process"], strict=False):
+        for round_, ceiling in enumerate(imgs["in_process"], 1):
             lines.append(
-                f"- In process {when}: best {ceiling['best']} at batch {ceiling['best_batch']} "
-                f"({ceiling['by_batch']})."
+                f"- In process, round {round_}: best {ceiling['best']} at batch "
+                f'{ceiling["best_batch"]} ({ceiling["by_batch"]}; "x2": two callers, one '
+                "intra-op thread each)."
             )
         lines += [
             "",
-            f"Ratios are to the higher, {imgs['best']}; one row per round.",
+            "One row per round; ratios to that round's in-process best, and to the highest, "
+            f"{imgs['best']}.",
             "",
-            "| server | images/s | vs in process | mean batch | P99 ms | errors | GPU MB |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| server | images/s | vs round | vs highest | mean batch | P99 ms | errors | "
+            "faults/image | GPU MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]  # fmt: skip
         for name, row in ((n, r) for n, rows in imgs["servers"].items() for r in rows):
             lines.append(
-                f"| {name} | {row['images_per_s']} | {row['vs_in_process']}x | "
+                f"| {name} | {row['images_per_s']} | {row['vs_round']}x | "
+                f"{row['vs_in_process']}x | "
                 f"{row['mean_batch']} | {row['p99_ms']} | {row['errors']} | "
-                f"{row.get('gpu_used_mb', '')} |"
+                f"{row.get('faults_per_image')} | {row.get('gpu_used_mb', '')} |"
             )
         lines.append("")
     cpu = results.get("recsys_cpu")

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
-from common import ROOT, TORCHWIRE, free_port, run_with_server_cpu
+from common import ROOT, TORCHWIRE, free_port, health_serving, run_with_server_cpu
 from rich.console import Console
 
 from torchwire.bench import LoadConfig, run_load, sweep
@@ -77,11 +77,13 @@ def server(
                     client.wait_ready(timeout=2)
                     dims = (1, 256) if model == "recsys" else (1, 3, 224, 224)
                     client.predict(model, np.zeros(dims, np.float32), timeout=30)
-                    break
+                    if not kind.startswith("torchwire") or health_serving(target):
+                        break  # torchwire: every model loaded (wait_serving says why)
                 except Exception:
-                    if time.monotonic() > deadline or process.poll() is not None:
-                        raise RuntimeError(f"{kind} server did not start") from None
-                    time.sleep(0.5)
+                    pass
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"{kind} server did not start")
+                time.sleep(0.2)
         yield target, psutil.Process(process.pid)
     finally:
         process.terminate()

@@ -154,6 +154,48 @@ def test_a_batch_that_costs_far_more_on_the_loop_than_measured_turns_inline_runs
     assert "2 batches in a row took far longer on the event loop" in caplog.text
 
 
+class Threads(nn.Module):
+    """Doubles its input; remembers torch's intra-op threads at each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(torch.get_num_threads())
+        return x * 2
+
+
+def test_a_batch_run_inline_on_a_front_end_thread_runs_on_one_intra_op_thread(
+    idle_loop: None,
+) -> None:
+    model = Threads()
+    runs = _batcher(model, CHEAP)
+    outcomes: list[object] = []
+
+    def front_end() -> None:
+        """As the native front end's thread does: queue a request, then dispatch it here."""
+        torch.set_num_threads(2)  # a thread started while torch's default team was 2
+        done = threading.Event()
+
+        def answer(outcome: object) -> None:
+            outcomes.append(outcome)
+            done.set()
+
+        runs.enqueue(_rows(3.0), 1, None, answer)
+        runs.dispatch(batcher.ThreadLoad())
+        assert done.wait(10)
+
+    async def scenario() -> None:
+        runs.start(asyncio.get_running_loop())
+        await asyncio.to_thread(front_end)
+        await runs.close(10)
+
+    asyncio.run(scenario())
+    assert [float(np.asarray(o[0])[0, 0]) for o in outcomes] == [6.0]  # type: ignore[index]
+    assert model.seen == [1]  # as its cost was measured; 2 would wake (and spin) another thread
+
+
 def test_threads_pay_only_for_a_full_batch_that_is_long_and_gets_faster() -> None:
     # As measured on 2 cores: recsys 64 items 0.38 ms (1.4x on 2), resnet18 4 images 158 ms.
     assert choose_threads(64, {1: 0.38e-3, 2: 0.26e-3}, 2)[0] == 1  # too short to split

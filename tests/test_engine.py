@@ -37,8 +37,9 @@ from support import (
     write_words_model,
 )
 from support import seed_predict as predict
-from torchwire.config import ServerSettings
+from torchwire.config import ServerSettings, load_model_config
 from torchwire.fleet.arena import Arena
+from torchwire.fleet.engine import engine_config
 from torchwire.fleet.plan import engine_devices
 
 ANSWERED = r"\[worker (\d+)\] torchwire\.access: .*code=OK.*request_id={request_id}"
@@ -54,6 +55,8 @@ shape = [2]
 name = "y"
 dtype = "FP32"
 shape = [2]
+[instances]
+count = 1  # one inference thread, which the holder blocks: the others queue behind it
 [batching]
 max_batch_size = 64
 inline_max_ms = 0  # the holder blocks an inference thread, not the thread reading requests
@@ -103,6 +106,9 @@ def test_two_workers_share_one_engine_that_holds_each_model_once(
     tensor = triton.InferInput("x", [2, 4], "FP32")
     tensor.set_data_from_numpy(x)
     assert np.array_equal(grpc_client.infer("scale", [tensor]).as_numpy("output"), x * 2)
+    # A CPU model with no [instances] count runs one inference thread per worker in the engine.
+    config = grpc_client.get_model_config("scale").config
+    assert [group.count for group in config.instance_group] == [2]
     http_port = re.search(r"127\.0\.0\.1:(\d+) \(HTTP\)", server.output)
     assert http_port is not None
     http_client = triton_http.InferenceServerClient(f"127.0.0.1:{http_port.group(1)}")
@@ -389,6 +395,23 @@ def test_engines_are_planned_from_the_configs(tmp_path: Path) -> None:
     (tmp_path / "pinned" / "config.toml").unlink()
     assert plan(workers=1) == []
     assert engine_devices(ServerSettings(engine="on")) == ["cpu"]  # the demo's models
+
+
+def test_a_cpu_engine_gives_a_model_one_inference_thread_per_worker_unless_its_config_says(
+    tmp_path: Path,
+) -> None:
+    write_model(tmp_path / "unset", Scale(2.0), [2])
+    write_model(tmp_path / "one", Scale(2.0), [2], extra="[instances]\ncount = 1\n")
+    write_model(tmp_path / "gpu", Scale(2.0), [2], extra='[instances]\ndevice = "cuda"\n')
+    configs = {n: load_model_config(tmp_path / n / "config.toml") for n in ("unset", "one", "gpu")}
+
+    def count(name: str, device: str, workers: int) -> int:
+        return engine_config(configs[name], device, workers).instances.count
+
+    assert count("unset", "cpu", 4) == 4  # the parallelism four whole-server workers had
+    assert count("unset", "cpu", 1) == 1
+    assert count("one", "cpu", 4) == 1  # the config's own count wins
+    assert count("gpu", "cuda:0", 4) == 1  # a GPU runs one instance's batches at a time
 
 
 def test_the_arena_ring_reuses_freed_slots_in_order_and_says_when_full() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from torchwire.config import ENV_PREFIX, ServerSettings, load_settings, parse_shape
 from torchwire.errors import START_FAILED, ConfigError, TorchwireError
 from torchwire.logs import configure_logging
-from torchwire.native import cap_malloc_arenas
+from torchwire.native import tune_malloc
 
 log = logging.getLogger("torchwire")
 
@@ -351,7 +351,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         print(f"torchwire: {exc}", file=sys.stderr)
         return START_FAILED
     configure_logging(settings.log_level, settings.log_format)
-    cap_malloc_arenas(settings.malloc_arenas)  # before any thread of ours starts
+    tune_malloc(settings.malloc_arenas, settings.malloc_keep_mb)  # before any thread of ours starts
     from torchwire.fleet.plan import engine_devices
 
     # Child processes under a supervisor, which loads no torch: workers, or an engine apart.

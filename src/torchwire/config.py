@@ -162,6 +162,11 @@ class ServerSettings(_Strict):
     malloc_arenas: int = Field(2, ge=0)
     """glibc malloc arenas of the server's processes (0: glibc's default, 8 per core): fewer
     arenas fragment less, and the resident size creeps less under load."""
+    malloc_keep_mb: int = Field(256, ge=0)
+    """Freed memory each glibc heap keeps for reuse instead of returning it to the system, and
+    the size (up to 32 MB) below which blocks come from the heaps rather than fresh pages: a
+    model's activations are then not page-faulted in again at every call (0: glibc's moving
+    defaults)."""
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
     """How long a thread may hold the GIL while another waits for it (Python's default is 5).
     An inference thread gives the GIL up at every model call and copy and must wait this long
@@ -261,7 +266,8 @@ class BatchingConfig(_Strict):
 
 class InstancesConfig(_Strict):
     count: int = Field(1, ge=1)
-    """Inference threads for this model, each running whole batches."""
+    """Inference threads for this model, each running whole batches. Left unset, a CPU model
+    served from an engine gets one per worker feeding it (docs/engines.md)."""
     threads: int = Field(0, ge=0)
     """Intra-op (torch) threads of each instance; 0: --torch-threads shared among the instances
     if given, else chosen at load from what a full batch measures (1 on a GPU). A light model

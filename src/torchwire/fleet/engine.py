@@ -46,7 +46,7 @@ from torchwire.fleet.engine_wire import Channel, Message, get_tensor, put_tensor
 from torchwire.fleet.link import Link
 from torchwire.logs import configure_logging
 from torchwire.metrics import Metrics
-from torchwire.native import cap_malloc_arenas
+from torchwire.native import tune_malloc
 from torchwire.repository.repository import load_batcher
 from torchwire.repository.sources import ModelSource
 from torchwire.runtime import Batcher, ThreadLoad
@@ -72,12 +72,24 @@ class _Held:
     orphaned: asyncio.TimerHandle | None = None
 
 
+def engine_config(config: ModelConfig, device: str, workers: int) -> ModelConfig:
+    """The config a model runs under in this engine. On a CPU, one whose ``[instances] count``
+    is not set gets one inference thread per worker feeding the engine (the cores shared among
+    them, as ``cost.measure`` does): the parallelism those workers had as whole servers, which
+    one thread on every core does not reach (docs/engines.md, "CPU models")."""
+    if device != "cpu" or workers <= 1 or "count" in config.instances.model_fields_set:
+        return config
+    instances = config.instances.model_copy(update={"count": workers})
+    return config.model_copy(update={"instances": instances})
+
+
 class EngineHost:
     """The versions this engine holds, and who holds them (on the event loop)."""
 
-    def __init__(self, device: str, torch_threads: int, metrics: Metrics) -> None:
+    def __init__(self, device: str, torch_threads: int, metrics: Metrics, workers: int = 1) -> None:
         self.device = device
         self._torch_threads = torch_threads
+        self._workers = workers
         self.metrics = metrics
         self._handles = itertools.count(1)
         self._held: dict[HoldKey, _Held] = {}
@@ -112,6 +124,7 @@ class EngineHost:
 
     async def _load(self, key: HoldKey, config: ModelConfig) -> _Held:
         name, version, path, _ = key
+        config = engine_config(config, self.device, self._workers)
         source = ModelSource(name, config, {version: Path(path)})
         try:
             batcher = await asyncio.to_thread(
@@ -245,8 +258,9 @@ class Session:
                 bug = report_bug(log, f"loading {name} version {version}", exc)
                 self._send(("failed", rid, bug.code, str(bug)))
                 return
-            model = held.batcher.model
-            self._send(("loaded", rid, held.handle, model.outputs, held.batcher.cost, os.getpid()))
+            model = held.batcher.model  # as the engine runs it: its outputs, its instances
+            runs = model.config.model_copy(update={"outputs": model.outputs})
+            self._send(("loaded", rid, held.handle, runs, held.batcher.cost, os.getpid()))
 
         asyncio.run_coroutine_threadsafe(hold(), self.loop)
 
@@ -312,7 +326,8 @@ async def serve_engine(spec: EngineSpec) -> int:
     """Serve workers until SIGTERM, SIGINT, the supervisor's going away, or a failed device."""
     loop = asyncio.get_running_loop()
     settings = spec.settings
-    host = EngineHost(spec.device, settings.torch_threads, Metrics(False, engine=spec.device))
+    metrics = Metrics(False, engine=spec.device)
+    host = EngineHost(spec.device, settings.torch_threads, metrics, settings.worker_count())
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -370,7 +385,7 @@ def main() -> int:
     spec = EngineSpec.from_env()
     settings = spec.settings
     configure_logging(settings.log_level, settings.log_format, worker=f"engine {spec.device}")
-    cap_malloc_arenas(settings.malloc_arenas)
+    tune_malloc(settings.malloc_arenas, settings.malloc_keep_mb)
     from torchwire.server.process.lifecycle import run_in_loop
 
     return run_in_loop(settings, lambda: serve_engine(spec))

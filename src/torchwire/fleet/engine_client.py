@@ -356,8 +356,9 @@ class RemoteBatcher(Batcher):
         held: Message,
         metrics: ModelMetrics | None = None,
     ) -> None:
-        _, _, handle, outputs, cost, pid = held
-        config = source.config.model_copy(update={"outputs": outputs})
+        _, _, handle, engine_config, cost, pid = held
+        update = {"outputs": engine_config.outputs, "instances": engine_config.instances}
+        config = source.config.model_copy(update=update)  # the signature and threads it runs
         face = LoadedModel(None, config, source.files[version], torch.device(client.device))
         super().__init__(face, source.name, version, cost, metrics)  # refusals counted here
         self.inline_items = 0
@@ -376,7 +377,7 @@ class RemoteBatcher(Batcher):
         self._answer_sizes = [
             None if -1 in spec.shape or spec.dtype == "BYTES" else
             int(np.prod(spec.shape, dtype=np.int64)) * numpy_dtype(spec.dtype).itemsize
-            for spec in outputs
+            for spec in config.outputs
         ]  # fmt: skip
 
     def answer_bytes(self, items: int) -> int:

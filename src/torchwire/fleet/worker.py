@@ -20,7 +20,7 @@ from torchwire.fleet.contract import Apply, Change, Ready, WorkerSpec, from_mess
 from torchwire.fleet.engine_client import Engines
 from torchwire.fleet.link import Link, Message
 from torchwire.logs import configure_logging
-from torchwire.native import cap_malloc_arenas
+from torchwire.native import tune_malloc
 from torchwire.server import Server
 from torchwire.server.process.lifecycle import run_in_loop, serve_until_stopped
 from torchwire.server.process.role import WorkerRole
@@ -100,7 +100,7 @@ def main() -> int:
     spec = WorkerSpec.from_env()
     settings = spec.settings
     configure_logging(settings.log_level, settings.log_format, worker=spec.index)
-    cap_malloc_arenas(settings.malloc_arenas)
+    tune_malloc(settings.malloc_arenas, settings.malloc_keep_mb)
     return run_in_loop(settings, lambda: serve_as_worker(spec))
 
 

@@ -249,8 +249,7 @@ class Batcher:
             )
             thread.start()
             self._threads.append(thread)
-        if self.inline_items:  # the loop thread runs the model too: on one intra-op thread
-            torch.set_num_threads(1)
+        if self.inline_items:  # the loop thread may run the model too
             self._loop_load = ThreadLoad()
 
     def submit(
@@ -456,6 +455,7 @@ class Batcher:
         """Compute ``batch`` on this thread (``loop``: the event loop, if this is not its
         thread) and answer it; a batch that cost far more than estimated counts against inline
         runs (``_judge_inline``)."""
+        _one_intra_op_thread()
         started = time.thread_time()
         outcomes = self._process(batch)
         spent = time.thread_time() - started
@@ -741,6 +741,18 @@ class Batcher:
             else:
                 stats.success_count += 1
                 stats.success_ns += elapsed
+
+
+_inline = threading.local()
+
+
+def _one_intra_op_thread() -> None:
+    """Inline batches run on one intra-op thread, as their cost was measured: set once on each
+    thread that runs them (the loop's, the native front end's, an engine's session threads). A
+    thread left with torch's default team would wake (and spin) another thread at every call."""
+    if not getattr(_inline, "pinned", False):
+        torch.set_num_threads(1)
+        _inline.pinned = True
 
 
 def retry_after(wait_ms: int) -> dict[str, str]:
