@@ -154,6 +154,32 @@ def test_a_batch_that_costs_far_more_on_the_loop_than_measured_turns_inline_runs
     assert "2 batches in a row took far longer on the event loop" in caplog.text
 
 
+def test_inline_runs_turned_off_are_tried_again_and_kept_if_the_model_is_cheap_again(
+    idle_loop: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(batcher, "INLINE_RETRY_S", 0.0)  # the retry is due at once
+    model = WhereItRuns()
+    runs = _batcher(model, CHEAP)
+    measured = runs.inline_items
+
+    async def scenario() -> int:
+        runs.start(asyncio.get_running_loop())
+        for value in (-1.0, -1.0, 3.0, 4.0, -1.0, -1.0):
+            await runs.submit(_rows(value), 1)
+        await runs.close(10)
+        return threading.get_ident()
+
+    with caplog.at_level(logging.WARNING, "torchwire.runtime.batcher"):
+        loop_thread = asyncio.run(scenario())
+    # Two overruns turn inline runs off; the retry (due at once here) brings them back for the
+    # cheap calls; two more overruns turn them off again, with twice the pause.
+    assert [thread == loop_thread for thread, _ in model.calls] == [True] * 6
+    assert runs.inline_items == 0 and runs._inline_back_at is not None
+    assert caplog.text.count("inline runs are tried again in 0 s") == 2
+    runs._retry_inline()
+    assert runs.inline_items == measured > 0
+
+
 class Threads(nn.Module):
     """Doubles its input; remembers torch's intra-op threads at each call."""
 

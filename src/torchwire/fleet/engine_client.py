@@ -361,7 +361,7 @@ class RemoteBatcher(Batcher):
         config = source.config.model_copy(update=update)  # the signature and threads it runs
         face = LoadedModel(None, config, source.files[version], torch.device(client.device))
         super().__init__(face, source.name, version, cost, metrics)  # refusals counted here
-        self.inline_items = 0
+        self.inline_items = self._inline_measured = 0  # the engine decides where batches run
         self.source = source
         self.handle: int = handle
         self.host = f"engine of {client.device} (pid {pid})"

@@ -71,6 +71,11 @@ INLINE_GIVE_UP_AFTER = 2
 """Successful batches on the event loop, in a row, that each took more CPU time than both of
 these (seconds, and times the estimate) turn inline runs off for the model version: its cost
 was misjudged. Two, so that one garbage collection during a call does not."""
+INLINE_RETRY_S = 30.0
+INLINE_RETRY_MAX_S = 600.0
+"""Inline runs turned off are tried again after ``INLINE_RETRY_S``, then after twice as long
+each time they are turned off again, up to ``INLINE_RETRY_MAX_S``: a model slow only for a
+while (a cold start, a page-fault storm) gets them back."""
 
 
 class ThreadLoad:
@@ -209,6 +214,9 @@ class Batcher:
         with per-request steps, whose requests are queued from the step threads)."""
         if model.prepares or model.finishes:
             self.inline_items = 0
+        self._inline_measured = self.inline_items  # what a retry restores
+        self._inline_back_at: float | None = None  # time.monotonic() of the next retry
+        self._inline_pause_s = INLINE_RETRY_S
         self._flush_pending = False
         self._loop_load: ThreadLoad | None = None  # made on the loop's thread, by start()
         self._gathering = 0  # inference threads holding a partial batch, waiting for more
@@ -423,7 +431,9 @@ class Batcher:
         """Whether what is queued may yet run on the calling thread, whose ``load`` it is (call
         with ``_cond`` held): the model is cheap, no inference thread holds a batch, and the
         thread is not busy."""
-        if not self.inline_items or self._computing or self._gathering or self._closing:
+        if not self.inline_items and not self._retry_inline():
+            return False
+        if self._computing or self._gathering or self._closing:
             return False
         assert load is not None
         return load.update() <= LOOP_BUSY
@@ -442,7 +452,7 @@ class Batcher:
         None with an inference thread woken (call with ``_cond`` held)."""
         if not self._queue:
             return None
-        if self._queued_items > self.inline_items or not self._may_run_inline(load):
+        if not self._may_run_inline(load) or self._queued_items > self.inline_items:
             self._cond.notify()
             return None
         batch, _ = self._first_batch()
@@ -474,13 +484,25 @@ class Batcher:
         if self._overruns < INLINE_GIVE_UP_AFTER:
             return
         self.inline_items = 0
+        self._inline_back_at = time.monotonic() + self._inline_pause_s
         log.warning(
             "%s: %d batches in a row took far longer on the event loop than measured at load "
             "(the last %.1f ms of CPU, %.2f ms expected; does the model's cost depend on its "
-            "inputs' values?); its batches run in its inference threads from now on (set "
-            "[batching] inline_max_ms = 0 to start so)",
-            self.label, self._overruns, spent * 1e3, estimate * 1e3,
+            "inputs' values?); its batches run in its inference threads, inline runs are tried "
+            "again in %.0f s (set [batching] inline_max_ms = 0 never to run them)",
+            self.label, self._overruns, spent * 1e3, estimate * 1e3, self._inline_pause_s,
         )  # fmt: skip
+        self._inline_pause_s = min(INLINE_RETRY_MAX_S, 2 * self._inline_pause_s)
+
+    def _retry_inline(self) -> bool:
+        """Inline runs back, if they were turned off and their retry is due (call with
+        ``_cond`` held); True if they are back."""
+        if self._inline_back_at is None or time.monotonic() < self._inline_back_at:
+            return False
+        self._inline_back_at = None
+        self._overruns = 0
+        self.inline_items = self._inline_measured
+        return True
 
     def _per_item_s(self) -> float:
         """Compute time per item: the mean so far, else the measured full batch's, else 1 ms."""
