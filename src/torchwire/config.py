@@ -162,7 +162,7 @@ class ServerSettings(_Strict):
     malloc_arenas: int = Field(2, ge=0)
     """glibc malloc arenas of the server's processes (0: glibc's default, 8 per core): fewer
     arenas fragment less, and the resident size creeps less under load."""
-    malloc_keep_mb: int = Field(256, ge=0)
+    malloc_keep_mb: int = Field(256, ge=0, le=2047)
     """Freed memory each glibc heap keeps for reuse instead of returning it to the system, and
     the size (up to 32 MB) below which blocks come from the heaps rather than fresh pages: a
     model's activations are then not page-faulted in again at every call (0: glibc's moving

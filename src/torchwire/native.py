@@ -28,6 +28,7 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD_MAX = 32 << 20
 """The largest mmap threshold glibc accepts on 64-bit: bigger blocks are always mapped afresh."""
+INT_MAX = 2**31 - 1
 
 
 def tune_malloc(arenas: int, keep_mb: int) -> None:
@@ -54,14 +55,18 @@ def keep_freed_memory(mb: int) -> bool:
     if chosen or "malloc.trim_threshold" in tunables or "malloc.mmap_threshold" in tunables:
         log.debug("malloc thresholds set in the environment: left as they are")
         return False
-    size = mb << 20
+    size = min(mb << 20, INT_MAX)  # mallopt takes a C int
     return _mallopt((M_MMAP_THRESHOLD, min(size, MMAP_THRESHOLD_MAX)), (M_TRIM_THRESHOLD, size))
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return all([bool(libc.mallopt(param, value)) for param, value in settings])
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        took = all([bool(libc.mallopt(param, value)) for param, value in settings])
     except (OSError, AttributeError):  # not glibc (musl, macOS): its own allocator rules
         log.debug("mallopt is not available: malloc left as it is")
         return False
+    if not took:
+        log.debug("mallopt refused one of %s", settings)
+    return took

@@ -8,7 +8,8 @@ the tensor holds objects (BYTES) or the answer's size is not known in advance.
 Worker to engine:
     ``("hello", worker)``, carrying the arena's file descriptor: the connection's first message.
     ``("load", rid, name, version, path, config, key)``: hold this model version (once for all
-    workers that ask); answered ``("loaded", rid, handle, outputs, cost, pid)`` or
+    workers that ask); answered ``("loaded", rid, handle, config, cost, pid)`` (the config
+    as the engine runs it: outputs found at load, inference threads) or
     ``("failed", rid, code, message)``.
     ``("release", handle)``: this worker no longer serves it.
     ``("infer", rid, handle, items, deadline, inputs, out_offset, out_bytes)``: one request;

@@ -433,9 +433,8 @@ class Batcher:
         thread is not busy."""
         if not self.inline_items and not self._retry_inline():
             return False
-        if self._computing or self._gathering or self._closing:
+        if self._computing or self._gathering or self._closing or load is None:
             return False
-        assert load is not None
         return load.update() <= LOOP_BUSY
 
     def _flush(self) -> None:
@@ -475,24 +474,27 @@ class Batcher:
 
     def _judge_inline(self, spent: float, items: int) -> None:
         """After a batch that succeeded on the loop in ``spent`` s of CPU: a second overrun in a
-        row (``INLINE_GIVE_UP_*``) turns inline runs off; the model's cost was misjudged."""
+        row (``INLINE_GIVE_UP_*``) turns inline runs off; the model's cost was misjudged. Under
+        the lock: the loop and the native front end's thread may both judge at once."""
         estimate = self.cost.seconds(items)
-        if spent <= max(INLINE_GIVE_UP_S, INLINE_GIVE_UP_FACTOR * estimate):
-            self._overruns = 0
-            return
-        self._overruns += 1
-        if self._overruns < INLINE_GIVE_UP_AFTER:
-            return
-        self.inline_items = 0
-        self._inline_back_at = time.monotonic() + self._inline_pause_s
+        with self._cond:
+            if spent <= max(INLINE_GIVE_UP_S, INLINE_GIVE_UP_FACTOR * estimate):
+                self._overruns = 0
+                return
+            self._overruns += 1
+            if self._overruns < INLINE_GIVE_UP_AFTER or not self.inline_items:
+                return  # not yet, or already off (another thread's overrun)
+            self.inline_items = 0
+            pause_s = self._inline_pause_s
+            self._inline_back_at = time.monotonic() + pause_s
+            self._inline_pause_s = min(INLINE_RETRY_MAX_S, 2 * pause_s)
         log.warning(
             "%s: %d batches in a row took far longer on the event loop than measured at load "
             "(the last %.1f ms of CPU, %.2f ms expected; does the model's cost depend on its "
             "inputs' values?); its batches run in its inference threads, inline runs are tried "
             "again in %.0f s (set [batching] inline_max_ms = 0 never to run them)",
-            self.label, self._overruns, spent * 1e3, estimate * 1e3, self._inline_pause_s,
+            self.label, INLINE_GIVE_UP_AFTER, spent * 1e3, estimate * 1e3, pause_s,
         )  # fmt: skip
-        self._inline_pause_s = min(INLINE_RETRY_MAX_S, 2 * self._inline_pause_s)
 
     def _retry_inline(self) -> bool:
         """Inline runs back, if they were turned off and their retry is due (call with
