@@ -257,7 +257,8 @@ class Batcher:
             )
             thread.start()
             self._threads.append(thread)
-        if self.inline_items:  # the loop thread may run the model too
+        if self.inline_items:  # the loop thread runs the model too: on one intra-op thread
+            _one_intra_op_thread()
             self._loop_load = ThreadLoad()
 
     def submit(
