@@ -105,6 +105,13 @@ def tree_cpu_s(process: psutil.Process) -> float:
     return total
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of process ``pid`` so far (``/proc/PID/stat`` field 10): each one a
+    page the kernel mapped (and zeroed) for it, e.g. for a large buffer malloc took from mmap."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[7])
+
+
 def load(target: str, model: str, **kwargs: Any) -> LoadConfig:
     base: dict[str, Any] = {"duration_s": 5.0, "warmup_s": 1.0, "channels": 4, "raw": True}
     return LoadConfig(target=target, model=model, shape=SHAPES[model], **{**base, **kwargs})

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from common import free_port, run_with_server_cpu
+from common import free_port, minor_faults, run_with_server_cpu
 from run import load, server
 from torch import nn
 
@@ -40,13 +40,6 @@ LOADS = ("stream", "unary")
 def thread_cpu_s(process: psutil.Process) -> Counter[int]:
     """CPU seconds (user + system) of each thread of ``process``, by thread id."""
     return Counter({t.id: t.user_time + t.system_time for t in process.threads()})
-
-
-def minor_faults(pid: int) -> int:
-    """Minor page faults of process ``pid`` so far (``/proc/PID/stat`` field 10): each one a
-    page the kernel mapped (and zeroed) for it, e.g. for a large buffer malloc took from mmap."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2 :].split()[7])
 
 
 def thread_names(pid: int) -> dict[int, str]:

@@ -36,7 +36,15 @@ from typing import Any
 
 import psutil
 import torch
-from common import closed, console, free_port, load, run_with_server_cpu, torchwire
+from common import (
+    closed,
+    console,
+    free_port,
+    load,
+    minor_faults,
+    run_with_server_cpu,
+    torchwire,
+)
 from torch import nn
 
 from torchwire.repository import ensure_demo_repository
@@ -130,12 +138,11 @@ def resnet_repo(demo: Path, device: str, max_batch: int, count: int | None = Non
 
 
 def tree_faults(process: psutil.Process) -> int:
-    """Minor page faults so far of ``process`` and its children (``/proc/PID/stat`` field 10)."""
+    """Minor page faults so far of ``process`` and its children."""
     total = 0
     for each in [process, *process.children(recursive=True)]:
         with contextlib.suppress(OSError):
-            stat = Path(f"/proc/{each.pid}/stat").read_text()
-            total += int(stat[stat.rindex(")") + 2 :].split()[7])
+            total += minor_faults(each.pid)
     return total
 
 

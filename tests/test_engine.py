@@ -12,7 +12,7 @@ import os
 import re
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -147,6 +147,21 @@ def gated_model(tmp_path: Path, extra: str = "") -> Path:
     return gate
 
 
+def hold_the_engine(
+    pool: ThreadPoolExecutor, target: str, seed: SimpleNamespace, url: str, queued: int
+) -> tuple[Future[list[float]], list[Future[list[float]]]]:
+    """Send the holder (it blocks the gated model's one inference thread until the gate
+    opens), then ``queued`` requests ``[i, i]``; return their calls once all are in the engine."""
+    holder = pool.submit(predict, target, seed, [-1, 0], "holder", "gated")
+    wait_until(lambda: metric(url, "torchwire_engine_requests") == 1, "the holder computes")
+    calls = [pool.submit(predict, target, seed, [i, i], f"q{i}", "gated") for i in range(queued)]
+    wait_until(
+        lambda: metric(url, "torchwire_engine_requests") == queued + 1,
+        f"{queued} queued behind it",
+    )
+    return holder, calls
+
+
 def test_a_full_engine_queue_refuses_with_resource_exhausted_and_a_time_to_retry(
     cli_servers: list[CliServer], seed: SimpleNamespace, tmp_path: Path
 ) -> None:
@@ -155,10 +170,7 @@ def test_a_full_engine_queue_refuses_with_resource_exhausted_and_a_time_to_retry
     target = server.wait_ready()
     url = server.metrics_url()
     with ThreadPoolExecutor(6) as pool:
-        holder = pool.submit(predict, target, seed, [-1, 0], "holder", "gated")
-        wait_until(lambda: metric(url, "torchwire_engine_requests") == 1, "the holder computes")
-        queued = [pool.submit(predict, target, seed, [i, i], f"q{i}", "gated") for i in range(4)]
-        wait_until(lambda: metric(url, "torchwire_engine_requests") == 5, "4 queued behind it")
+        holder, queued = hold_the_engine(pool, target, seed, url, 4)
         with pytest.raises(grpc.RpcError) as refused:
             predict(target, seed, [9, 9], "refused", "gated")
         with open(gate, "w") as opening:
@@ -183,10 +195,7 @@ def test_requests_from_both_workers_are_batched_together_in_the_engine(
     url = server.metrics_url()
 
     with ThreadPoolExecutor(17) as pool:
-        holder = pool.submit(predict, target, seed, [-1, 0], "holder", "gated")
-        wait_until(lambda: metric(url, "torchwire_engine_requests") == 1, "the holder computes")
-        calls = [pool.submit(predict, target, seed, [i, i], f"q{i}", "gated") for i in range(16)]
-        wait_until(lambda: metric(url, "torchwire_engine_requests") == 17, "16 queued behind it")
+        holder, calls = hold_the_engine(pool, target, seed, url, 16)
         with open(gate, "w") as opening:
             opening.write("go")
         assert holder.result(timeout=30) == [-2.0, 0.0]

@@ -469,31 +469,17 @@ class RemoteBatcher(Batcher):
         if self.engine_queued >= self.max_queue:
             if self._metrics is not None:
                 self._metrics.queue_full.inc()
+            wait_ms = self._compute_ms(self.engine_queued)
             raise QueueFullError(
                 f"model {self.label}: the engine's queue is full ({self.engine_queued} of "
-                f"{self.max_queue} items); retry in about {self._drain_ms()} ms",
-                metadata=retry_after(self._drain_ms()),
-            )
-        if deadline is None or not self.engine_queued:
-            return
-        wait_s = self.engine_queued * self._per_item_s() / self.instances
-        if now + wait_s > deadline:
-            if self._metrics is not None:
-                self._metrics.too_late.inc()
-            wait_ms = max(1, round(wait_s * 1000))
-            raise QueueFullError(
-                f"model {self.label}: about {wait_ms} ms of queued work ahead in the engine, "
-                f"more than the {max(0.0, (deadline - now) * 1000):.0f} ms left before the "
-                f"deadline; retry in about {wait_ms} ms",
+                f"{self.max_queue} items); retry in about {wait_ms} ms",
                 metadata=retry_after(wait_ms),
             )
+        self._check_deadline(self.engine_queued, deadline, now, " in the engine")
 
     def _per_item_s(self) -> float:
         full = self.cost.seconds(self.max_batch_size)
         return full / self.max_batch_size if full else 1e-3
-
-    def _drain_ms(self) -> int:
-        return max(1, round(self.engine_queued * self._per_item_s() / self.instances * 1000))
 
     async def close(self, timeout_s: float = 30.0) -> bool:
         """Refuse new requests, wait for the ones in the engine, and let the engine go of it."""

@@ -399,7 +399,13 @@ class Batcher:
         if self._waiting() >= self.max_queue:
             with self._cond:
                 raise self._queue_full("")
-        ahead = self._queued_items + self._preparing
+        self._check_deadline(self._queued_items + self._preparing, deadline, now)
+
+    def _check_deadline(
+        self, ahead: int, deadline: float | None, now: float, where: str = ""
+    ) -> None:
+        """Refuse (counted) a request whose ``deadline`` the ``ahead`` items queued before it
+        would outlast; ``where`` names the queue in the message."""
         if deadline is None or not ahead:
             return
         wait_s = ahead * self._per_item_s() / self.instances
@@ -409,8 +415,8 @@ class Batcher:
             wait_ms = max(1, round(wait_s * 1000))
             left_ms = max(0.0, (deadline - now) * 1000)
             raise QueueFullError(
-                f"model {self.label}: about {wait_ms} ms of queued work ahead, more than the "
-                f"{left_ms:.0f} ms left before the deadline; retry in about {wait_ms} ms",
+                f"model {self.label}: about {wait_ms} ms of queued work ahead{where}, more than "
+                f"the {left_ms:.0f} ms left before the deadline; retry in about {wait_ms} ms",
                 metadata=retry_after(wait_ms),
             )
 
@@ -518,7 +524,11 @@ class Batcher:
     def _drain_estimate_ms(self) -> int:
         """How long the queued items take to compute (call with ``_cond`` held); 1 ms at
         least."""
-        return max(1, round(self._queued_items * self._per_item_s() / self.instances * 1000))
+        return self._compute_ms(self._queued_items)
+
+    def _compute_ms(self, items: int) -> int:
+        """How long ``items`` queued items take to compute on the instances; 1 ms at least."""
+        return max(1, round(items * self._per_item_s() / self.instances * 1000))
 
     async def close(self, timeout_s: float = 30.0) -> bool:
         """Refuse new requests, finish the queued ones, and stop the threads; return False if a
