@@ -83,6 +83,14 @@ def test_workers_auto_is_one_per_available_core() -> None:
         load_settings({"workers": "0"}, environ={})
 
 
+def test_the_native_front_end_gets_one_io_thread_below_eight_cores_unless_told() -> None:
+    from torchwire.config import ServerSettings
+    from torchwire.server.rpc.native import io_threads
+
+    assert [io_threads(ServerSettings(), cores) for cores in (1, 2, 7, 8, 16)] == [1, 1, 1, 2, 2]
+    assert io_threads(ServerSettings(grpc_io_threads=3), 2) == 3
+
+
 def test_a_message_size_beyond_what_grpc_takes_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="max_message_bytes"):
         load_settings({"max_message_bytes": "3000000000"}, environ={})

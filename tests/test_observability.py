@@ -309,7 +309,7 @@ def test_json_access_log_lines_carry_every_field(
 ) -> None:
     server = CliServer(
         "--repository", str(test_repo), "--default-model", "scale", "--port", "0",
-        "--log-format", "json", "--access-log", "true",
+        "--log-format", "json", "--access-log", "true", "--grpc-io-threads", "3",
     )  # fmt: skip
     try:
         target = server.wait_ready()
@@ -334,3 +334,4 @@ def test_json_access_log_lines_carry_every_field(
     assert long["request_id"] == "r" * 128  # a client's id is cut, not logged whole
     banner = next(e for e in entries if "torchwire serving on" in e["message"])
     assert "metrics: http://" in banner["message"]
+    assert "native, pygrpc-native" in banner["message"] and "3 I/O threads" in banner["message"]

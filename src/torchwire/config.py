@@ -144,8 +144,10 @@ class ServerSettings(_Strict):
     shared memory: on, off, or auto (models on a GPU under --workers get one, CPU models do
     not). A model's ``[instances] engine`` wins over this. ``on`` with one worker still runs
     the engine apart, so that inference never waits for the front end's GIL."""
-    grpc_io_threads: int = Field(2, ge=1, le=64)
-    """Threads of the native front end's HTTP/2 runtime (per process)."""
+    grpc_io_threads: int = Field(0, ge=0, le=64)
+    """Threads of the native front end's HTTP/2 runtime (per process); 0: 1 where the process's
+    share of the cores is under 8, else 2 (a second thread costs more wake-ups than it adds on
+    few cores: docs/frontends.md, "I/O threads")."""
     connection_idle_s: float = Field(300.0, ge=0)
     """A client connection with no call for this long is closed (clients reconnect when they
     call again); 0: never. Idle connections otherwise hold file descriptors forever."""

@@ -208,7 +208,12 @@ class Server:
         self._grpc = self._build_grpc(backend, f"unix:{fallback}")
         await self._grpc.start()
         self._native = native_front.NativeFront(
-            self.settings, backend.plane, self.observer, self.access, self.role.shares_port
+            self.settings,
+            backend.plane,
+            self.observer,
+            self.access,
+            self.role.shares_port,
+            self.role.cores,
         )
         address = f"{self.settings.host}:{self.settings.port}"
         try:
@@ -332,8 +337,10 @@ class Server:
         assert self.repository is not None
         tls = " over TLS" if self.settings.tls_cert else ""
         front = self.grpc_frontend
-        if front == "native":
-            front += f", {native_front.LIBRARY} {native_front.version()}"
+        if front == "native" and self._native is not None:
+            threads = self._native.io_threads
+            front += f", {native_front.LIBRARY} {native_front.version()}, {threads} I/O thread"
+            front += "s" if threads > 1 else ""
         where = f"{self.settings.host}:{self.port} (gRPC{tls}, {front} front end)"
         if self.http_port:
             where += f", {self.settings.host}:{self.http_port} (HTTP{tls})"

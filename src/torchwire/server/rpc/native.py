@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from torchwire.config import ServerSettings
+from torchwire.config import ServerSettings, available_cores
 from torchwire.errors import TorchwireError, UnavailableError, report_bug
 from torchwire.runtime import Batcher, ThreadLoad, Ticket
 from torchwire.runtime.arrays import Arrays
@@ -57,6 +57,9 @@ KEEPALIVE_MS = 60_000
 """Ping a connection quiet this long; one that does not answer within KEEPALIVE_TIMEOUT_MS is
 closed, so a peer that vanished frees its socket and its streams."""
 KEEPALIVE_TIMEOUT_MS = 20_000
+SECOND_IO_THREAD_CORES = 8
+"""A process with at least this many cores (its share under ``--workers``) gets two HTTP/2
+threads unless ``--grpc-io-threads`` says; below, one."""
 
 
 def unavailable_because(settings: ServerSettings) -> str | None:
@@ -80,6 +83,13 @@ def unavailable_because(settings: ServerSettings) -> str | None:
     return None
 
 
+def io_threads(settings: ServerSettings, cores: int) -> int:
+    """The HTTP/2 threads of a process with ``cores`` (0: the machine's available cores)."""
+    if settings.grpc_io_threads:
+        return settings.grpc_io_threads
+    return 2 if (cores or available_cores()) >= SECOND_IO_THREAD_CORES else 1
+
+
 def version() -> str:
     return package_metadata.version(LIBRARY)
 
@@ -95,6 +105,7 @@ class NativeFront:
 
     Args:
         reuse_port: share the port with other processes (``--workers``).
+        cores: this process's share of the cores (0: all), for its HTTP/2 threads.
     """
 
     def __init__(
@@ -104,16 +115,18 @@ class NativeFront:
         observer: Observer,
         access: Access,
         reuse_port: bool,
+        cores: int = 0,
     ) -> None:
         assert pygrpc_native is not None
         self._plane = plane
         self._observer = observer
         self._access = access
         self._max_bytes = settings.max_message_bytes
+        self.io_threads = io_threads(settings, cores)
         self._front = pygrpc_native.NativeGrpcFront(
             f"{settings.host}:{settings.port}",
             METHODS,
-            io_threads=settings.grpc_io_threads,
+            io_threads=self.io_threads,
             call_details=True,
             keepalive_time_ms=KEEPALIVE_MS,
             keepalive_timeout_ms=KEEPALIVE_TIMEOUT_MS,
