@@ -255,8 +255,8 @@ def test_a_small_model_is_timed_at_load_and_gets_one_thread_and_inline_batches(
 def test_a_batch_is_timed_as_served_one_read_only_request_per_item_so_its_joining_counts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 600 KB images: joining 4 requests cost 2.3-3.7 ms of CPU served inline, against 0.11-0.14
-    # ms estimated from one 4-row request; inline runs were then turned off as "misjudged".
+    # 600 KB images: joining the requests outweighs the model; timed as one request of many
+    # rows, inline runs were turned off as "misjudged" (docs/design-notes.md, "Inline batches").
     model = _loaded(tmp_path, [3, 224, 224])
     timed: list[list[tuple[int, bool]]] = []
     run_batch = LoadedModel.run_batch

@@ -458,6 +458,7 @@ class Batcher:
         None with an inference thread woken (call with ``_cond`` held)."""
         if not self._queue:
             return None
+        # _may_run_inline first: a retry that is due restores inline_items.
         if not self._may_run_inline(load) or self._queued_items > self.inline_items:
             self._cond.notify()
             return None

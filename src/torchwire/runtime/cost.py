@@ -148,7 +148,8 @@ def _time(model: LoadedModel, items: int, threads: int) -> float:
     thread's own thread count is put back after.
 
     Timed as served: each item its own read-only request, as a message's bytes are, so that the
-    batch's joining is in the time (for 600 KB images, 20-30x the model's own cost)."""
+    batch's joining is in the time; for large inputs it outweighs the model (docs/design-notes.md,
+    "Inline batches")."""
     request = model.sample(1)
     for array in request:
         array.flags.writeable = False
