@@ -337,11 +337,12 @@ class Server:
         assert self.repository is not None
         tls = " over TLS" if self.settings.tls_cert else ""
         front = self.grpc_frontend
+        with_threads = ""
         if front == "native" and self._native is not None:
+            front += f", {native_front.LIBRARY} {native_front.version()}"
             threads = self._native.io_threads
-            front += f", {native_front.LIBRARY} {native_front.version()}, {threads} I/O thread"
-            front += "s" if threads > 1 else ""
-        where = f"{self.settings.host}:{self.port} (gRPC{tls}, {front} front end)"
+            with_threads = f" with {threads} I/O thread" + ("s" if threads > 1 else "")
+        where = f"{self.settings.host}:{self.port} (gRPC{tls}, {front} front end{with_threads})"
         if self.http_port:
             where += f", {self.settings.host}:{self.http_port} (HTTP{tls})"
         lines = self.role.banner(where)
