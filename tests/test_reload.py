@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import io
+import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 import weakref
@@ -25,6 +28,7 @@ from torch import nn
 from support import Busy, Scale, ServerThread, health_status, write_model
 from torchwire import Client, TorchwireError
 from torchwire.runtime import LoadedModel
+from torchwire.server.plane import inference
 
 FAST_WATCH = {"watch_interval_s": 0.1, "watch_settle_s": 0.3}
 
@@ -320,3 +324,79 @@ def test_a_deleted_model_file_keeps_serving_and_sighup_rescans(
         assert server.stop() == 0
     finally:
         server.close()
+
+
+def _retired_after_found(server: ServerThread, model_dir: Path) -> None:
+    """Version 2 of ``model_dir`` (three times its input) is written and served: version 1 is
+    retired (closed) while a request that found it waits to be queued."""
+    first = server.server.repository.get(model_dir.name, "1")  # type: ignore[union-attr]
+    (model_dir / "2").mkdir()
+    replace_atomically(model_dir / "2" / "model.pt", scripted_bytes(Scale(3.0)))
+    wait_for(lambda: not first.available, "version 1 to be retired")
+
+
+@pytest.mark.parametrize("api", ["seed", "v2"])
+def test_a_request_that_found_a_version_retired_before_it_was_queued_goes_to_the_new_one(
+    tmp_path: Path, seed: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, api: str
+) -> None:
+    # The native front end finds a request's version on its own thread, then decodes and queues
+    # it: a reload on the event loop can retire the version in between. The decoder holds the
+    # first request there until the reload is done, so the race is certain, not rare.
+    model_dir = write_model(tmp_path / "m", Scale(2.0), [4])
+    decoding, reloaded = threading.Event(), threading.Event()
+    name = "decode_request" if api == "seed" else "decode_infer"
+    decoder = getattr(inference, name)
+
+    def held(*args: Any) -> Any:
+        if not decoding.is_set():
+            decoding.set()
+            assert reloaded.wait(30)
+        return decoder(*args)
+
+    monkeypatch.setattr(inference, name, held)
+    with ServerThread(repository=tmp_path, grpc_frontend="native", **FAST_WATCH) as server:
+        with Client(server.target, protocol=api, timeout=30, retries=0) as client:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                asked = pool.submit(client.predict, "m", np.ones((1, 4), np.float32))
+                assert decoding.wait(30)
+                _retired_after_found(server, model_dir)
+                reloaded.set()
+                np.testing.assert_array_equal(asked.result(), np.full((1, 4), 3.0))  # version 2
+            np.testing.assert_array_equal(client.predict("m", np.ones((1, 4), np.float32)), 3.0)
+        inflight = server.server.metrics.registry.get_sample_value(
+            "torchwire_inflight_requests", {"model": "m"}
+        )
+        assert inflight == 0  # counted once, where it was answered
+
+
+def test_an_http_request_whose_version_is_retired_while_its_body_arrives_goes_to_the_new_one(
+    tmp_path: Path,
+) -> None:
+    # REST finds the version (and admits the call) before it reads the body: a slow upload
+    # spans a reload. The body's second half is sent once version 1 is retired.
+    model_dir = write_model(tmp_path / "m", Scale(2.0), [4])
+    body = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 1, 1, 1]}]}
+    ).encode()
+    with ServerThread(repository=tmp_path, http_port="auto", **FAST_WATCH) as server:
+        registry = server.server.metrics.registry
+
+        def inflight() -> float:
+            labels = {"model": "m"}
+            return registry.get_sample_value("torchwire_inflight_requests", labels) or 0.0
+
+        with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /v2/models/m/infer HTTP/1.1\r\nHost: torchwire\r\n"
+                b"Content-Type: application/json\r\nConnection: close\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[:10]
+            )
+            wait_for(lambda: inflight() == 1, "the request to find version 1")
+            _retired_after_found(server, model_dir)
+            sock.sendall(body[10:])
+            answer = sock.makefile("rb").read().decode()  # to the end: the server closes
+        status, _, payload = answer.partition("\r\n\r\n")
+        assert status.startswith("HTTP/1.1 200"), answer
+        assert json.loads(payload)["outputs"][0]["data"] == [3.0] * 4  # version 2
+        assert inflight() == 0

@@ -79,6 +79,12 @@ class UnavailableError(TorchwireError):
     code = "UNAVAILABLE"
 
 
+class VersionClosedError(UnavailableError):
+    """The model version a request was found for closed before the request was queued: a reload
+    retired it meanwhile (or the server is stopping). The data plane finds the request's version
+    once more before it answers this."""
+
+
 class UnauthenticatedError(TorchwireError):
     """The call carries no valid ``authorization: Bearer <token>``."""
 

@@ -33,6 +33,7 @@ from torchwire.errors import (
     QueueFullError,
     TorchwireError,
     UnavailableError,
+    VersionClosedError,
     error_for_status,
     report_bug,
 )
@@ -402,7 +403,7 @@ class RemoteBatcher(Batcher):
 
     def _check_open(self) -> None:
         if self._closing or self._loop is None:
-            raise UnavailableError(f"model {self.label} is shutting down")
+            raise VersionClosedError(f"model {self.label} is shutting down")
         if not self.ready or not self._client.connected:
             raise _restarting(self._client.device)
 

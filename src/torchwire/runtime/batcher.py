@@ -49,6 +49,7 @@ from torchwire.errors import (
     QueueFullError,
     TorchwireError,
     UnavailableError,
+    VersionClosedError,
     exception_chain,
     report_bug,
 )
@@ -355,7 +356,7 @@ class Batcher:
 
     def _check_open(self) -> None:
         if self._closing or self._loop is None:
-            raise UnavailableError(f"model {self.label} is shutting down")
+            raise VersionClosedError(f"model {self.label} is shutting down")
         if self.model.device_failed:
             raise self._unavailable()
 
@@ -367,7 +368,7 @@ class Batcher:
     def _check_room(self, items: int) -> None:
         """Refuse a request of ``items`` items that the queue cannot take (``_cond`` held)."""
         if self._closing:  # checked again under the lock: close() may have begun since
-            raise UnavailableError(f"model {self.label} is shutting down")
+            raise VersionClosedError(f"model {self.label} is shutting down")
         if items > self.max_queue:
             raise InvalidInputError(
                 f"model {self.label}: the request has {items} items, more than its queue "

@@ -88,7 +88,9 @@ class Call:
             self._request_id = clean or uuid.uuid4().hex[:16]
 
     def target(self, batcher: Batcher) -> None:
-        """The request was resolved to this model version."""
+        """The request was resolved to this model version (again: it moves there)."""
+        if self._children is not None:
+            self._children.inflight.dec()
         children = self._children = self._observer.children(batcher, self.api)
         self.model, self.version = children.model, children.version
         children.inflight.inc()

@@ -26,9 +26,13 @@ from torchwire.errors import (
     ConfigError,
     InvalidInputError,
     TorchwireError,
+    VersionClosedError,
     report_bug,
 )
-from torchwire.server.http.codec import HEADER_LENGTH, decode, encode, parse_body
+from torchwire.runtime import Batcher
+from torchwire.runtime.arrays import Arrays
+from torchwire.server.common.observe import Call
+from torchwire.server.http.codec import HEADER_LENGTH, HttpInfer, decode, encode, parse_body
 from torchwire.server.plane import kserve
 
 log = logging.getLogger(__name__)
@@ -218,17 +222,17 @@ class HttpApi:
     # -- inference ---------------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
-        info = request.match_info
+        name, version = request.match_info["model"], request.match_info.get("version", "")
         with self._backend.observer.http_call("v2_http", request.remote, request.headers) as call:
-            batcher = self._plane.target(info["model"], info.get("version", ""), call, None)
+            batcher = self._plane.target(name, version, call, None)
             body = await request.read()
             header, binary = parse_body(body, request.headers.get(HEADER_LENGTH))
-            decoded = decode(header, binary, batcher.model, self._backend.regions)
-            call.items = decoded.items
-            deadline = None
-            if decoded.timeout_us is not None:
-                deadline = time.monotonic() + decoded.timeout_us / 1e6
-            outputs = await batcher.submit(decoded.arrays, decoded.items, deadline)
+            try:
+                decoded, answered = self._submit(batcher, header, binary, call)
+            except VersionClosedError:  # a reload retired the version while the body was read
+                batcher = self._plane.target(name, version, call, None)
+                decoded, answered = self._submit(batcher, header, binary, call)
+            outputs = await answered
             answer, header_length = encode(
                 decoded, batcher.model, batcher.name, batcher.version, outputs,
                 self._backend.regions,
@@ -240,6 +244,17 @@ class HttpApi:
             content_type="application/octet-stream",
             headers={HEADER_LENGTH: str(header_length)},
         )
+
+    def _submit(
+        self, batcher: Batcher, header: dict[str, Any], binary: memoryview, call: Call
+    ) -> tuple[HttpInfer, asyncio.Future[Arrays]]:
+        """Decode the request for ``batcher``'s model and queue it there."""
+        decoded = decode(header, binary, batcher.model, self._backend.regions)
+        call.items = decoded.items
+        deadline = None
+        if decoded.timeout_us is not None:
+            deadline = time.monotonic() + decoded.timeout_us / 1e6
+        return decoded, batcher.submit(decoded.arrays, decoded.items, deadline)
 
 
 class HttpFrontend:

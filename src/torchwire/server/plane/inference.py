@@ -10,12 +10,15 @@ and encodes the answer. Accounting is the ``Call``'s (``observe``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tritonclient.grpc import service_pb2 as pb
 
-from torchwire.errors import DeadlineExceededError, ModelNotFoundError
+from torchwire.errors import DeadlineExceededError, ModelNotFoundError, VersionClosedError
 from torchwire.repository import ModelRepository
 from torchwire.runtime import Batcher, Done, Ticket
 from torchwire.runtime.arrays import Arrays
@@ -49,15 +52,35 @@ class _Admitted:
     batcher: Batcher
     arrays: Arrays
     deadline: float | None
+    again: Callable[[], _Admitted] | None = None
+    """Find, admit and decode the same request again."""
 
     def submit(self) -> asyncio.Future[Arrays]:
         """Queue it from the event loop; the future resolves to its own rows."""
-        return self.batcher.submit(self.arrays, self.call.items, self.deadline)
+        try:
+            return self.batcher.submit(self.arrays, self.call.items, self.deadline)
+        except VersionClosedError:
+            self._found_again()
+            return self.batcher.submit(self.arrays, self.call.items, self.deadline)
 
     def enqueue(self, done: Done) -> Ticket:
         """Queue it from any thread; ``done`` gets its rows or its error (``Batcher.enqueue``:
         then ``dispatch``)."""
-        return self.batcher.enqueue(self.arrays, self.call.items, self.deadline, done)
+        try:
+            return self.batcher.enqueue(self.arrays, self.call.items, self.deadline, done)
+        except VersionClosedError:
+            self._found_again()
+            return self.batcher.enqueue(self.arrays, self.call.items, self.deadline, done)
+
+    def _found_again(self) -> None:
+        """Become the same request found anew: a reload retired its version after it was found
+        (on another thread than the reload's), and the version served now takes it. Raises
+        what finding it raises (``VersionClosedError`` if the server is stopping)."""
+        if self.again is None:
+            raise VersionClosedError(f"model {self.batcher.label} is shutting down")
+        fresh = self.again()
+        for name in (f.name for f in dataclasses.fields(self)):
+            setattr(self, name, getattr(fresh, name))
 
 
 @dataclass(slots=True)
@@ -108,7 +131,8 @@ class DataPlane:
         metadata = request.metadata
         batcher = self._admit(metadata.get("model"), metadata.get("version"), call, deadline)
         arrays, call.items = decode_request(request, batcher.model)
-        return SeedInference(call, batcher, arrays, deadline, bool(request.raw))
+        again = functools.partial(self.seed, data, call, deadline)
+        return SeedInference(call, batcher, arrays, deadline, again, bool(request.raw))
 
     def v2(self, request: InferRequest, call: Call, deadline: float | None) -> V2Inference:
         """A parsed ``ModelInferRequest``; V2 names its model."""
@@ -119,8 +143,9 @@ class DataPlane:
         check_shm_outputs(self.regions, targets.values())  # before the model runs
         arrays, call.items = decode_infer(request, batcher.model, self.regions)
         selected = requested_outputs([o.name for o in message.outputs], batcher.model)
+        again = functools.partial(self.v2, request, call, deadline)
         return V2Inference(
-            call, batcher, arrays, deadline, message, selected, self.regions, targets
+            call, batcher, arrays, deadline, again, message, selected, self.regions, targets
         )
 
     def target(self, name: str, version: str, call: Call, deadline: float | None) -> Batcher:
