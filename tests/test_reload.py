@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -27,6 +28,7 @@ from torch import nn
 
 from support import Busy, Scale, ServerThread, health_status, write_model
 from torchwire import Client, TorchwireError
+from torchwire.repository.repository import ServedModel
 from torchwire.runtime import LoadedModel
 from torchwire.server.plane import inference
 
@@ -400,3 +402,36 @@ def test_an_http_request_whose_version_is_retired_while_its_body_arrives_goes_to
         assert status.startswith("HTTP/1.1 200"), answer
         assert json.loads(payload)["outputs"][0]["data"] == [3.0] * 4  # version 2
         assert inflight() == 0
+
+
+def test_the_default_version_is_found_whole_while_another_thread_swaps_versions() -> None:
+    # The native front end finds versions on its own thread while the event loop swaps them in
+    # (add the new, pop the old, as ModelRepository._sync does). Finding the highest version
+    # and then looking it up could land between the two and find it gone.
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows at once
+    served = ServedModel("m", {1: "version 1"})
+    stop, failures, found = threading.Event(), [], 0
+
+    def find() -> None:
+        nonlocal found
+        while not stop.is_set():
+            try:
+                assert served.default().startswith("version")
+                found += 1
+            except Exception as exc:
+                failures.append(exc)
+
+    finder = threading.Thread(target=find)
+    finder.start()
+    try:
+        version = 1
+        while version < 200_000 and not failures:
+            served.versions[version + 1] = f"version {version + 1}"
+            served.versions.pop(version)
+            version += 1
+    finally:
+        stop.set()
+        finder.join()
+        sys.setswitchinterval(switch)
+    assert found and not failures, failures[:3]

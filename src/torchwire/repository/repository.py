@@ -92,6 +92,12 @@ class ServedModel:
     def default_version(self) -> int:
         return max(self.versions)
 
+    def default(self) -> Batcher:
+        """The default version's batcher, found in one step (a single C call, which no other
+        thread interleaves): the event loop adds and pops versions while the native front end's
+        thread finds them, and between two lookups the version found first may be gone."""
+        return max(self.versions.items())[1]
+
 
 def _signature(batcher: Batcher) -> list[tuple[str, str, tuple[int, ...]]]:
     return [(o.name, o.dtype, o.shape) for o in batcher.model.outputs]
@@ -262,7 +268,7 @@ class ModelRepository:
         """A new file of a model whose config is unchanged must answer with the same outputs."""
         if not served.versions or source.config.outputs:
             return  # declared outputs were checked by the warm-up already
-        current = served.versions[served.default_version]
+        current = served.default()
         if served.keys.get(served.default_version, (None, None))[1] != source.config_stamp:
             return  # the config changed: a new signature is legitimate
         if _signature(batcher) != _signature(current):
@@ -304,7 +310,7 @@ class ModelRepository:
                 f"model {_shown(name)} not found; served: {sorted(self.models)}"
             )
         if not version:
-            return served.versions[served.default_version]
+            return served.default()
         is_number = version.isascii() and version.isdigit()  # isdigit alone takes superscripts
         batcher = served.versions.get(int(version)) if is_number else None
         if batcher is None:

@@ -349,7 +349,7 @@ class Server:
         if lines is None:
             return
         for name, served in sorted(self.repository.models.items()):
-            batcher = served.versions[served.default_version]
+            batcher = served.default()
             model = batcher.model
             default = "  (default)" if name == self.repository.default_model else ""
             inline = f"  inline<={batcher.inline_items}" if batcher.inline_items else ""
