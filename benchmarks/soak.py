@@ -5,7 +5,8 @@ at the end: what a long-running server must not grow.
 
     .venv/bin/python benchmarks/soak.py [--requests 1000000]   # writes results/soak.{json,md}
 
-One ``torchwire serve`` process (the demo's recsys, ``--watch poll``), the load generator in this
+One ``torchwire serve`` (the demo's recsys, ``--watch poll``; ``--serve`` adds flags, e.g.
+``--serve "--workers 2 --engine on"``: its processes are summed), the load generator in this
 process tree on the same machine.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +47,12 @@ def snapshot(process: psutil.Process, metrics_url: str) -> dict[str, Any]:
         for line in page.splitlines()
         if line.startswith("torchwire_inflight_requests{")
     )
+    tree = [process, *process.children(recursive=True)]  # workers and engines, if any
     return {
-        "rss_mb": round(process.memory_info().rss / 2**20, 1),
-        "threads": process.num_threads(),
-        "fds": process.num_fds(),
+        "processes": len(tree),
+        "rss_mb": round(sum(p.memory_info().rss for p in tree) / 2**20, 1),
+        "threads": sum(p.num_threads() for p in tree),
+        "fds": sum(p.num_fds() for p in tree),
         "inflight": inflight,
     }
 
@@ -89,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=1_000_000)
     parser.add_argument("--reload-every-s", type=float, default=15.0)
+    parser.add_argument("--serve", default="", help="more `torchwire serve` flags")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     demo = ensure_demo_repository(Path(tempfile.gettempdir()) / "torchwire-bench-cache")
@@ -99,6 +105,7 @@ def main() -> None:
         sys.executable, "-m", "torchwire", "serve", "--repository", str(work), "--host",
         "127.0.0.1", "--port", str(port), "--http-port", str(http_port), "--metrics-port",
         str(metrics_port), "--watch", "poll", "--watch-interval-s", "1", "--log-level", "warning",
+        *shlex.split(args.serve),
     ]  # fmt: skip
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
     target = f"127.0.0.1:{port}"
@@ -130,6 +137,7 @@ def main() -> None:
         for helper in helpers:
             helper.start()
         answered, failed, by_mix, began = 0, 0, {}, time.monotonic()
+        errors: Counter[str] = Counter()
         turn, settled = 0, None
         while answered < args.requests:
             if settled is None and answered >= args.requests // 10:
@@ -140,6 +148,7 @@ def main() -> None:
             by_mix[key] = by_mix.get(key, 0) + result.ok
             answered += result.ok
             failed += result.error_count
+            errors.update({f"{key}: {code}": n for code, n in result.errors.items()})
             turn += 1
             print(f"{answered:,} answered, {failed} failed ({key})", file=sys.stderr)
         stop.set()
@@ -154,8 +163,10 @@ def main() -> None:
     elapsed = time.monotonic() - began
     results = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "serve_flags": args.serve,
         "requests_answered": answered,
         "requests_failed": failed,
+        "errors": dict(errors),
         "by_mix": by_mix,
         "seconds": round(elapsed),
         "reloads": len(versions),
@@ -168,22 +179,31 @@ def main() -> None:
         "rss_growth_after_10_percent_pct": round((end["rss_mb"] / settled["rss_mb"] - 1) * 100, 2),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak.json").write_text(json.dumps(results, indent=2))
+    name = "-".join(["soak", *(flag.lstrip("-") for flag in shlex.split(args.serve))])
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    flags = f" {args.serve}" if args.serve else ""
     md = (
-        f"# Soak (benchmarks/soak.py), {results['when']}\n\n"
+        f"# Soak (benchmarks/soak.py{flags}), {results['when']}\n\n"
         f"{answered:,} requests answered ({failed} failed) in {results['seconds']} s over "
         f"{json.dumps(by_mix)}; {len(versions)} hot reloads, {counts['streams']} streams "
         f"cancelled half-way, {counts['deadlines']} unary calls past a 0.2 ms deadline.\n\n"
+        + (f"Failed, by mix and code: {json.dumps(dict(errors))}.\n\n" if errors else "")
+        + f"Summed over the server's {end['processes']} process(es).\n\n"
         "| | RSS MB | threads | open files | in-flight gauge |\n|---|---:|---:|---:|---:|\n"
-        f"| after warm-up | {start['rss_mb']} | {start['threads']} | {start['fds']} | "
-        f"{start['inflight']:.0f} |\n"
-        f"| after 10 % of the requests | {settled['rss_mb']} | {settled['threads']} | "
-        f"{settled['fds']} | {settled['inflight']:.0f} |\n"
-        f"| end | {end['rss_mb']} | {end['threads']} | {end['fds']} | {end['inflight']:.0f} |\n\n"
+        + "".join(
+            f"| {label} | {row['rss_mb']} | {row['threads']} | {row['fds']} | "
+            f"{row['inflight']:.0f} |\n"
+            for label, row in (
+                ("after warm-up", start),
+                ("after 10 % of the requests", settled),
+                ("end", end),
+            )
+        )
+        + "\n"
         f"RSS growth: {results['rss_growth_pct']} % from the warm-up, "
         f"{results['rss_growth_after_10_percent_pct']} % over the last 90 % of the requests.\n"
     )
-    (args.out / "soak.md").write_text(md)
+    (args.out / f"{name}.md").write_text(md)
     print(md)
 
 
