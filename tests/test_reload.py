@@ -30,6 +30,7 @@ from support import Busy, Scale, ServerThread, health_status, write_model
 from torchwire import Client, TorchwireError
 from torchwire.repository.repository import ServedModel
 from torchwire.runtime import LoadedModel
+from torchwire.server.common.observe import Call
 from torchwire.server.plane import inference
 
 FAST_WATCH = {"watch_interval_s": 0.1, "watch_settle_s": 0.3}
@@ -337,30 +338,36 @@ def _retired_after_found(server: ServerThread, model_dir: Path) -> None:
     wait_for(lambda: not first.available, "version 1 to be retired")
 
 
+@pytest.mark.parametrize("held_at", ["admission", "decoding"])
 @pytest.mark.parametrize("api", ["seed", "v2"])
 def test_a_request_that_found_a_version_retired_before_it_was_queued_goes_to_the_new_one(
-    tmp_path: Path, seed: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, api: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api: str, held_at: str
 ) -> None:
-    # The native front end finds a request's version on its own thread, then decodes and queues
-    # it: a reload on the event loop can retire the version in between. The decoder holds the
-    # first request there until the reload is done, so the race is certain, not rare.
+    # The native front end finds a request's version on its own thread, then admits, decodes
+    # and queues it: a reload on the event loop can retire the version in between. The first
+    # request is held there (once its version is known, or in the decoder) until the reload is
+    # done, so the race is certain, not rare.
     model_dir = write_model(tmp_path / "m", Scale(2.0), [4])
-    decoding, reloaded = threading.Event(), threading.Event()
-    name = "decode_request" if api == "seed" else "decode_infer"
-    decoder = getattr(inference, name)
+    holding, reloaded = threading.Event(), threading.Event()
+    owner, name = (
+        (Call, "target")
+        if held_at == "admission"
+        else (inference, "decode_request" if api == "seed" else "decode_infer")
+    )
+    step = getattr(owner, name)
 
     def held(*args: Any) -> Any:
-        if not decoding.is_set():
-            decoding.set()
+        if not holding.is_set() and threading.current_thread().name == "torchwire-native":
+            holding.set()
             assert reloaded.wait(30)
-        return decoder(*args)
+        return step(*args)
 
-    monkeypatch.setattr(inference, name, held)
+    monkeypatch.setattr(owner, name, held)
     with ServerThread(repository=tmp_path, grpc_frontend="native", **FAST_WATCH) as server:
         with Client(server.target, protocol=api, timeout=30, retries=0) as client:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 asked = pool.submit(client.predict, "m", np.ones((1, 4), np.float32))
-                assert decoding.wait(30)
+                assert holding.wait(30)
                 _retired_after_found(server, model_dir)
                 reloaded.set()
                 np.testing.assert_array_equal(asked.result(), np.full((1, 4), 3.0))  # version 2

@@ -162,5 +162,10 @@ class DataPlane:
         now = time.monotonic()
         if deadline is not None and now >= deadline:  # the caller has given up: read nothing
             raise DeadlineExceededError("the deadline passed before the request was read")
-        batcher.admit(deadline, now)
+        try:
+            batcher.admit(deadline, now)
+        except VersionClosedError:  # a reload retired it since it was found: the one served now
+            batcher = self.repository.get(name, version)
+            call.target(batcher)
+            batcher.admit(deadline, now)
         return batcher
