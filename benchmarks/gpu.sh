@@ -20,8 +20,9 @@
 # model on the GPU: the GPU memory in use is in the table) and from 4 whole-server workers.
 # TORCHWIRE_GRPC_IO_THREADS=1 (or 2) in front of any of these sets the native front end's HTTP/2
 # threads of every server it starts (default: 2 for one process on 16 cores, 1 per worker under
-# --workers 3 or more; 1 paid on 2 cores, never measured here: docs/frontends.md, "I/O threads"). SCALEOUT_ARGS (e.g. "--sweep-workers 0") go to scaleout.py. Results go to $OUT (the device
-# tool brings them back), else benchmarks/results/.
+# --workers 3 or more; 1 paid on 2 cores, never measured here: docs/frontends.md, "I/O threads").
+# SCALEOUT_ARGS (e.g. "--sweep-workers 0") go to scaleout.py. Results go to $OUT (the device tool
+# brings them back), else benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \

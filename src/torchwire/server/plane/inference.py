@@ -52,16 +52,13 @@ class _Admitted:
     batcher: Batcher
     arrays: Arrays
     deadline: float | None
-    again: Callable[[], _Admitted] | None = None
+    again: Callable[[], _Admitted]
     """Find, admit and decode the same request again."""
 
     def submit(self) -> asyncio.Future[Arrays]:
-        """Queue it from the event loop; the future resolves to its own rows."""
-        try:
-            return self.batcher.submit(self.arrays, self.call.items, self.deadline)
-        except VersionClosedError:
-            self._found_again()
-            return self.batcher.submit(self.arrays, self.call.items, self.deadline)
+        """Queue it from the event loop, where it was found (no reload ran in between); the
+        future resolves to its own rows."""
+        return self.batcher.submit(self.arrays, self.call.items, self.deadline)
 
     def enqueue(self, done: Done) -> Ticket:
         """Queue it from any thread; ``done`` gets its rows or its error (``Batcher.enqueue``:
@@ -76,8 +73,6 @@ class _Admitted:
         """Become the same request found anew: a reload retired its version after it was found
         (on another thread than the reload's), and the version served now takes it. Raises
         what finding it raises (``VersionClosedError`` if the server is stopping)."""
-        if self.again is None:
-            raise VersionClosedError(f"model {self.batcher.label} is shutting down")
         fresh = self.again()
         for name in (f.name for f in dataclasses.fields(self)):
             setattr(self, name, getattr(fresh, name))
