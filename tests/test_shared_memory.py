@@ -16,8 +16,6 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from support import Scale, ServerThread, write_model
-from torchwire.config import ServerSettings
-from torchwire.errors import ConfigError
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 
@@ -155,11 +153,6 @@ def test_shared_memory_is_off_unless_asked(tmp_path: Path, regions: tuple[Any, A
             client.infer("scale", [x])
         assert "--allow-client-shm" in named.value.message()
         client.close()
-    with pytest.raises(ConfigError, match="--allow-client-shm serves with one process"):
-        from torchwire.config import load_settings
-
-        load_settings({"allow_client_shm": True, "workers": 2})
-    assert ServerSettings(allow_client_shm=True).allow_client_shm
 
 
 def test_a_region_whose_file_shrinks_is_an_error_not_a_crash(server: ServerThread) -> None:

@@ -24,6 +24,7 @@ import psutil
 import pytest
 import torch
 import tritonclient.grpc as triton
+import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from support import (
@@ -142,6 +143,84 @@ def test_unload_on_one_connection_holds_on_every_worker_even_one_restarted_after
         unknown.value
     )
     control.close()
+    assert server.stop() == 0
+
+
+@pytest.mark.parametrize("engine", ["off", "on"])
+def test_a_shared_memory_region_registered_on_one_connection_serves_every_worker_even_one_restarted_after(  # noqa: E501
+    cli_servers: list[CliServer], tmp_path: Path, engine: str
+) -> None:
+    write_model(tmp_path / "scale", Scale(3.0), [4])
+    flags = ("--allow-client-shm", "true", "--model-control", "open", "--engine", engine)
+    server = serve(cli_servers, "--repository", str(tmp_path), *flags)
+    target = server.wait_ready()
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    key = f"/tw-fleet-{os.getpid()}"
+    region = shm.create_shared_memory_region("in", key, x.nbytes)
+    shm.set_shared_memory_region(region, [x])
+    out_key = f"/tw-fleet-out-{os.getpid()}"
+    out = shm.create_shared_memory_region("out", out_key, x.nbytes)
+
+    def on_every_worker(tag: str, code: str = "OK", connections: int = 24) -> set[str]:
+        """Infer with x read from region "in" and the answer written into "out", each call on
+        a new connection; the errors, which are all ``code``."""
+        errors = []
+        for i in range(connections):
+            client = triton.InferenceServerClient(
+                target, channel_args=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            given = triton.InferInput("x", [2, 4], "FP32")
+            given.set_shared_memory("in", x.nbytes)
+            taken = triton.InferRequestedOutput("output")
+            taken.set_shared_memory("out", x.nbytes)
+            shm.set_shared_memory_region(out, [np.zeros_like(x)])
+            try:
+                client.infer(
+                    "scale", [given], outputs=[taken], headers={"x-request-id": f"{tag}{i}"}
+                )
+                answer = shm.get_contents_as_numpy(out, np.float32, [2, 4])
+                assert answer.tolist() == (x * 3).tolist()
+            except InferenceServerException as exc:
+                errors.append(f"{exc.status()} {exc.message()}")
+            client.close()
+        assert len(errors) == (0 if code == "OK" else connections), errors
+        lines = server.wait_for(ANSWERED_BY.format(code=code, request_id=rf"{tag}\d+"), connections)
+        assert {match.group(1) for match in lines} == {"0", "1"}, "one worker answered everything"
+        return set(errors)
+
+    control = triton.InferenceServerClient(target)
+    try:
+        control.register_system_shared_memory("in", key, x.nbytes)
+        control.register_system_shared_memory("out", out_key, x.nbytes)
+        assert not on_every_worker("before")
+
+        # A worker killed now comes back with the region, registered before it serves.
+        (old_pid,) = server.wait_for(r"worker 1 \(pid (\d+)\) serving")
+        os.kill(int(old_pid.group(1)), signal.SIGKILL)
+        server.wait_for(r"worker 1 \(pid (\d+)\) serving", count=2)
+        assert not on_every_worker("after")
+
+        # Errors are the ones a lone server gives, said once.
+        with pytest.raises(InferenceServerException) as twice:
+            control.register_system_shared_memory("in", key, x.nbytes)
+        assert twice.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert twice.value.message() == "shared memory region 'in' is registered already"
+        with pytest.raises(InferenceServerException) as missing:
+            control.register_system_shared_memory("other", "/tw-no-such-region", 16)
+        assert missing.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert missing.value.message() == "region 'other': no shared memory '/tw-no-such-region'"
+
+        control.unregister_system_shared_memory("in")
+        assert on_every_worker("gone", code="INVALID_ARGUMENT") == {
+            "StatusCode.INVALID_ARGUMENT input 'x': no shared memory region 'in' is registered"
+        }
+        assert list(control.get_system_shared_memory_status().regions) == ["out"]
+        control.unregister_system_shared_memory()  # all
+        assert not list(control.get_system_shared_memory_status().regions)
+    finally:
+        control.close()
+        shm.destroy_shared_memory_region(region)
+        shm.destroy_shared_memory_region(out)
     assert server.stop() == 0
 
 

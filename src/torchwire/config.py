@@ -193,15 +193,6 @@ class ServerSettings(_Strict):
 
     _parse_input_shape = field_validator("input_shape", mode="before")(_parse_shape)
 
-    @model_validator(mode="after")
-    def _one_process_for_shm(self) -> ServerSettings:
-        if self.allow_client_shm and self.worker_count() != 1:
-            raise ValueError(
-                "--allow-client-shm serves with one process: shared memory regions are "
-                "registered with the process a client reaches, and --workers spreads its calls"
-            )
-        return self
-
     def engine_wanted(self, model: ModelConfig) -> bool:
         """Whether ``model`` is served by an engine process: its ``[instances] engine`` if
         set, else ``--engine``; auto means a GPU model under several workers."""

@@ -1,15 +1,15 @@
 """The contract between the supervisor of ``torchwire serve --workers N`` and its workers and
 engines, in one place: the orders a worker or engine starts with (``WorkerSpec``,
-``EngineSpec``, carried in the environment) and the
-messages on the link between them (``Ready``, ``Change``, ``Apply``). Both sides build and read
-them here; neither spells a key of the other's."""
+``EngineSpec``, carried in the environment) and the messages on the link between them
+(``Ready``; ``Change``/``Apply`` for models, ``RegionChange``/``RegionApply`` for shared memory
+regions). Both sides build and read them here; neither spells a key of the other's."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from torchwire.config import ServerSettings
@@ -22,6 +22,17 @@ ENGINE_SPEC_ENV = "TORCHWIRE_ENGINE_SPEC"
 """The environment variable that carries an engine's ``EngineSpec`` (JSON)."""
 
 Action = Literal["load", "unload"]
+RegionAction = Literal["register", "unregister"]
+
+
+@dataclass(frozen=True)
+class Region:
+    """A system shared memory region as a client registers it (Triton's four fields)."""
+
+    name: str
+    key: str = ""
+    offset: int = 0
+    byte_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,8 @@ class WorkerSpec:
         settings: the server's settings, with the shared ports filled in.
         engines: the engines' sockets by device (``cpu``, ``cuda:0``): the models an engine
             takes are held there, not in the worker.
+        regions: the shared memory regions clients registered before this worker started: it
+            registers them before it serves.
     """
 
     index: int
@@ -44,6 +57,7 @@ class WorkerSpec:
     cores: int
     settings: ServerSettings
     engines: dict[str, str] = field(default_factory=dict)
+    regions: tuple[Region, ...] = ()
 
     def to_env(self) -> dict[str, str]:
         spec = {
@@ -53,6 +67,7 @@ class WorkerSpec:
             "cores": self.cores,
             "settings": self.settings.model_dump(mode="json"),
             "engines": self.engines,
+            "regions": [asdict(region) for region in self.regions],
         }
         return {WORKER_SPEC_ENV: json.dumps(spec)}
 
@@ -68,6 +83,7 @@ class WorkerSpec:
             cores=int(spec["cores"]),
             settings=ServerSettings.model_validate(spec["settings"]),
             engines=dict(spec["engines"]),
+            regions=tuple(Region(**region) for region in spec["regions"]),
         )
 
 
@@ -130,7 +146,25 @@ class Apply:
     model: str
 
 
-LinkMessage = Ready | Change | Apply
+@dataclass(frozen=True)
+class RegionChange:
+    """Worker to supervisor: a client registered or unregistered a shared memory region with
+    this worker; the supervisor applies it on every worker before the client gets its answer,
+    so that any connection can name it. Unregister reads only the name ('': every region)."""
+
+    action: RegionAction
+    region: Region
+
+
+@dataclass(frozen=True)
+class RegionApply:
+    """Supervisor to worker: register or unregister a shared memory region here."""
+
+    action: RegionAction
+    region: Region
+
+
+LinkMessage = Ready | Change | Apply | RegionChange | RegionApply
 
 
 def to_message(message: LinkMessage) -> Message:
@@ -139,7 +173,10 @@ def to_message(message: LinkMessage) -> Message:
         return {"op": "ready"}
     if isinstance(message, Change):
         return {"op": message.action, "model": message.model}
-    return {"op": "apply", "action": message.action, "model": message.model}
+    if isinstance(message, Apply):
+        return {"op": "apply", "action": message.action, "model": message.model}
+    op = "region" if isinstance(message, RegionChange) else "apply_region"
+    return {"op": op, "action": message.action, **asdict(message.region)}
 
 
 def from_message(message: Mapping[str, object]) -> LinkMessage:
@@ -153,4 +190,19 @@ def from_message(message: Mapping[str, object]) -> LinkMessage:
     action = message.get("action")
     if op == "apply" and action in ("load", "unload") and isinstance(model, str):
         return Apply("load" if action == "load" else "unload", model)
+    if op in ("region", "apply_region") and action in ("register", "unregister"):
+        region = _region(message)
+        if region is not None:
+            kind = RegionChange if op == "region" else RegionApply
+            return kind("register" if action == "register" else "unregister", region)
     raise TorchwireError(f"unknown link message {dict(message)!r}", "INVALID_ARGUMENT")
+
+
+def _region(message: Mapping[str, object]) -> Region | None:
+    name, key, offset, size = (message.get(k) for k in ("name", "key", "offset", "byte_size"))
+    if not (isinstance(name, str) and isinstance(key, str)):
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, size)):
+        return None
+    assert isinstance(offset, int) and isinstance(size, int)
+    return Region(name, key, offset, size)

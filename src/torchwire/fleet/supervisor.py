@@ -37,6 +37,7 @@ from torchwire.errors import (
     DEVICE_FAILED,
     START_FAILED,
     ConfigError,
+    InvalidInputError,
     TorchwireError,
 )
 from torchwire.fleet.contract import (
@@ -45,6 +46,9 @@ from torchwire.fleet.contract import (
     Change,
     EngineSpec,
     Ready,
+    Region,
+    RegionApply,
+    RegionChange,
     WorkerSpec,
     from_message,
     to_message,
@@ -72,6 +76,7 @@ class Worker:
     index: int
     process: asyncio.subprocess.Process
     unloaded_at_start: frozenset[str]
+    regions_at_start: tuple[Region, ...] = ()
     link: Link | None = None
     started: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
@@ -106,6 +111,30 @@ class Engine:
         return f"engine of {self.device} (pid {self.process.pid})"
 
 
+def _failures(
+    targets: list[Worker], results: list[TorchwireError | None]
+) -> list[tuple[Worker, TorchwireError]]:
+    """The workers a change failed on. One that died meanwhile is no failure: its successor
+    catches up when ready."""
+    return [
+        (w, e)
+        for w, e in zip(targets, results, strict=True)
+        if e is not None and not (w.link is not None and w.link.closed.is_set())
+    ]
+
+
+def _raise_failures(what: str, failed: list[tuple[Worker, TorchwireError]], targets: int) -> None:
+    if not failed:
+        return
+    errors = {(e.code, str(e)) for _, e in failed}
+    if len(failed) == targets and len(errors) == 1:
+        raise failed[0][1]  # the same answer everywhere: say it as one server would
+    where = "; ".join(f"{w.describe()}: {e.code}: {e}" for w, e in failed)
+    raise TorchwireError(
+        f"{what} failed on {len(failed)} of {targets} workers: {where}", failed[0][1].code
+    )
+
+
 def exit_cause(code: int) -> str:
     """``exited with code 3 (a model call hung)`` or ``killed by SIGKILL``."""
     if code < 0:
@@ -126,6 +155,8 @@ class Supervisor:
         self.metrics_port: int | None = None
         self._workers: dict[int, Worker] = {}
         self._unloaded: set[str] = set()
+        self._regions: dict[str, Region] = {}
+        """The shared memory regions clients registered: on every worker."""
         self._control = asyncio.Lock()  # one load/unload at a time, in the same order everywhere
         self._stopping = asyncio.Event()
         self._all_ready = asyncio.Event()
@@ -268,6 +299,7 @@ class Supervisor:
             update={"port": self.port, "http_port": self.http_port or 0, "metrics_enabled": False}
         )
         unloaded = frozenset(self._unloaded)
+        regions = tuple(self._regions.values())
         spec = WorkerSpec(
             index=index,
             link_fd=child_end.fileno(),
@@ -275,6 +307,7 @@ class Supervisor:
             cores=max(1, available_cores() // self.count),
             settings=settings,
             engines=self._engine_sockets,
+            regions=regions,
         )
         env = {**os.environ, **spec.to_env(), "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
         try:
@@ -293,7 +326,7 @@ class Supervisor:
             raise
         finally:
             child_end.close()
-        worker = Worker(index, process, unloaded)
+        worker = Worker(index, process, unloaded, regions)
         self._workers[index] = worker
         if self._stopping.is_set():  # stopped while it was being started: stop it too
             process.send_signal(signal.SIGTERM)
@@ -438,6 +471,9 @@ class Supervisor:
         if isinstance(said, Change):
             await self._apply_everywhere(worker, said.action, said.model)
             return {}
+        if isinstance(said, RegionChange):
+            await self._share_everywhere(worker, said)
+            return {}
         raise TorchwireError(f"a worker does not send {message!r}", "INVALID_ARGUMENT")
 
     async def _ready(self, worker: Worker) -> None:
@@ -457,6 +493,23 @@ class Supervisor:
                         "%s: catching up on %s %s: %s",
                         worker.describe(), change.action, change.model, exc,
                     )  # fmt: skip
+            regions = [
+                RegionApply("unregister", Region(r.name))
+                for r in worker.regions_at_start
+                if r.name not in self._regions
+            ] + [
+                RegionApply("register", r)
+                for r in self._regions.values()
+                if r not in worker.regions_at_start
+            ]
+            for shared in regions:
+                try:
+                    await worker.link.request(to_message(shared))
+                except TorchwireError as exc:  # its file is gone: calls naming it fail here
+                    log.warning(
+                        "%s: catching up on %s of shared memory region %r: %s",
+                        worker.describe(), shared.action, shared.region.name, exc,
+                    )  # fmt: skip
             worker.ready_at = time.monotonic()
             self.metrics.ready.inc()
         log.info("%s serving", worker.describe())
@@ -467,32 +520,44 @@ class Supervisor:
         """Load or unload ``name`` on every serving worker; raise what failed, naming where."""
         async with self._control:
             targets = [w for w in self._workers.values() if w.ready_at is not None or w is origin]
-            results = await asyncio.gather(*(self._apply(w, op, name) for w in targets))
-            # A worker that died meanwhile is no failure: its successor catches up when ready.
-            failed = [
-                (w, e)
-                for w, e in zip(targets, results, strict=True)
-                if e is not None and not (w.link is not None and w.link.closed.is_set())
-            ]
+            results = await asyncio.gather(*(self._send(w, Apply(op, name)) for w in targets))
+            failed = _failures(targets, results)
             if op == "load":
                 self._unloaded.discard(name)  # as each worker's repository does, even on failure
             elif len(failed) < len(targets):
                 self._unloaded.add(name)
-        if not failed:
-            return
-        errors = {(e.code, str(e)) for _, e in failed}
-        if len(failed) == len(targets) and len(errors) == 1:
-            raise failed[0][1]  # the same answer everywhere: say it as one server would
-        where = "; ".join(f"{w.describe()}: {e.code}: {e}" for w, e in failed)
-        raise TorchwireError(
-            f"{op} {name!r} failed on {len(failed)} of {len(targets)} workers: {where}",
-            failed[0][1].code,
-        )
+        _raise_failures(f"{op} {name!r}", failed, len(targets))
 
-    async def _apply(self, worker: Worker, op: Action, name: str) -> TorchwireError | None:
+    async def _share_everywhere(self, origin: Worker, change: RegionChange) -> None:
+        """Register or unregister a shared memory region on every serving worker; a
+        registration that fails anywhere is undone everywhere, then raised naming where."""
+        region = change.region
+        async with self._control:
+            if change.action == "register" and region.name in self._regions:
+                raise InvalidInputError(
+                    f"shared memory region {region.name!r} is registered already"
+                )
+            targets = [w for w in self._workers.values() if w.ready_at is not None or w is origin]
+            apply = RegionApply(change.action, region)
+            results = await asyncio.gather(*(self._send(w, apply) for w in targets))
+            failed = _failures(targets, results)
+            if change.action == "unregister":
+                names = [region.name] if region.name else list(self._regions)
+                for name in names:
+                    self._regions.pop(name, None)
+            elif failed:
+                undo = RegionApply("unregister", Region(region.name))
+                done = [w for w, e in zip(targets, results, strict=True) if e is None]
+                await asyncio.gather(*(self._send(w, undo) for w in done))
+            else:
+                self._regions[region.name] = region
+        _raise_failures(f"{change.action} region {region.name!r}", failed, len(targets))
+
+    async def _send(self, worker: Worker, message: Apply | RegionApply) -> TorchwireError | None:
+        """``message`` to ``worker``; what it raised, if anything."""
         assert worker.link is not None
         try:
-            await worker.link.request(to_message(Apply(op, name)))
+            await worker.link.request(to_message(message))
         except TorchwireError as exc:
             return exc
         return None

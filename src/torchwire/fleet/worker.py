@@ -16,7 +16,17 @@ import signal
 import socket
 
 from torchwire.errors import TorchwireError, UnavailableError
-from torchwire.fleet.contract import Apply, Change, Ready, WorkerSpec, from_message, to_message
+from torchwire.fleet.contract import (
+    Apply,
+    Change,
+    Ready,
+    Region,
+    RegionApply,
+    RegionChange,
+    WorkerSpec,
+    from_message,
+    to_message,
+)
 from torchwire.fleet.engine_client import Engines
 from torchwire.fleet.link import Link, Message
 from torchwire.logs import configure_logging
@@ -29,7 +39,8 @@ log = logging.getLogger("torchwire.fleet")
 
 
 class FleetControl:
-    """Model loads and unloads asked of this worker, applied by the supervisor on all."""
+    """Model loads and unloads, and shared memory registrations, asked of this worker: the
+    supervisor applies them on all."""
 
     def __init__(self, link: Link) -> None:
         self._link = link
@@ -40,6 +51,38 @@ class FleetControl:
     async def unload(self, name: str) -> None:
         await self._link.request(to_message(Change("unload", name)))
 
+    async def register_region(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        region = Region(name, key, offset, byte_size)
+        await self._link.request(to_message(RegionChange("register", region)))
+
+    async def unregister_region(self, name: str) -> None:
+        await self._link.request(to_message(RegionChange("unregister", Region(name))))
+
+
+async def apply_change(server: Server, change: Apply | RegionApply, index: int) -> None:
+    """A change the supervisor applies on every worker, here."""
+    if isinstance(change, RegionApply):
+        region = change.region
+        if change.action == "register":
+            server.regions.ensure(region.name, region.key, region.offset, region.byte_size)
+        else:
+            server.regions.unregister(region.name)
+    elif server.repository is None:
+        raise UnavailableError(f"worker {index} is still starting")
+    elif change.action == "load":
+        await server.repository.load_model(change.model)
+    else:
+        await server.repository.unload(change.model)
+
+
+def register_before_serving(server: Server, regions: tuple[Region, ...]) -> None:
+    """The regions clients registered before this worker started."""
+    for region in regions:
+        try:
+            server.regions.ensure(region.name, region.key, region.offset, region.byte_size)
+        except TorchwireError as exc:  # its file is gone: calls naming it fail here
+            log.warning("shared memory region %r: %s", region.name, exc)
+
 
 async def serve_as_worker(spec: WorkerSpec) -> int:
     """Serve until SIGTERM, SIGINT or the supervisor's going away; return the exit code."""
@@ -47,20 +90,18 @@ async def serve_as_worker(spec: WorkerSpec) -> int:
 
     async def on_message(message: Message) -> Message | None:
         said = from_message(message)
-        if not isinstance(said, Apply):
+        if not isinstance(said, Apply | RegionApply):
             raise TorchwireError(f"the supervisor does not send {message!r}", "INVALID_ARGUMENT")
-        if server is None or server.repository is None:
+        if server is None:
             raise UnavailableError(f"worker {spec.index} is still starting")
-        if said.action == "load":
-            await server.repository.load_model(said.model)
-        else:
-            await server.repository.unload(said.model)
+        await apply_change(server, said, spec.index)
         return {}
 
     link = await Link.open(socket.socket(fileno=spec.link_fd), on_message)
     engines = Engines(spec.settings, spec.engines, spec.index) if spec.engines else None
     role = WorkerRole(spec.index, FleetControl(link), spec.unloaded, spec.cores, offload=engines)
     server = Server(spec.settings, role)
+    register_before_serving(server, spec.regions)
     if engines is not None:
         tasks: set[asyncio.Task[None]] = set()
 

@@ -76,7 +76,8 @@ class Region:
 
 class Regions:
     """The registered regions of this process (registration runs on the event loop; requests
-    read them from any thread)."""
+    read them from any thread). With ``--workers``, every worker holds the same regions: the
+    supervisor registers each on all of them (``plane.control``)."""
 
     def __init__(self, allowed: bool, directory: Path = SHM_DIR) -> None:
         self.allowed = allowed
@@ -140,6 +141,17 @@ class Regions:
                     code="RESOURCE_EXHAUSTED",
                 )
             self._regions[name] = region
+
+    def ensure(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        """Register ``name`` unless this very region is registered already: a worker of
+        several, told of its fleet's regions (one may be the worker's own, or a stale one)."""
+        with self._lock:
+            found = self._regions.get(name)
+        if found is not None:
+            if (found.key, found.offset, found.byte_size) == (key, offset, byte_size):
+                return
+            self.unregister(name)
+        self.register(name, key, offset, byte_size)
 
     def unregister(self, name: str = "") -> None:
         """Forget ``name``, or every region when it is empty (unknown names are no error, as

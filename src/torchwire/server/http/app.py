@@ -149,13 +149,15 @@ class HttpApi:
                 'register takes {"key": string, "offset": integer, "byte_size": integer}'
             )
         assert isinstance(offset, int) and isinstance(size, int)
-        self._backend.regions.register(request.match_info["region"], key, offset, size)
+        await self._backend.region_control.register_region(
+            request.match_info["region"], key, offset, size
+        )
         return _json({})
 
     async def shm_unregister(self, request: web.Request) -> web.Response:
         self._check_control(request)
         await self._body(request)
-        self._backend.regions.unregister(request.match_info.get("region", ""))
+        await self._backend.region_control.unregister_region(request.match_info.get("region", ""))
         return _json({})
 
     # -- server and model state ------------------------------------------------------------

@@ -18,7 +18,7 @@ from torchwire.server.common.auth import Access
 from torchwire.server.common.health import Health
 from torchwire.server.common.observe import Observer
 from torchwire.server.common.shm import Regions
-from torchwire.server.plane.control import ModelControl
+from torchwire.server.plane.control import ModelControl, RegionControl
 from torchwire.server.plane.inference import DataPlane, require_model_name
 
 PLATFORMS = {
@@ -49,6 +49,8 @@ class Backend:
         control: who applies a load/unload a client asks for (the repository itself, or for a
             worker of several, its supervisor).
         regions: the shared memory regions clients register (``--allow-client-shm``).
+        region_control: who applies a registration a client asks for (``regions`` itself, or
+            for a worker of several, its supervisor).
     """
 
     repository: ModelRepository
@@ -56,7 +58,8 @@ class Backend:
     health: Health
     access: Access
     control: ModelControl
-    regions: Regions = field(default_factory=lambda: Regions(allowed=False))
+    regions: Regions
+    region_control: RegionControl
     plane: DataPlane = field(init=False)
     """Inference on the repository, for every transport."""
 

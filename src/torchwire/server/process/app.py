@@ -171,9 +171,14 @@ class Server:
 
     async def _serve(self, repository: ModelRepository) -> None:
         """Take calls: gRPC, and HTTP unless ``--http-port 0``."""
-        control = self.role.control(repository)
         backend = kserve.Backend(
-            repository, self.observer, self.health, self.access, control, self.regions
+            repository,
+            self.observer,
+            self.health,
+            self.access,
+            self.role.control(repository),
+            self.regions,
+            self.role.region_control(self.regions),
         )
         native = self.settings.grpc_frontend == "native"
         why = native_front.unavailable_because(self.settings) if native else None

@@ -10,7 +10,8 @@ from typing import Protocol
 
 from torchwire.repository import ModelRepository
 from torchwire.repository.repository import Offload
-from torchwire.server.plane.control import ModelControl
+from torchwire.server.common.shm import Regions
+from torchwire.server.plane.control import Control, LocalRegions, ModelControl, RegionControl
 
 log = logging.getLogger("torchwire.server")
 
@@ -51,6 +52,10 @@ class Role(Protocol):
         """Who applies the loads and unloads that clients ask for."""
         ...
 
+    def region_control(self, regions: Regions) -> RegionControl:
+        """Who applies the shared memory registrations that clients ask for."""
+        ...
+
     def banner(self, where: str) -> list[str] | None:
         """The first line of the start-up banner, or None: say nothing of the models."""
         ...
@@ -70,18 +75,22 @@ class LoneServer:
     def control(self, repository: ModelRepository) -> ModelControl:
         return repository
 
+    def region_control(self, regions: Regions) -> RegionControl:
+        return LocalRegions(regions)
+
     def banner(self, where: str) -> list[str] | None:
         return [f"torchwire serving on {where}"]
 
 
 @dataclass(frozen=True)
 class WorkerRole:
-    """One worker of several on a port: loads and unloads go through the supervisor to every
-    worker (``fleet``), and the supervisor says "serving" once all are ready.
+    """One worker of several on a port: loads and unloads, and shared memory registrations, go
+    through the supervisor to every worker (``fleet``), and the supervisor says "serving" once
+    all are ready.
 
     Attributes:
         index: the worker's number, 0 to N-1 (a restarted worker keeps its number).
-        fleet: applies load/unload requests on every worker.
+        fleet: applies load/unload and region requests on every worker.
         unloaded: models unloaded through the API before this worker started.
         cores: this worker's share of the machine; what ``--torch-threads`` does not set is
             chosen within it.
@@ -89,7 +98,7 @@ class WorkerRole:
     """
 
     index: int
-    fleet: ModelControl
+    fleet: Control
     unloaded: frozenset[str] = frozenset()
     cores: int = 0
     offload: Offload | None = None
@@ -98,6 +107,9 @@ class WorkerRole:
     process_metrics: bool = False
 
     def control(self, repository: ModelRepository) -> ModelControl:
+        return self.fleet
+
+    def region_control(self, regions: Regions) -> RegionControl:
         return self.fleet
 
     def banner(self, where: str) -> list[str] | None:

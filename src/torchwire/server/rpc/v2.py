@@ -153,7 +153,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryRegisterResponse:
         self._check_control(context)  # a region is the server user's memory: control's rights
-        self._backend.regions.register(
+        await self._backend.region_control.register_region(
             request.name, request.key, int(request.offset), int(request.byte_size)
         )
         return pb.SystemSharedMemoryRegisterResponse()
@@ -163,7 +163,7 @@ class V2Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryUnregisterResponse:
         self._check_control(context)
-        self._backend.regions.unregister(request.name)
+        await self._backend.region_control.unregister_region(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @unary_errors
