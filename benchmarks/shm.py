@@ -7,7 +7,10 @@ mean: the model costs little, so what is measured is what the request costs), an
 the same 602,112-byte image over V2 gRPC with tritonclient, in turns: inline
 (``raw_input_contents``), then through a region of /dev/shm each caller registered once
 (``tritonclient.utils.shared_memory``), three rounds each. Server CPU per request is the
-server process's CPU time over the requests answered. Writes ``shm.json`` and ``shm.md``.
+server process's CPU time over the requests answered. A third way, in the same turns, sends a
+16-byte tensor inline to ``small_mean`` (the same model on FP32[4]): what a call costs with
+(almost) no tensor, so that the bytes' own cost, each way's excess over it, shows apart from
+the call's. Writes ``shm.json`` and ``shm.md``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ shape = [3, 224, 224]
 name = "mean"
 dtype = "FP32"
 shape = [1]
+
+# One intra-op thread: on two, torch's second thread wakes and spins for every batch, a cost of
+# the model's, which this benchmark keeps small so as to measure the request's.
+[instances]
+threads = 1
 """
 
 
@@ -50,11 +58,19 @@ class ImageMean(nn.Module):
         return image.mean(dim=(1, 2, 3)).unsqueeze(1)
 
 
+class SmallMean(nn.Module):
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.mean(dim=1).unsqueeze(1)
+
+
 def repository() -> Path:
     root = Path(tempfile.mkdtemp(prefix="shm-bench-"))
-    (root / "image_mean" / "1").mkdir(parents=True)
-    (root / "image_mean" / "config.toml").write_text(CONFIG)
-    torch.jit.script(ImageMean()).save(str(root / "image_mean" / "1" / "model.pt"))
+    small = CONFIG.replace("[3, 224, 224]", "[4]")
+    for name, config in (("image_mean", CONFIG), ("small_mean", small)):
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "config.toml").write_text(config)
+        script = ImageMean() if name == "image_mean" else SmallMean()
+        torch.jit.script(script).save(str(root / name / "1" / "model.pt"))
     # What common.torchwire waits for: a model it knows the shape of.
     demo = ensure_demo_repository(Path.home() / ".cache" / "torchwire")
     (root / "recsys").symlink_to(demo / "recsys")
@@ -63,12 +79,14 @@ def repository() -> Path:
 
 def run(target: str, process: psutil.Process, way: str, callers: int, seconds: float) -> float:
     """Server CPU microseconds per request, ``callers`` closed-loop callers for ``seconds``."""
-    image = np.random.default_rng(0).random((1, *SHAPE), dtype=np.float32)
+    shape = (1, 4) if way == "small" else (1, *SHAPE)
+    model = "small_mean" if way == "small" else "image_mean"
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
     counts, stop, go = [0] * callers, threading.Event(), threading.Barrier(callers + 1)
 
     def caller(index: int) -> None:
         client = triton_grpc.InferenceServerClient(target)
-        x = triton_grpc.InferInput("image", [1, *SHAPE], "FP32")
+        x = triton_grpc.InferInput("image", list(shape), "FP32")
         region = None
         if way == "shm":
             key = f"/tw-bench-{os.getpid()}-{index}"
@@ -80,7 +98,7 @@ def run(target: str, process: psutil.Process, way: str, callers: int, seconds: f
             x.set_data_from_numpy(image)
         go.wait()
         while not stop.is_set():
-            client.infer("image_mean", [x])
+            client.infer(model, [x])
             counts[index] += 1
         if region is not None:
             client.unregister_system_shared_memory(f"image{index}")
@@ -108,7 +126,7 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    found: dict[str, list[float]] = {"inline": [], "shm": []}
+    found: dict[str, list[float]] = {"inline": [], "shm": [], "small": []}
     with torchwire(
         repository(), 1, "recsys", extra=["--allow-client-shm", "true", "--model-control", "open"]
     ) as (
@@ -118,13 +136,18 @@ def main() -> None:
         for _ in range(3):
             for way in found:
                 found[way].append(run(target, process, way, args.callers, args.seconds))
-    ratio = sorted(found["shm"])[1] / sorted(found["inline"])[1]
+    median = {way: sorted(rounds)[1] for way, rounds in found.items()}
+    ratio = median["shm"] / median["inline"]
+    # The bytes' own cost: each way's excess over a call that carries almost none.
+    excess = {way: median[way] - median["small"] for way in ("inline", "shm")}
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpus": os.cpu_count(),
         "callers": args.callers,
         "server_cpu_us_per_request": found,
         "median_ratio_shm_to_inline": round(ratio, 2),
+        "median_excess_over_small_us": {way: round(v, 1) for way, v in excess.items()},
+        "excess_ratio_shm_to_inline": round(excess["shm"] / max(excess["inline"], 1e-9), 2),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "shm.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -135,8 +158,13 @@ def main() -> None:
         f"{args.callers} closed-loop callers, three alternating rounds.\n\n"
         "| | server CPU per request (us), rounds |\n|---|---|\n"
         f"| inline (raw_input_contents) | {' / '.join(map(str, found['inline']))} |\n"
-        f"| through a registered region | {' / '.join(map(str, found['shm']))} |\n\n"
-        f"Median shared memory / inline: {results['median_ratio_shm_to_inline']}x\n"
+        f"| through a registered region | {' / '.join(map(str, found['shm']))} |\n"
+        f"| 16 bytes inline to small_mean (the call alone) | "
+        f"{' / '.join(map(str, found['small']))} |\n\n"
+        f"Median shared memory / inline: {results['median_ratio_shm_to_inline']}x\n\n"
+        f"What the image's bytes cost beyond the call (median minus the 16-byte call's): "
+        f"inline {excess['inline']:.0f} us, through a region {excess['shm']:.0f} us, "
+        f"{results['excess_ratio_shm_to_inline']}x\n"
     )
     (args.out / "shm.md").write_text(text)
     print(text)
