@@ -21,8 +21,11 @@
 # TORCHWIRE_GRPC_IO_THREADS=1 (or 2) in front of any of these sets the native front end's HTTP/2
 # threads of every server it starts (default: 2 for one process on 16 cores, 1 per worker under
 # --workers 3 or more; 1 paid on 2 cores, never measured here: docs/frontends.md, "I/O threads").
-# SCALEOUT_ARGS (e.g. "--sweep-workers 0") go to scaleout.py. Results go to $OUT (the device tool
-# brings them back), else benchmarks/results/.
+# SCALEOUT_ARGS (e.g. "--sweep-workers 0") go to scaleout.py. With CPU=1, then
+# benchmarks/cpu_by_thread.py for issue 28's CPU per recsys answer at 800/s open loop on this
+# quieter host: a bare grpc.aio echo, torchwire, torchwire on grpc.aio, two rounds each, in
+# turns (printed; about two minutes). Results go to $OUT (the device tool brings them back), else
+# benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
@@ -47,4 +50,10 @@ fi
 if [[ "${SCALEOUT:-0}" == 1 ]]; then
   timeout 210 python3 benchmarks/scaleout.py --gpu --out "$out" ${SCALEOUT_ARGS:-}
   echo "scaleout.py exit $?"
+fi
+if [[ "${CPU:-0}" == 1 ]]; then  # server CPU per answer: torchwire against the echo and grpc.aio
+  for server in echo torchwire torchwire-aio echo torchwire torchwire-aio; do
+    timeout 60 python3 benchmarks/cpu_by_thread.py --server "$server" --load unary --rate 800 \
+        --rounds 1 --model recsys | tail -1
+  done
 fi
