@@ -24,6 +24,7 @@ import psutil
 import pytest
 import torch
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
@@ -55,6 +56,18 @@ def model_ready_everywhere(target: str, model: str, connections: int = 24) -> se
             target, channel_args=[("grpc.use_local_subchannel_pool", 1)]
         )
         answers.add(client.is_model_ready(model))
+        client.close()
+    return answers
+
+
+def regions_everywhere(target: str, connections: int = 24) -> set[tuple[str, ...]]:
+    """The shared memory regions ``SystemSharedMemoryStatus`` lists on that many connections."""
+    answers = set()
+    for _ in range(connections):
+        client = triton.InferenceServerClient(
+            target, channel_args=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        answers.add(tuple(sorted(client.get_system_shared_memory_status().regions)))
         client.close()
     return answers
 
@@ -152,8 +165,11 @@ def test_a_shared_memory_region_registered_on_one_connection_serves_every_worker
 ) -> None:
     write_model(tmp_path / "scale", Scale(3.0), [4])
     flags = ("--allow-client-shm", "true", "--model-control", "open", "--engine", engine)
-    server = serve(cli_servers, "--repository", str(tmp_path), *flags)
+    server = serve(cli_servers, "--repository", str(tmp_path), "--http-port", "auto", *flags)
     target = server.wait_ready()
+    http_port = re.search(r"127\.0\.0\.1:(\d+) \(HTTP\)", server.output)
+    assert http_port is not None
+    rest = triton_http.InferenceServerClient(f"127.0.0.1:{http_port.group(1)}")
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     key = f"/tw-fleet-{os.getpid()}"
     region = shm.create_shared_memory_region("in", key, x.nbytes)
@@ -191,7 +207,7 @@ def test_a_shared_memory_region_registered_on_one_connection_serves_every_worker
     control = triton.InferenceServerClient(target)
     try:
         control.register_system_shared_memory("in", key, x.nbytes)
-        control.register_system_shared_memory("out", out_key, x.nbytes)
+        rest.register_system_shared_memory("out", out_key, x.nbytes)  # REST: the same fleet
         assert not on_every_worker("before")
 
         # A worker killed now comes back with the region, registered before it serves.
@@ -214,11 +230,12 @@ def test_a_shared_memory_region_registered_on_one_connection_serves_every_worker
         assert on_every_worker("gone", code="INVALID_ARGUMENT") == {
             "StatusCode.INVALID_ARGUMENT input 'x': no shared memory region 'in' is registered"
         }
-        assert list(control.get_system_shared_memory_status().regions) == ["out"]
-        control.unregister_system_shared_memory()  # all
-        assert not list(control.get_system_shared_memory_status().regions)
+        assert regions_everywhere(target) == {("out",)}
+        rest.unregister_system_shared_memory()  # all
+        assert regions_everywhere(target) == {()}
     finally:
         control.close()
+        rest.close()
         shm.destroy_shared_memory_region(region)
         shm.destroy_shared_memory_region(out)
     assert server.stop() == 0
