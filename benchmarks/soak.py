@@ -7,13 +7,17 @@ at the end: what a long-running server must not grow.
 
 One ``torchwire serve`` (the demo's recsys, ``--watch poll``; ``--serve`` adds flags, e.g.
 ``--serve "--workers 2 --engine on"``: its processes are summed), the load generator in this
-process tree on the same machine.
+process tree on the same machine. With ``--allow-client-shm true --model-control open`` among
+the flags, one more caller passes recsys's input and output through system shared memory
+regions it registered once (tritonclient), on a new connection every 100 calls (under
+``--workers``, every worker in turn), and checks each answer is a probability.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -29,8 +33,11 @@ from typing import Any
 import grpc
 import numpy as np
 import psutil
+import tritonclient.grpc as triton_grpc
+import tritonclient.utils.shared_memory as shm
 from common import ROOT, free_port, wait_serving
 from tritonclient.grpc import service_pb2 as pb
+from tritonclient.utils import InferenceServerException
 
 from torchwire.bench import LoadConfig, run_load
 from torchwire.repository import ensure_demo_repository
@@ -90,6 +97,40 @@ def canceller(target: str, stop: threading.Event, counts: dict[str, int]) -> Non
             time.sleep(0.05)
 
 
+def shm_caller(target: str, stop: threading.Event, counts: Counter[str]) -> None:
+    """V2 calls whose tensors pass through /dev/shm regions registered once, for the whole soak."""
+    features = np.random.default_rng(0).random((1, 256), dtype=np.float32)
+    key = f"/tw-soak-{os.getpid()}"
+    given = shm.create_shared_memory_region("features", key, features.nbytes)
+    taken = shm.create_shared_memory_region("score", key + "-score", 4)
+    shm.set_shared_memory_region(given, [features])
+    client = triton_grpc.InferenceServerClient(target)
+    client.register_system_shared_memory("features", key, features.nbytes)
+    client.register_system_shared_memory("score", key + "-score", 4)
+    x = triton_grpc.InferInput("features", [1, 256], "FP32")
+    x.set_shared_memory("features", features.nbytes)
+    score = triton_grpc.InferRequestedOutput("score")
+    score.set_shared_memory("score", 4)
+    try:
+        while not stop.is_set():
+            client.close()  # a new connection: the kernel picks the worker
+            client = triton_grpc.InferenceServerClient(target)
+            for _ in range(100):
+                shm.set_shared_memory_region(taken, [np.full((1, 1), -1.0, np.float32)])
+                try:
+                    client.infer("recsys", [x], outputs=[score])
+                except InferenceServerException as exc:
+                    counts[str(exc.status())] += 1
+                    continue
+                answer = shm.get_contents_as_numpy(taken, np.float32, [1, 1])[0, 0]
+                counts["ok" if 0.0 <= answer <= 1.0 else "wrong answer"] += 1
+    finally:
+        client.unregister_system_shared_memory()
+        client.close()
+        shm.destroy_shared_memory_region(given)
+        shm.destroy_shared_memory_region(taken)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=1_000_000)
@@ -134,6 +175,9 @@ def main() -> None:
             ),
             threading.Thread(target=canceller, args=(target, stop, counts)),
         ]
+        through_shm: Counter[str] = Counter()
+        if "--allow-client-shm" in args.serve:
+            helpers.append(threading.Thread(target=shm_caller, args=(target, stop, through_shm)))
         for helper in helpers:
             helper.start()
         answered, failed, by_mix, began = 0, 0, {}, time.monotonic()
@@ -172,6 +216,7 @@ def main() -> None:
         "reloads": len(versions),
         "cancelled_streams": counts["streams"],
         "missed_deadlines": counts["deadlines"],
+        "through_shared_memory": dict(through_shm),
         "start": start,
         "at_10_percent": settled,
         "end": end,
@@ -188,6 +233,11 @@ def main() -> None:
         f"{json.dumps(by_mix)}; {len(versions)} hot reloads, {counts['streams']} streams "
         f"cancelled half-way, {counts['deadlines']} unary calls past a 0.2 ms deadline.\n\n"
         + (f"Failed, by mix and code: {json.dumps(dict(errors))}.\n\n" if errors else "")
+        + (
+            f"Beside them, through shared memory regions: {json.dumps(dict(through_shm))}.\n\n"
+            if through_shm
+            else ""
+        )
         + f"Summed over the server's {end['processes']} process(es).\n\n"
         "| | RSS MB | threads | open files | in-flight gauge |\n|---|---:|---:|---:|---:|\n"
         + "".join(
