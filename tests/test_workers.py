@@ -38,6 +38,7 @@ from support import (
     write_words_model,
 )
 from support import seed_predict as predict
+from torchwire.server.common.shm import MAX_REGIONS
 
 ANSWERED_BY = r"\[worker (\d+)\] torchwire\.access: .*code={code}.*request_id={request_id}"
 
@@ -238,6 +239,47 @@ def test_a_shared_memory_region_registered_on_one_connection_serves_every_worker
         rest.close()
         shm.destroy_shared_memory_region(region)
         shm.destroy_shared_memory_region(out)
+    assert server.stop() == 0
+
+
+def test_a_registration_only_some_workers_take_is_undone_on_those_and_answered_naming_the_others(
+    cli_servers: list[CliServer], tmp_path: Path
+) -> None:
+    write_model(tmp_path / "scale", Scale(3.0), [4])
+    flags = ("--allow-client-shm", "true", "--model-control", "open")
+    server = serve(cli_servers, "--repository", str(tmp_path), *flags)
+    target = server.wait_ready()
+    shared, lost = f"/tw-many-{os.getpid()}", f"/tw-lost-{os.getpid()}"
+    regions = [shm.create_shared_memory_region(n, k, 16) for n, k in (("s", shared), ("l", lost))]
+    control = triton.InferenceServerClient(target)
+    try:
+        # Worker 1 comes back without "lost", whose file is gone: one region fewer than worker 0.
+        control.register_system_shared_memory("lost", lost, 16)
+        for i in range(MAX_REGIONS - 1):
+            control.register_system_shared_memory(f"r{i}", shared, 16)
+        shm.destroy_shared_memory_region(regions.pop())
+        (old_pid,) = server.wait_for(r"worker 1 \(pid (\d+)\) serving")
+        os.kill(int(old_pid.group(1)), signal.SIGKILL)
+        server.wait_for(r"worker 1 \(pid (\d+)\) serving", count=2)
+        assert "shared memory region 'lost': region 'lost': no shared memory" in server.output
+
+        # Worker 0 is full, worker 1 is not: refused, and undone where it was taken.
+        with pytest.raises(InferenceServerException) as full:
+            control.register_system_shared_memory("extra", shared, 16)
+        assert full.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert re.fullmatch(
+            r"register region 'extra' failed on 1 of 2 workers: worker 0 \(pid \d+\): "
+            rf"RESOURCE_EXHAUSTED: {MAX_REGIONS} shared memory regions are registered: "
+            r"unregister some",
+            full.value.message(),
+        ), full.value.message()
+        assert {"extra" in names for names in regions_everywhere(target)} == {False}
+        control.unregister_system_shared_memory()
+        assert regions_everywhere(target) == {()}
+    finally:
+        control.close()
+        for region in regions:
+            shm.destroy_shared_memory_region(region)
     assert server.stop() == 0
 
 
