@@ -477,39 +477,35 @@ class Supervisor:
         raise TorchwireError(f"a worker does not send {message!r}", "INVALID_ARGUMENT")
 
     async def _ready(self, worker: Worker) -> None:
-        """A worker serves: first give it the loads and unloads it missed while it started."""
+        """A worker serves: first give it the loads and unloads, and the region registrations,
+        it missed while it started."""
         async with self._control:
             assert worker.link is not None
             if worker.link.closed.is_set() or worker.process.returncode is not None:
                 return  # it died meanwhile
-            missed = [Apply("unload", n) for n in self._unloaded - worker.unloaded_at_start] + [
-                Apply("load", n) for n in worker.unloaded_at_start - self._unloaded
+            missed: list[Apply | RegionApply] = [
+                *(Apply("unload", n) for n in self._unloaded - worker.unloaded_at_start),
+                *(Apply("load", n) for n in worker.unloaded_at_start - self._unloaded),
+                *(
+                    RegionApply("unregister", Region(r.name))
+                    for r in worker.regions_at_start
+                    if r.name not in self._regions
+                ),
+                *(
+                    RegionApply("register", r)
+                    for r in self._regions.values()
+                    if r not in worker.regions_at_start
+                ),
             ]
             for change in missed:
-                try:
-                    await worker.link.request(to_message(change))
-                except TorchwireError as exc:
-                    log.warning(
-                        "%s: catching up on %s %s: %s",
-                        worker.describe(), change.action, change.model, exc,
-                    )  # fmt: skip
-            regions = [
-                RegionApply("unregister", Region(r.name))
-                for r in worker.regions_at_start
-                if r.name not in self._regions
-            ] + [
-                RegionApply("register", r)
-                for r in self._regions.values()
-                if r not in worker.regions_at_start
-            ]
-            for shared in regions:
-                try:
-                    await worker.link.request(to_message(shared))
-                except TorchwireError as exc:  # its file is gone: calls naming it fail here
-                    log.warning(
-                        "%s: catching up on %s of shared memory region %r: %s",
-                        worker.describe(), shared.action, shared.region.name, exc,
-                    )  # fmt: skip
+                # A region whose file is gone: calls naming it fail on this worker.
+                if (exc := await self._send(worker, change)) is not None:
+                    what = (
+                        f"{change.action} {change.model}"
+                        if isinstance(change, Apply)
+                        else f"{change.action} of shared memory region {change.region.name!r}"
+                    )
+                    log.warning("%s: catching up on %s: %s", worker.describe(), what, exc)
             worker.ready_at = time.monotonic()
             self.metrics.ready.inc()
         log.info("%s serving", worker.describe())
@@ -519,7 +515,7 @@ class Supervisor:
     async def _apply_everywhere(self, origin: Worker, op: Action, name: str) -> None:
         """Load or unload ``name`` on every serving worker; raise what failed, naming where."""
         async with self._control:
-            targets = [w for w in self._workers.values() if w.ready_at is not None or w is origin]
+            targets = self._targets(origin)
             results = await asyncio.gather(*(self._send(w, Apply(op, name)) for w in targets))
             failed = _failures(targets, results)
             if op == "load":
@@ -537,7 +533,7 @@ class Supervisor:
                 raise InvalidInputError(
                     f"shared memory region {region.name!r} is registered already"
                 )
-            targets = [w for w in self._workers.values() if w.ready_at is not None or w is origin]
+            targets = self._targets(origin)
             apply = RegionApply(change.action, region)
             results = await asyncio.gather(*(self._send(w, apply) for w in targets))
             failed = _failures(targets, results)
@@ -552,6 +548,11 @@ class Supervisor:
             else:
                 self._regions[region.name] = region
         _raise_failures(f"{change.action} region {region.name!r}", failed, len(targets))
+
+    def _targets(self, origin: Worker) -> list[Worker]:
+        """Who a change applies to: the serving workers, and the one that asked (a worker
+        starting meanwhile catches up when ready)."""
+        return [w for w in self._workers.values() if w.ready_at is not None or w is origin]
 
     async def _send(self, worker: Worker, message: Apply | RegionApply) -> TorchwireError | None:
         """``message`` to ``worker``; what it raised, if anything."""

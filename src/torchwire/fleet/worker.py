@@ -62,11 +62,7 @@ class FleetControl:
 async def apply_change(server: Server, change: Apply | RegionApply, index: int) -> None:
     """A change the supervisor applies on every worker, here."""
     if isinstance(change, RegionApply):
-        region = change.region
-        if change.action == "register":
-            server.regions.ensure(region.name, region.key, region.offset, region.byte_size)
-        else:
-            server.regions.unregister(region.name)
+        apply_region(server, change)
     elif server.repository is None:
         raise UnavailableError(f"worker {index} is still starting")
     elif change.action == "load":
@@ -75,11 +71,19 @@ async def apply_change(server: Server, change: Apply | RegionApply, index: int) 
         await server.repository.unload(change.model)
 
 
+def apply_region(server: Server, change: RegionApply) -> None:
+    region = change.region
+    if change.action == "register":
+        server.regions.ensure(region.name, region.key, region.offset, region.byte_size)
+    else:
+        server.regions.unregister(region.name)
+
+
 def register_before_serving(server: Server, regions: tuple[Region, ...]) -> None:
     """The regions clients registered before this worker started."""
     for region in regions:
         try:
-            server.regions.ensure(region.name, region.key, region.offset, region.byte_size)
+            apply_region(server, RegionApply("register", region))
         except TorchwireError as exc:  # its file is gone: calls naming it fail here
             log.warning("shared memory region %r: %s", region.name, exc)
 
